@@ -1,0 +1,88 @@
+"""Bit-stream primitives shared by the numba encoder, decoder and analysis.
+
+A payload is an array of little-endian uint64 words; bit ``i`` of the stream is
+bit ``i % 64`` of word ``i // 64`` (LSB first).  Every shift here stays below
+64: LLVM treats larger shifts as poison.
+"""
+import numpy as np
+from numba import njit
+from numba.core import types
+from numba.cpython.unsafe.numbers import trailing_zeros
+from numba.extending import intrinsic
+
+U64 = np.uint64
+ZERO = U64(0)
+ONE = U64(1)
+ALL_ONES = ~U64(0)
+
+
+@intrinsic
+def popcount(typingctx, x):
+    """``llvm.ctpop``: number of set bits."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        fn = builder.module.declare_intrinsic("llvm.ctpop", [args[0].type])
+        return builder.call(fn, [args[0]])
+
+    return x(x), codegen
+
+
+@njit(inline="always")
+def ctz(x):
+    """Index of the lowest set bit of a non-zero uint64."""
+    return np.int64(trailing_zeros(x))
+
+
+@njit(inline="always")
+def low_mask(n):
+    """The ``n`` lowest bits set, for 0 <= n <= 64."""
+    if n >= 64:
+        return ALL_ONES
+    return (ONE << U64(n)) - ONE
+
+
+# The helpers below are inlined into hot loops.  They must stay free of
+# branches: numba keeps an array argument's reference count alive across
+# the basic blocks of an inlined helper, and the resulting NRT calls halve
+# the codec's speed.
+
+@njit(inline="always")
+def read_bits(words, pos, mask):
+    """The bits ``mask`` (``2**width - 1``, width <= 64) of the stream at
+    uint64 bit position ``pos``.
+
+    Callers check that the bits lie inside the stream, which always ends
+    with a spare zero word: the second word is then loaded only when ``pos``
+    is not word-aligned, and that load stays in bounds.
+    """
+    idx = pos >> U64(6)
+    sh = pos & U64(63)
+    lo = words[idx]
+    hi = words[idx + ((sh + U64(63)) >> U64(6))]
+    return ((lo >> sh) | ((hi << ONE) << (U64(63) - sh))) & mask
+
+
+@njit(inline="always")
+def put_bits(buf, acc, nbits, widx, head_idx, spare, value, width):
+    """Append ``width`` (0..64) bits of ``value`` to a sequential writer.
+
+    The writer state is ``(acc, nbits, widx)``, all uint64: ``nbits`` (< 64)
+    pending bits in ``acc``, stored at ``buf[widx]`` after every append.  The
+    word ``head_idx`` is shared with another writer, so it is stored at
+    ``buf[spare]`` instead and OR-ed in later.
+    """
+    acc |= value << nbits
+    total = nbits + width
+    buf[spare if widx == head_idx else widx] = acc
+    full = total >> U64(6)
+    carry = (value >> ONE) >> (U64(63) - nbits)
+    return (carry if full else acc), total & U64(63), widx + full
+
+
+@njit(inline="always")
+def flush_bits(buf, acc, nbits, widx, head_idx, spare):
+    """Store the writer's last partial word (after a carry)."""
+    if nbits > ZERO:
+        buf[spare if widx == head_idx else widx] = acc

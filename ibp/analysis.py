@@ -1,0 +1,207 @@
+"""Learning the model from a sample of a tensor.
+
+For every column the primary level is the (lo, hi, base) that maximises
+``fixed_bits * matches - E * misses`` over the sampled words, where ``E``
+prices an exception (its position or bitmap bit, flag, and stored word).
+Two families are searched exactly: fixed runs ending at the top bit or just
+below it, with any base (float exponents, signed integers: sliding windows
+over the sorted words), and fixed runs starting at bit 0 (quantised or
+padded low bits: a histogram of agreement with the per-bit majority).  The
+secondary level is learned the same way on the primary's exceptions.
+
+Word width, period and ``E`` are chosen by encoding the sample with each
+candidate and keeping the smallest, so analysis cost depends on the sample
+size, not on the tensor size.
+"""
+import numpy as np
+from numba import njit, prange
+
+from . import codec
+from ._bits import ONE, U64, ZERO, ctz, low_mask
+from .geometry import Geometry, periods, word_widths as fitting_widths
+from .model import Model
+
+SAMPLE_BYTES = (1 << 15, 1 << 18)  # bytes of units sampled: at least, at most
+SAMPLE_SHARE = 32             # ... and otherwise 1/32 of the tensor
+MIN_PER_COLUMN = 32           # sampled words a column needs to be learned
+MAX_PER_COLUMN = 4096         # sampled words a column is learned from at most
+EXCEPTION_PRICES = (3.0, 8.0)  # bits an exception costs: measured best on real data
+PLATEAU = 4                   # stop lengthening a fixed run after this many steps without gain
+
+
+@njit(cache=True)
+def _best_levels(v, W, prices):
+    """Best (lo, hi, base) of the words ``v`` for each exception price; the
+    empty level (0, 0, 0) where nothing pays."""
+    m = v.shape[0]
+    ne = prices.shape[0]
+    best = np.zeros(ne)
+    lo = np.zeros(ne, np.int64)
+    hi = np.zeros(ne, np.int64)
+    base = np.zeros(ne, np.uint64)
+    if m == 0:
+        return lo, hi, base
+    z2 = np.empty(2 * m, np.uint64)
+    for b in (W, W - 1):
+        stale = 0
+        mb = low_mask(b)
+        z = np.sort(v & mb)
+        z2[:m] = z
+        z2[m:] = z
+        for a in range(b - 1, -1, -1):
+            width = ONE << U64(a)
+            j = 0
+            cnt = 0
+            first = 0
+            for i in range(m):
+                if j <= i:
+                    j = i + 1
+                while j < i + m and ((z2[j] - z2[i]) & mb) < width:
+                    j += 1
+                if j - i > cnt:
+                    cnt = j - i
+                    first = i
+            hopeless = True
+            for e in range(ne):
+                score = (b - a) * cnt - prices[e] * (m - cnt)
+                if score > best[e]:
+                    best[e] = score
+                    lo[e] = a
+                    hi[e] = b
+                    base[e] = z[first]
+                    stale = 0
+                if b * cnt - prices[e] * (m - cnt) > best[e]:
+                    hopeless = False
+            stale += 1
+            if hopeless or stale > PLATEAU:
+                break
+    majority = ZERO
+    for bit in range(W):
+        ones = 0
+        for i in range(m):
+            ones += np.int64((v[i] >> U64(bit)) & ONE)
+        if 2 * ones > m:
+            majority |= ONE << U64(bit)
+    hist = np.zeros(W + 1, np.int64)
+    for i in range(m):
+        d = v[i] ^ majority
+        hist[min(ctz(d), W) if d != ZERO else W] += 1
+    agree = 0
+    for b in range(W, 0, -1):
+        agree += hist[b]
+        for e in range(ne):
+            score = b * agree - prices[e] * (m - agree)
+            if score > best[e]:
+                best[e] = score
+                lo[e] = 0
+                hi[e] = b
+                base[e] = majority & low_mask(b)
+    return lo, hi, base
+
+
+@njit(parallel=True, cache=True)
+def _learn_columns(samples, W, prices, lo, hi, base):
+    """Fill lo/hi/base ``[len(prices), 2, period]``: per price, the primary
+    level and the secondary level learned on the primary's exceptions."""
+    m, p = samples.shape
+    free = np.zeros(1)
+    for c in prange(p):
+        v = samples[:, c].copy()
+        a, b, bs = _best_levels(v, W, prices)
+        for e in range(prices.shape[0]):
+            lo[e, 0, c] = a[e]
+            hi[e, 0, c] = b[e]
+            base[e, 0, c] = bs[e]
+            fixed = low_mask(b[e]) & ~low_mask(a[e])
+            a2, b2, bs2 = _best_levels(v[((v - bs[e]) & fixed) != ZERO], W, free)
+            lo[e, 1, c] = a2[0]
+            hi[e, 1, c] = b2[0]
+            base[e, 1, c] = bs2[0]
+
+
+def learn(samples, word_bits, prices=EXCEPTION_PRICES):
+    """One model per exception price for ``samples``, a ``[n, period]``
+    array of words (rows beyond MAX_PER_COLUMN are thinned evenly)."""
+    n, p = samples.shape
+    if n > MAX_PER_COLUMN:
+        samples = samples[::-(-n // MAX_PER_COLUMN)]
+    prices = np.asarray(prices, np.float64)
+    lo = np.zeros((prices.size, 2, p), np.uint8)
+    hi = np.zeros((prices.size, 2, p), np.uint8)
+    base = np.zeros((prices.size, 2, p), np.uint64)
+    _learn_columns(np.ascontiguousarray(samples, dtype=np.uint64), word_bits, prices, lo, hi, base)
+    return [Model(word_bits, lo[e], hi[e], base[e]) for e in range(prices.size)]
+
+
+def encoded_bits(words, model, unit_words):
+    """Bits the units in ``words`` (a whole number of units) encode to."""
+    t0, t1, fbits, _ = model.tables
+    n = words.shape[0] // unit_words
+    kinds = np.empty(n, np.uint8)
+    sizes = np.empty(n, np.int64)
+    codec.classify_units(words, words[:0], t0, t1, model.word_bits, model.period, unit_words, fbits, kinds, sizes)
+    return int(sizes.sum())
+
+
+def _sample_units(data, geom, rng):
+    """The sampled units' bytes, as a flat uint8 array."""
+    ub = geom.unit_words * geom.word_bits // 8
+    full = data.size // ub
+    if full == 0:
+        padded = np.zeros(ub, np.uint8)
+        padded[:data.size] = data
+        return padded
+    budget = min(max(data.size // SAMPLE_SHARE, SAMPLE_BYTES[0]), SAMPLE_BYTES[1])
+    take = max(1, min(full, budget // ub))
+    picks = np.sort(rng.choice(full, take, replace=False)) if take < full else np.arange(full)
+    return data[:full * ub].reshape(full, ub)[picks].reshape(-1)
+
+
+def candidates(shape, itemsize, word_bits=None):
+    """(word width, period) pairs to try.  On real data the element's own
+    width wins, with any period; half of it wins only when the low half is
+    padding (bf16 values stored as float32), which one period shows."""
+    fit = fitting_widths(shape, itemsize)
+    if word_bits:
+        fit = [word_bits] if word_bits in fit else []
+    if not fit:
+        raise ValueError(f"no word width fits shape {shape} with {itemsize}-byte elements"
+                         + (f" (asked for {word_bits})" if word_bits else ""))
+    native, *half = fit[::-1]
+    out = [(native, p) for p in periods(shape, itemsize, native, Geometry.choose(shape, itemsize, native).unit_words)]
+    if half and not word_bits:
+        out.append((half[0], itemsize * 8 // half[0]))
+    return out
+
+
+def analyze_bytes(data, shape, itemsize, word_bits=None):
+    """Learn the best model for a tensor given as its flat uint8 bytes.
+
+    Candidates learn from half of the sampled units and are scored on the
+    other half, so a model with many columns cannot win by overfitting.
+    """
+    cands = candidates(shape, itemsize, word_bits)
+    if data.size == 0:
+        return Model.empty(cands[0][0])
+    best = None
+    samples = {}
+    for W, p in cands:
+        geom = Geometry.choose(shape, itemsize, W)
+        if W not in samples:
+            units = _sample_units(data, geom, np.random.default_rng(0)).view(f"<u{W // 8}")
+            units = units.reshape(-1, geom.unit_words)
+            samples[W] = (units[::2].reshape(-1), units[1::2].reshape(-1) if len(units) > 1 else units.reshape(-1))
+        train, test = samples[W]
+        if p > 1 and train.size // p < MIN_PER_COLUMN:
+            continue
+        scale = geom.nunits / (test.size // geom.unit_words)
+        for model in learn(train.reshape(-1, p), W):
+            cost = encoded_bits(test, model, geom.unit_words) * scale + model_bits(model)
+            if best is None or cost < best[0]:
+                best = (cost, model)
+    return best[1]
+
+
+def model_bits(model):
+    """Serialized size of a model, in bits."""
+    return model.period * 2 * (16 + model.word_bits)

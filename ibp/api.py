@@ -1,0 +1,120 @@
+"""The public functions: compress, decompress, analyze, save, load."""
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import dtypes
+from .analysis import analyze_bytes
+from .container import load_file, save_file
+from .decode import decode_into, normalize_index
+from .encode import encode_packed, encode_slotted
+from .geometry import Geometry
+from .model import Model
+from .tensor import CompressedTensor
+
+LAYOUTS = ("packed", "slotted")
+
+
+def analyze(x, *, word_bits=None):
+    """Learn the model (word width, period, per-column invariant bits) of ``x``
+    from a sample of its rows.  Reuse it with ``compress(y, model=m)`` for
+    tensors from the same distribution."""
+    data, name, shape, _ = dtypes.as_bytes(x)
+    return analyze_bytes(data, shape, dtypes.ITEMSIZE[name], word_bits)
+
+
+def compress(x, *, model=None, word_bits=None, layout="packed"):
+    """Compress a numpy array or CPU torch tensor of any dtype and shape.
+
+    Rows are the first axis: a 2-d+ tensor has ``shape[0]`` rows, a 1-d
+    tensor one row per element, a 0-d tensor a single row.  Non-contiguous
+    inputs are read through a contiguous copy; ``x`` itself is never changed.
+
+    model:     a Model from ``analyze``; learned from ``x`` when None.
+    word_bits: force 8, 16, 32 or 64-bit words (default: the best measured).
+    layout:    "packed" (rows back to back: smallest) or "slotted" (each
+               unit keeps a raw-size slot: rows can be rewritten in place
+               with ``CompressedTensor.update_rows``).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if word_bits is not None and word_bits not in (8, 16, 32, 64):
+        raise ValueError(f"word_bits must be 8, 16, 32 or 64, got {word_bits!r}")
+    data, name, shape, framework = dtypes.as_bytes(x)
+    itemsize = dtypes.ITEMSIZE[name]
+    if model is None:
+        model = analyze_bytes(data, shape, itemsize, word_bits)
+    elif not isinstance(model, Model):
+        raise TypeError(f"model must be an ibp.Model, not {type(model).__name__}")
+    elif word_bits is not None and word_bits != model.word_bits:
+        raise ValueError(f"word_bits={word_bits} contradicts the model's {model.word_bits}-bit words")
+    geom = Geometry.choose(shape, itemsize, model.word_bits)
+    geom.check()
+    if geom.unit_words % model.period:
+        raise ValueError(f"the model's period {model.period} does not divide this tensor's "
+                         f"{geom.unit_words}-word units")
+    common = dict(dtype=name, shape=shape, framework=framework, geometry=geom, layout=layout, model=model)
+    if layout == "packed":
+        kinds, payload, bits, index = encode_packed(data, geom, model)
+        return CompressedTensor(kinds=kinds, payload=payload, payload_bits=bits, index=index, **common)
+    kinds, payload = encode_slotted(data, geom, model)
+    return CompressedTensor(kinds=kinds, payload=payload, **common)
+
+
+def decompress(ct, *, index=None, out=None, device=None):
+    """Restore a CompressedTensor, bit for bit, as the kind of object that
+    went in (numpy array or torch tensor).
+
+    index:  rows to gather (any integer dtype, any shape; negative counts
+            from the end), decoded in the same pass: the result equals
+            ``x[index]``.  Out-of-range rows raise IndexError.
+    out:    a caller's buffer of the result's dtype and shape to write into.
+    device: None or "cpu" decodes here; "cuda" (or a CUDA device) decodes on
+            the GPU and returns a CUDA tensor (see ibp.cuda).
+    """
+    if not isinstance(ct, CompressedTensor):
+        raise TypeError(f"decompress takes a CompressedTensor, not {type(ct).__name__}")
+    if device is not None and str(device) != "cpu":
+        from . import cuda
+        return cuda.decompress(ct, index=index, out=out, device=device)
+    rows, shape = None, ct.shape
+    if index is not None:
+        if len(ct.shape) == 0:
+            raise IndexError("a 0-d tensor has no rows to index")
+        rows, ishape = normalize_index(index, ct.nrows)
+        shape = tuple(ishape) + ct.shape[1:]
+    if out is None:
+        result, out_bytes = dtypes.empty(shape, ct.dtype_name, ct.framework)
+    else:
+        result, out_bytes = out, dtypes.output_view(out, shape, ct.dtype_name)
+    decode_into(ct, out_bytes, rows)
+    return result
+
+
+def save(obj, path, *, metadata=None):
+    """Write one CompressedTensor, or a mapping of names to tensors (numpy,
+    torch or already compressed: a whole checkpoint), to an ibp file."""
+    if isinstance(obj, CompressedTensor):
+        tensors = {None: obj}
+    elif isinstance(obj, Mapping):
+        tensors = {}
+        for k, v in obj.items():
+            if not isinstance(k, str) or not k:
+                raise TypeError(f"checkpoint names must be non-empty strings, got {k!r}")
+            tensors[k] = v if isinstance(v, CompressedTensor) else compress(v)
+    else:
+        raise TypeError(f"save takes a CompressedTensor or a mapping, not {type(obj).__name__}")
+    if metadata is not None and not (isinstance(metadata, Mapping) and
+                                     all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise TypeError("metadata must map strings to strings")
+    save_file(path, tensors, metadata)
+
+
+def load(path, *, mmap=False, verify=True):
+    """Read an ibp file: a CompressedTensor if it holds a single unnamed
+    tensor, else a dict of name -> CompressedTensor.  ``mmap=True`` maps the
+    file instead of reading it; ``verify`` checks every section's CRC."""
+    tensors = load_file(path, mmap_mode=mmap, verify=verify)
+    if list(tensors) == [None]:
+        return tensors[None]
+    return tensors

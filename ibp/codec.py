@@ -1,0 +1,370 @@
+"""The CPU codec: numba kernels that encode and decode units of words.
+
+The byte format these kernels read and write is specified in docs/format.md;
+this module is its reference implementation and the ground truth for the GPU.
+
+Every kernel takes the model as two uint64 tables built by
+``Model.tables``, ``t0`` (primary level) and ``t1`` (secondary), of shape
+``[period, 8]``: one row of fields per column, so a word's parameters sit in
+one cache line.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ._bits import ONE, U64, ZERO, ctz, flush_bits, put_bits, read_bits
+
+RAW, ALL, SPARSE, BITMAP = 0, 1, 2, 3
+# Fields of a level table row.
+BASE, FIX, LOW, HIGH, SH1, SH2, WIDTH, WMASK = range(8)
+
+# Status codes of decode_jobs, turned into FormatError messages by the caller.
+OK, ERR_SIZE, ERR_COUNT, ERR_POSITION = 0, 1, 2, 3
+ERRORS = {ERR_SIZE: "unit size does not match its encoding",
+          ERR_COUNT: "exception count out of range",
+          ERR_POSITION: "exception positions not strictly increasing or out of range"}
+
+
+@njit(inline="always")
+def bit_length(n):
+    r = 0
+    while n > 0:
+        n >>= 1
+        r += 1
+    return r
+
+
+@njit(inline="always")
+def unit_geometry(U):
+    """(pbits, kmax, kbits) of a unit of U words: see docs/format.md."""
+    pbits = bit_length(U - 1)
+    kmax = U // max(pbits, 1)
+    return pbits, kmax, bit_length(kmax)
+
+
+@njit(inline="always")
+def mask_of(width):
+    """2**width - 1 for 0 <= width <= 64."""
+    h = U64(width) >> ONE
+    return ((ONE << h) << (U64(width) - h)) - ONE
+
+
+@njit(inline="always")
+def matches(x, t, c):
+    return ((x - t[c, BASE]) & t[c, FIX]) == ZERO
+
+
+@njit(inline="always")
+def residual(x, t, c):
+    """The free bits of a matching word, packed low to high."""
+    y = x - t[c, BASE]
+    return (y & t[c, LOW]) | (((y & t[c, HIGH]) >> t[c, SH1]) >> t[c, SH2])
+
+
+@njit(inline="always")
+def restore(v, t, c, wmask):
+    """Inverse of ``residual``."""
+    low = t[c, LOW]
+    y = (v & low) | (((v & ~low) << t[c, SH1]) << t[c, SH2])
+    return (y + t[c, BASE]) & wmask
+
+
+@njit(inline="always")
+def classify_unit(src, off, t0, t1, W, p, U, fbits):
+    """Pick the cheapest row kind of one unit: returns (kind, size in bits)."""
+    pbits, kmax, kbits = unit_geometry(U)
+    matched = ZERO
+    excbits = ZERO
+    k = 0
+    c = 0
+    for j in range(U):
+        x = U64(src[off + j])
+        if matches(x, t0, c):
+            matched += t0[c, WIDTH]
+        else:
+            k += 1
+            if fbits and matches(x, t1, c):
+                excbits += t1[c, WIDTH]
+            else:
+                excbits += U64(W)
+        c += 1
+        if c == p:
+            c = 0
+    best = U * W
+    kind = RAW
+    if k == 0:
+        if np.int64(matched) < best:
+            best = np.int64(matched)
+            kind = ALL
+    else:
+        tail = np.int64(matched) + k * fbits + np.int64(excbits)
+        if k <= kmax and kbits + k * pbits + tail < best:
+            best = kbits + k * pbits + tail
+            kind = SPARSE
+        if U + tail < best:
+            best = U + tail
+            kind = BITMAP
+    return kind, best
+
+
+@njit(parallel=True, cache=True)
+def classify_units(x, tail, t0, t1, W, p, U, fbits, kinds, sizes):
+    """Kind and bit size of every unit; ``tail`` holds a zero-padded last unit."""
+    n = kinds.shape[0]
+    for u in prange(n):
+        if u == n - 1 and tail.shape[0] > 0:
+            kind, size = classify_unit(tail, 0, t0, t1, W, p, U, fbits)
+        else:
+            kind, size = classify_unit(x, u * U, t0, t1, W, p, U, fbits)
+        kinds[u] = kind
+        sizes[u] = size
+
+
+@njit
+def encode_unit(src, off, kind, t0, t1, W, p, U, fbits, colof, exc, flag,
+                buf, acc, nb, widx, head_idx, spare):
+    """Append one unit to a writer (state: uint64 acc, nb, widx); returns
+    the new state."""
+    Wu = U64(W)
+    if kind == RAW:
+        for j in range(U):
+            acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, U64(src[off + j]), Wu)
+        return acc, nb, widx
+    if kind == ALL:
+        c = 0
+        for j in range(U):
+            v = residual(U64(src[off + j]), t0, c)
+            acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, v, t0[c, WIDTH])
+            c += 1
+            if c == p:
+                c = 0
+        return acc, nb, widx
+    pbits, kmax, kbits = unit_geometry(U)
+    k = 0
+    c = 0
+    for j in range(U):
+        x = U64(src[off + j])
+        if not matches(x, t0, c):
+            exc[k] = j
+            flag[k] = 1 if (fbits and matches(x, t1, c)) else 0
+            k += 1
+        c += 1
+        if c == p:
+            c = 0
+    if kind == SPARSE:
+        acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, U64(k), U64(kbits))
+        for e in range(k):
+            acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, U64(exc[e]), U64(pbits))
+    else:
+        e = 0
+        for j0 in range(0, U, 64):
+            n = min(64, U - j0)
+            word = ZERO
+            while e < k and exc[e] < j0 + n:
+                word |= ONE << U64(exc[e] - j0)
+                e += 1
+            acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, word, U64(n))
+    exc[k] = U
+    e = 0
+    c = 0
+    for j in range(U):
+        if exc[e] == j:
+            e += 1
+        else:
+            v = residual(U64(src[off + j]), t0, c)
+            acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, v, t0[c, WIDTH])
+        c += 1
+        if c == p:
+            c = 0
+    if fbits:
+        for e in range(k):
+            acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, U64(flag[e]), ONE)
+    for e in range(k):
+        x = U64(src[off + exc[e]])
+        if flag[e]:
+            c = colof[exc[e]]
+            acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, residual(x, t1, c), t1[c, WIDTH])
+        else:
+            acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, x, Wu)
+    return acc, nb, widx
+
+
+@njit(parallel=True, cache=True)
+def encode_packed(x, tail, t0, t1, W, p, U, fbits, colof, kinds, starts, chunks, buf, spares):
+    """Write units back to back; ``chunks`` splits the units among threads.
+
+    Each chunk owns every word it touches except its first, which it shares
+    with the previous chunk: that word is written to ``buf[spares[ch]]`` and
+    OR-ed in by the caller.
+    """
+    n = kinds.shape[0]
+    for ch in prange(chunks.shape[0] - 1):
+        exc = np.empty(U + 1, np.int64)
+        flag = np.empty(U, np.uint8)
+        u0 = chunks[ch]
+        spare = U64(spares[ch])
+        head_idx = U64(starts[u0]) >> U64(6)
+        acc = ZERO
+        nb = U64(starts[u0]) & U64(63)
+        widx = head_idx
+        for u in range(u0, chunks[ch + 1]):
+            if u == n - 1 and tail.shape[0] > 0:
+                acc, nb, widx = encode_unit(tail, 0, kinds[u], t0, t1, W, p, U, fbits, colof, exc, flag,
+                                            buf, acc, nb, widx, head_idx, spare)
+            else:
+                acc, nb, widx = encode_unit(x, u * U, kinds[u], t0, t1, W, p, U, fbits, colof, exc, flag,
+                                            buf, acc, nb, widx, head_idx, spare)
+        flush_bits(buf, acc, nb, widx, head_idx, spare)
+
+
+@njit(parallel=True, cache=True)
+def encode_slotted(x, tail, t0, t1, W, p, U, fbits, colof, kinds, slots, slot_words, buf):
+    """Write unit ``i`` of ``x`` into slot ``slots[i]``; zero the slot's rest."""
+    n = kinds.shape[0]
+    nowhere = ~ZERO
+    for i in prange(n):
+        exc = np.empty(U + 1, np.int64)
+        flag = np.empty(U, np.uint8)
+        w0 = U64(slots[i] * slot_words)
+        if i == n - 1 and tail.shape[0] > 0:
+            acc, nb, widx = encode_unit(tail, 0, kinds[i], t0, t1, W, p, U, fbits, colof, exc, flag,
+                                        buf, ZERO, ZERO, w0, nowhere, nowhere)
+        else:
+            acc, nb, widx = encode_unit(x, i * U, kinds[i], t0, t1, W, p, U, fbits, colof, exc, flag,
+                                        buf, ZERO, ZERO, w0, nowhere, nowhere)
+        flush_bits(buf, acc, nb, widx, nowhere, nowhere)
+        if nb > ZERO:
+            widx += ONE
+        while widx < w0 + U64(slot_words):
+            buf[widx] = ZERO
+            widx += ONE
+
+
+@njit
+def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, colof,
+                out, o, exc, flag):
+    """Decode the unit at bits [start, end) into ``out[o:o+U]``.
+
+    The encoding must end exactly at ``end`` when ``exact`` (packed layout)
+    or within it (slotted).  Sizes are checked before any payload bit is
+    read, so every read stays inside [start, end).
+    """
+    wmask = mask_of(W)
+    Wu = U64(W)
+    pos = U64(start)
+    end = U64(end)
+    if kind == RAW:
+        stop = pos + U64(U * W)
+        if stop > end or (exact and stop != end):
+            return ERR_SIZE
+        for j in range(U):
+            out[o + j] = read_bits(words, pos, wmask)
+            pos += Wu
+        return OK
+    if kind == ALL:
+        stop = pos + U64((U // p) * ptot)
+        if stop > end or (exact and stop != end):
+            return ERR_SIZE
+        c = 0
+        for j in range(U):
+            out[o + j] = restore(read_bits(words, pos, t0[c, WMASK]), t0, c, wmask)
+            pos += t0[c, WIDTH]
+            c += 1
+            if c == p:
+                c = 0
+        return OK
+    pbits, kmax, kbits = unit_geometry(U)
+    if kind == SPARSE:
+        if pos + U64(kbits) > end:
+            return ERR_SIZE
+        k = np.int64(read_bits(words, pos, mask_of(kbits)))
+        pos += U64(kbits)
+        if k > kmax:
+            return ERR_COUNT
+        if pos + U64(k * pbits) > end:
+            return ERR_SIZE
+        prev = -1
+        pmask = mask_of(pbits)
+        for e in range(k):
+            q = np.int64(read_bits(words, pos, pmask))
+            pos += U64(pbits)
+            if q <= prev or q >= U:
+                return ERR_POSITION
+            exc[e] = q
+            prev = q
+    else:
+        if pos + U64(U) > end:
+            return ERR_SIZE
+        k = 0
+        for j0 in range(0, U, 64):
+            n = min(64, U - j0)
+            word = read_bits(words, pos, mask_of(n))
+            pos += U64(n)
+            while word != ZERO:
+                exc[k] = j0 + ctz(word)
+                k += 1
+                word &= word - ONE
+    matched = U64((U // p) * ptot)
+    for e in range(k):
+        matched -= t0[colof[exc[e]], WIDTH]
+    mstart = pos
+    fstart = mstart + matched
+    xstart = fstart + U64(k * fbits)
+    if xstart > end:
+        return ERR_SIZE
+    stop = xstart
+    for e in range(k):
+        f = np.uint8(read_bits(words, fstart + U64(e), ONE)) if fbits else np.uint8(0)
+        flag[e] = f
+        stop += t1[colof[exc[e]], WIDTH] if f else Wu
+    if stop > end or (exact and stop != end):
+        return ERR_SIZE
+    exc[k] = U
+    pos = mstart
+    e = 0
+    c = 0
+    for j in range(U):
+        if exc[e] == j:
+            e += 1
+        else:
+            out[o + j] = restore(read_bits(words, pos, t0[c, WMASK]), t0, c, wmask)
+            pos += t0[c, WIDTH]
+        c += 1
+        if c == p:
+            c = 0
+    pos = xstart
+    for e in range(k):
+        if flag[e]:
+            c = colof[exc[e]]
+            out[o + exc[e]] = restore(read_bits(words, pos, t1[c, WMASK]), t1, c, wmask)
+            pos += t1[c, WIDTH]
+        else:
+            out[o + exc[e]] = read_bits(words, pos, wmask)
+            pos += Wu
+    return OK
+
+
+@njit(parallel=True, cache=True)
+def decode_jobs(words, t0, t1, W, p, U, fbits, ptot, colof, exact,
+                jstart, jend, jkind, jsrc, jlen, jdst, out, status, nchunks):
+    """Decode a list of jobs: unit at bits [jstart, jend) of kind jkind, whose
+    words [jsrc, jsrc + jlen) go to ``out[jdst:]``.  Whole units decode in
+    place; partial ones through a scratch unit.
+    """
+    nj = jstart.shape[0]
+    for ch in prange(nchunks):
+        scratch = np.empty(U, out.dtype)
+        exc = np.empty(U + 1, np.int64)
+        flag = np.empty(U, np.uint8)
+        for i in range(ch * nj // nchunks, (ch + 1) * nj // nchunks):
+            if jsrc[i] == 0 and jlen[i] == U:
+                status[i] = decode_unit(words, jstart[i], jend[i], exact, jkind[i], t0, t1, W, p, U, fbits,
+                                        ptot, colof, out, jdst[i], exc, flag)
+            else:
+                st = decode_unit(words, jstart[i], jend[i], exact, jkind[i], t0, t1, W, p, U, fbits,
+                                 ptot, colof, scratch, 0, exc, flag)
+                status[i] = st
+                if st == OK:
+                    d = jdst[i]
+                    s = jsrc[i]
+                    for j in range(jlen[i]):
+                        out[d + j] = scratch[s + j]

@@ -1,0 +1,281 @@
+"""The ibp file format (docs/format.md): a preamble, a JSON header, and
+64-byte-aligned, CRC-checked binary sections.
+
+Reading validates every field, length and offset before any array is built,
+so untrusted bytes raise FormatError instead of crashing, hanging, or
+allocating more than the file holds.  Arrays are views of the buffer (a
+memory map stays a memory map) and are read-only.
+"""
+import json
+import mmap
+import os
+import struct
+import zlib
+
+import numpy as np
+from numba import njit
+
+from .dtypes import ITEMSIZE
+from .errors import FormatError
+from .geometry import Geometry
+from .model import Model
+
+MAGIC = b"\x89IBP\r\n\x1a\n"
+VERSION = 1
+PREAMBLE = struct.Struct("<8sIII4x")
+ALIGN = 64
+MAX_HEADER = 64 << 20
+MAX_DIMS = 64
+MAX_WORDS = 1 << 60
+ENTRY_KEYS = {"name", "dtype", "shape", "framework", "word_bits", "unit_words", "layout", "period", "sections"}
+PACKED_KEYS = {"payload_bits", "index_block", "index_rel_bits"}
+
+
+def _align(n):
+    return -(-n // ALIGN) * ALIGN
+
+
+def _sections(ct):
+    """Name -> little-endian array of each binary section of a tensor."""
+    m = ct.model
+    out = {"lo": m.lo.reshape(-1), "hi": m.hi.reshape(-1),
+           "base": m.base.reshape(-1).astype(f"<u{m.word_bits // 8}"),
+           "kinds": ct.kinds, "payload": ct.payload}
+    if ct.layout == "packed":
+        out["index_base"] = ct.index[2]
+        out["index_rel"] = ct.index[3]
+    return out
+
+
+def _plan(tensors, metadata):
+    """(header bytes, [(absolute offset, array)]) for a mapping of tensors."""
+    entries, chunks = [], []
+    offset = 0
+    for name, ct in tensors.items():
+        secs = {}
+        for key, arr in _sections(ct).items():
+            arr = np.ascontiguousarray(arr)
+            secs[key] = [offset, arr.nbytes, zlib.crc32(memoryview(arr).cast("B"))]
+            chunks.append((offset, arr))
+            offset = _align(offset + arr.nbytes)
+        g = ct.geometry
+        entry = {"name": name, "dtype": ct.dtype_name, "shape": list(ct.shape), "framework": ct.framework,
+                 "word_bits": g.word_bits, "unit_words": g.unit_words, "layout": ct.layout,
+                 "period": ct.model.period, "sections": secs}
+        if ct.layout == "packed":
+            entry.update(payload_bits=int(ct.payload_bits), index_block=int(ct.index[0]),
+                         index_rel_bits=int(ct.index[1]))
+        entries.append(entry)
+    header = json.dumps({"metadata": dict(metadata or {}), "tensors": entries},
+                        separators=(",", ":")).encode()
+    start = _align(PREAMBLE.size + len(header))
+    return header, [(start + off, arr) for off, arr in chunks]
+
+
+def _write(stream, tensors, metadata):
+    header, chunks = _plan(tensors, metadata)
+    stream.write(PREAMBLE.pack(MAGIC, VERSION, len(header), zlib.crc32(header)))
+    stream.write(header)
+    pos = PREAMBLE.size + len(header)
+    for off, arr in chunks:
+        stream.write(b"\0" * (off - pos))
+        stream.write(memoryview(arr).cast("B"))
+        pos = off + arr.nbytes
+
+
+def dumps(tensors, metadata=None):
+    """Bytes of a file holding ``tensors`` (name -> CompressedTensor; the
+    single name None marks a lone tensor)."""
+    import io
+    buf = io.BytesIO()
+    _write(buf, tensors, metadata)
+    return buf.getvalue()
+
+
+def save_file(path, tensors, metadata=None):
+    """Write atomically: a crash leaves either the old file or the new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            _write(f, tensors, metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_file(path, *, mmap_mode=False, verify=True):
+    with open(path, "rb") as f:
+        if mmap_mode and os.fstat(f.fileno()).st_size > 0:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        else:
+            data = f.read()
+    return loads(data, verify=verify)
+
+
+# -- reading ------------------------------------------------------------------
+
+def _int(value, what, lo=0, hi=MAX_WORDS):
+    if type(value) is not int or not lo <= value <= hi:
+        raise FormatError(f"{what} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _header(buf):
+    if len(buf) < PREAMBLE.size:
+        raise FormatError(f"{len(buf)} bytes is too short for an ibp file")
+    magic, version, hlen, hcrc = PREAMBLE.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise FormatError("not an ibp file (bad magic)")
+    if version != VERSION:
+        raise FormatError(f"unsupported ibp format version {version} (this reads {VERSION})")
+    if hlen > MAX_HEADER or PREAMBLE.size + hlen > len(buf):
+        raise FormatError(f"header length {hlen} runs past the end of the data")
+    raw = bytes(buf[PREAMBLE.size:PREAMBLE.size + hlen])
+    if zlib.crc32(raw) != hcrc:
+        raise FormatError("header checksum mismatch")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError(f"header is not valid JSON: {e}") from None
+    if not isinstance(header, dict) or set(header) != {"metadata", "tensors"}:
+        raise FormatError("header must be an object with 'metadata' and 'tensors'")
+    meta, entries = header["metadata"], header["tensors"]
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError("metadata must map strings to strings")
+    if not isinstance(entries, list):
+        raise FormatError("tensors must be a list")
+    return meta, entries, _align(PREAMBLE.size + hlen)
+
+
+def _section(buf, start, spec, want_len, dtype, verify, name, taken):
+    if not (isinstance(spec, list) and len(spec) == 3):
+        raise FormatError(f"section {name} must be [offset, length, crc32]")
+    off = _int(spec[0], f"{name} offset", 0, len(buf))
+    length = _int(spec[1], f"{name} length", 0, len(buf))
+    crc = _int(spec[2], f"{name} crc32", 0, 0xFFFFFFFF)
+    if off % ALIGN:
+        raise FormatError(f"section {name} is not {ALIGN}-byte aligned")
+    if length != want_len:
+        raise FormatError(f"section {name} holds {length} bytes, expected {want_len}")
+    if start + off + length > len(buf):
+        raise FormatError(f"section {name} runs past the end of the data")
+    taken.append((off, off + length, name))
+    view = memoryview(buf)[start + off:start + off + length]
+    if verify and zlib.crc32(view) != crc:
+        raise FormatError(f"section {name} checksum mismatch")
+    arr = np.frombuffer(view, dtype=dtype) if length else np.zeros(0, dtype)
+    if not arr.flags.aligned:
+        arr = arr.copy()
+    arr.flags.writeable = False
+    return arr
+
+
+@njit(cache=True)
+def _first_bad_start(block_base, rel, block, payload_bits):
+    """First unit whose start is out of order or range, or -1."""
+    prev = 0
+    for u in range(rel.shape[0]):
+        b = block_base[u // block]
+        if b > np.uint64(payload_bits) or (u % block == 0 and rel[u] != 0):
+            return u
+        s = np.int64(b) + np.int64(rel[u])
+        if s < prev or s > payload_bits or (u == 0 and s != 0):
+            return u
+        prev = s
+    return -1
+
+
+def _entry(buf, start, entry, verify, taken):
+    from .tensor import CompressedTensor
+    if not isinstance(entry, dict):
+        raise FormatError("tensor entry must be an object")
+    layout = entry.get("layout")
+    if layout not in ("packed", "slotted"):
+        raise FormatError(f"layout must be 'packed' or 'slotted', got {layout!r}")
+    keys = ENTRY_KEYS | (PACKED_KEYS if layout == "packed" else set())
+    if set(entry) != keys:
+        raise FormatError(f"tensor entry keys {sorted(entry)} != {sorted(keys)}")
+    name = entry["name"]
+    if name is not None and not isinstance(name, str):
+        raise FormatError("tensor name must be a string or null")
+    dtype = entry["dtype"]
+    if dtype not in ITEMSIZE:
+        raise FormatError(f"unknown dtype {dtype!r}")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+        raise FormatError("shape must be a list of at most 64 dimensions")
+    shape = tuple(_int(s, "dimension") for s in shape)
+    if entry["framework"] not in ("numpy", "torch"):
+        raise FormatError("framework must be 'numpy' or 'torch'")
+    W = _int(entry["word_bits"], "word_bits", 8, 64)
+    U = _int(entry["unit_words"], "unit_words", 1)
+    p = _int(entry["period"], "period", 1)
+    geom = Geometry(shape, ITEMSIZE[dtype], W, U)
+    try:
+        geom.check()
+    except ValueError as e:
+        raise FormatError(str(e)) from None
+    if geom.total_words > MAX_WORDS or U > max(geom.total_words, 1) or U % p:
+        raise FormatError(f"unit of {U} words does not fit {geom.total_words} words or period {p}")
+    secs = entry["sections"]
+    expected = {"lo", "hi", "base", "kinds", "payload"} | ({"index_base", "index_rel"} if layout == "packed" else set())
+    if not isinstance(secs, dict) or set(secs) != expected:
+        raise FormatError(f"sections must be {sorted(expected)}")
+    n = geom.nunits
+
+    def sec(key, want, dt):
+        return _section(buf, start, secs[key], want, dt, verify, f"{name}/{key}", taken)
+
+    try:
+        model = Model(W, sec("lo", 2 * p, np.uint8).reshape(2, p), sec("hi", 2 * p, np.uint8).reshape(2, p),
+                      sec("base", 2 * p * W // 8, f"<u{W // 8}").reshape(2, p).astype(np.uint64))
+    except FormatError as e:
+        raise FormatError(f"{name}: {e}") from None
+    kinds = sec("kinds", -(-n // 4), np.uint8)
+    if n % 4 and kinds[-1] >> (2 * (n % 4)):
+        raise FormatError(f"{name}: unused kind bits are not zero")
+    if layout == "slotted":
+        payload = sec("payload", (n * geom.slot_words + 1) * 8, "<u8")
+        if payload[-1]:
+            raise FormatError(f"{name}: the spare payload word is not zero")
+        return CompressedTensor(dtype=dtype, shape=shape, framework=entry["framework"], geometry=geom,
+                                layout=layout, model=model, kinds=kinds, payload=payload)
+    bits = _int(entry["payload_bits"], "payload_bits", 0, 8 * len(buf))
+    block = _int(entry["index_block"], "index_block", 1, 1 << 16)
+    rel_bits = entry["index_rel_bits"]
+    if block & (block - 1) or rel_bits not in (16, 32):
+        raise FormatError("index_block must be a power of two and index_rel_bits 16 or 32")
+    block_base = sec("index_base", -(-n // block) * 8, "<u8")
+    rel = sec("index_rel", n * rel_bits // 8, f"<u{rel_bits // 8}")
+    payload = sec("payload", (-(-bits // 64) + 1) * 8, "<u8")
+    if payload[-1] or (bits % 64 and payload[-2] >> np.uint64(bits % 64)):
+        raise FormatError(f"{name}: payload padding bits are not zero")
+    bad = _first_bad_start(block_base, rel, block, bits)
+    if bad >= 0:
+        raise FormatError(f"{name}: row index entry {bad} is out of order or out of range")
+    return CompressedTensor(dtype=dtype, shape=shape, framework=entry["framework"], geometry=geom,
+                            layout=layout, model=model, kinds=kinds, payload=payload, payload_bits=bits,
+                            index=(block, rel_bits, block_base, rel))
+
+
+def loads(buf, *, verify=True):
+    """Parse a whole file from a bytes-like object: name -> CompressedTensor."""
+    if not isinstance(buf, (bytes, bytearray, memoryview, mmap.mmap)):
+        raise TypeError(f"expected bytes, not {type(buf).__name__}")
+    if isinstance(buf, memoryview):
+        buf = buf.cast("B")
+    meta, entries, start = _header(buf)
+    taken = []
+    out = {}
+    for entry in entries:
+        ct = _entry(buf, start, entry, verify, taken)
+        name = entry["name"]
+        if name in out or (name is None and len(entries) != 1):
+            raise FormatError(f"duplicate or missing tensor name {name!r}")
+        out[name] = ct
+    taken.sort()
+    for (a0, a1, an), (b0, b1, bn) in zip(taken, taken[1:]):
+        if b0 < a1:
+            raise FormatError(f"sections {an} and {bn} overlap")
+    return out

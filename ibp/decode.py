@@ -1,0 +1,89 @@
+"""Decoding on the CPU: turn a request (whole tensor or rows by index) into
+unit jobs and run the numba decoder over them."""
+import numba
+import numpy as np
+
+from . import codec
+from .encode import column_of, unpack_kinds
+from .errors import FormatError
+
+
+def unit_spans(ct, units):
+    """(start bit, end bit, kind) of the given units."""
+    units = np.asarray(units, np.int64)
+    kinds = unpack_kinds(ct.kinds, units)
+    if ct.layout == "slotted":
+        slot = ct.geometry.slot_words * 64
+        starts = units * slot
+        return starts, starts + slot, kinds
+    block, _, block_base, rel = ct.index
+    starts = block_base[units // block].astype(np.int64) + rel[units]
+    nxt = units + 1
+    last = nxt >= ct.geometry.nunits
+    nxt[last] = 0
+    ends = np.where(last, ct.payload_bits, block_base[nxt // block].astype(np.int64) + rel[nxt])
+    return starts, ends, kinds
+
+
+def normalize_index(index, nrows):
+    """Row numbers as int64 (negative ones counted from the end), or IndexError."""
+    idx = np.asarray(index)
+    if idx.dtype == np.bool_ or not np.issubdtype(idx.dtype, np.integer):
+        raise TypeError(f"index must hold integers, not {idx.dtype}")
+    if idx.dtype == np.uint64 and idx.size and idx.max() > np.iinfo(np.int64).max:
+        raise IndexError(f"index out of range for {nrows} rows")
+    flat = idx.reshape(-1).astype(np.int64)
+    if flat.size and (flat.min() < -nrows or flat.max() >= nrows):
+        bad = flat[(flat < -nrows) | (flat >= nrows)][0]
+        raise IndexError(f"index {bad} is out of range for {nrows} rows")
+    return np.where(flat < 0, flat + nrows, flat), idx.shape
+
+
+def jobs(ct, rows=None):
+    """(unit, src word, length, dst word) per job, for all rows or ``rows``."""
+    g = ct.geometry
+    U, R = g.unit_words, g.row_words
+    if rows is None:
+        units = np.arange(g.nunits, dtype=np.int64)
+        src = np.zeros_like(units)
+        length = np.minimum(U, g.total_words - units * U)
+        return units, src, length, units * U
+    slot = np.arange(rows.size, dtype=np.int64)
+    if U >= R:
+        per = U // R
+        return rows // per, (rows % per) * R, np.full_like(rows, R), slot * R
+    split = R // U
+    units = (rows[:, None] * split + np.arange(split)).reshape(-1)
+    dst = (slot[:, None] * R + np.arange(split) * U).reshape(-1)
+    return units, np.zeros_like(units), np.full_like(units, U), dst
+
+
+def decode_into(ct, out_bytes, rows=None):
+    """Decode all rows, or ``rows`` in order, into the flat byte buffer."""
+    if ct.geometry.row_words == 0:
+        return
+    _run(ct, *jobs(ct, rows), out_bytes)
+
+
+def decode_units(ct, units, out_bytes):
+    """Decode whole units (padding included) back to back into the buffer."""
+    U = ct.geometry.unit_words
+    units = np.asarray(units, np.int64)
+    _run(ct, units, np.zeros_like(units), np.full_like(units, U), np.arange(units.size) * U, out_bytes)
+
+
+def _run(ct, units, src, length, dst, out_bytes):
+    if units.size == 0:
+        return
+    starts, ends, kinds = unit_spans(ct, units)
+    model = ct.model
+    t0, t1, fbits, ptot = model.tables
+    g = ct.geometry
+    out = out_bytes.view(f"<u{g.word_bits // 8}")
+    status = np.zeros(units.size, np.int8)
+    codec.decode_jobs(ct.payload, t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot, column_of(g, model),
+                      ct.layout == "packed", starts, ends, kinds, src, length, dst, out, status,
+                      min(units.size, 8 * numba.get_num_threads()))
+    if status.any():
+        i = int(np.flatnonzero(status)[0])
+        raise FormatError(f"unit {units[i]}: {codec.ERRORS[int(status[i])]}")

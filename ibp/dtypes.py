@@ -1,0 +1,122 @@
+"""Element types: one name per type, shared by numpy, torch and the format.
+
+The codec only ever sees bytes, so a type needs a name, an item size, and a
+way to view arrays of it as bytes and back.  numpy gets bfloat16 and float8
+from ``ml_dtypes`` when it is installed; torch is optional everywhere.
+"""
+import numpy as np
+
+# name -> item size in bytes.  Names follow torch where numpy has no type.
+ITEMSIZE = {
+    "bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4,
+    "int64": 8, "uint64": 8, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
+    "complex64": 8, "complex128": 16,
+    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+}
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def is_torch(x):
+    torch = _torch()
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def name_of_numpy(dtype):
+    """The format name of a numpy dtype, or TypeError."""
+    dtype = np.dtype(dtype)
+    name = dtype.name
+    if name in ITEMSIZE and dtype.itemsize == ITEMSIZE[name] and not dtype.fields:
+        return name
+    raise TypeError(f"ibp cannot compress numpy dtype {dtype!r}: use one of {sorted(ITEMSIZE)}")
+
+
+def name_of_torch(dtype):
+    name = str(dtype).removeprefix("torch.")
+    if name in ITEMSIZE:
+        return name
+    raise TypeError(f"ibp cannot compress torch dtype {dtype}: use one of {sorted(ITEMSIZE)}")
+
+
+def numpy_dtype(name):
+    """The numpy dtype for a name; bfloat16/float8 need ml_dtypes."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        pass
+    try:
+        import ml_dtypes
+        return np.dtype(getattr(ml_dtypes, name))
+    except (ImportError, AttributeError):
+        raise TypeError(f"numpy has no {name} type here: install ml_dtypes, or use torch") from None
+
+
+def torch_dtype(name):
+    torch = _torch()
+    if torch is None:
+        raise TypeError(f"a {name} tensor needs torch to be returned as a torch tensor")
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise TypeError(f"this torch has no {name} type")
+    return dt
+
+
+def as_bytes(x):
+    """(flat uint8 view of x's C-order bytes, dtype name, shape, framework).
+
+    Non-contiguous and non-native-endian inputs are copied; x is never
+    modified.
+    """
+    if is_torch(x):
+        if x.device.type != "cpu":
+            raise ValueError(f"compress takes CPU tensors; this one is on {x.device}")
+        name = name_of_torch(x.dtype)
+        t = x.detach().contiguous().reshape(-1)
+        data = t.view(_torch().uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+        return data, name, tuple(x.shape), "torch"
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"compress takes a numpy array or a torch tensor, not {type(x).__name__}")
+    name = name_of_numpy(x.dtype)
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    data = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+    return data, name, x.shape, "numpy"
+
+
+def empty(shape, name, framework):
+    """(a new uninitialised array or tensor, its flat uint8 view)."""
+    if framework == "torch":
+        torch = _torch()
+        if torch is not None:
+            t = torch.empty(shape, dtype=torch_dtype(name))
+            return t, t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+    a = np.empty(shape, numpy_dtype(name))
+    return a, a.reshape(-1).view(np.uint8)
+
+
+def output_view(out, shape, name):
+    """Flat uint8 view of a caller's ``out`` buffer, after checking it fits."""
+    if is_torch(out):
+        if out.device.type != "cpu":
+            raise ValueError(f"out is on {out.device}; pass device='cuda' to decompress there")
+        got_name = str(out.dtype).removeprefix("torch.")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+        data = out.reshape(-1).view(_torch().uint8).numpy() if out.numel() else np.zeros(0, np.uint8)
+    elif isinstance(out, np.ndarray):
+        got_name = out.dtype.name
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("out must be a writeable C-contiguous array")
+        data = out.reshape(-1).view(np.uint8)
+    else:
+        raise TypeError(f"out must be a numpy array or torch tensor, not {type(out).__name__}")
+    if got_name != name or tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out is {got_name}{list(out.shape)}, need {name}{list(shape)}")
+    return data

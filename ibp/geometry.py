@@ -1,0 +1,117 @@
+"""How a tensor maps onto words and units.
+
+Rows are the first axis (a 0-d tensor is one row of one element; a 1-d
+tensor has one row per element).  The tensor's bytes, in C order, are a flat
+sequence of ``W``-bit words; consecutive words form *units* of ``U`` words,
+each encoded on its own.  A unit is either a whole number of rows (short rows
+are grouped so per-unit overhead stays small) or an exact fraction of a row
+(very long rows are split so threads and GPU warps can share the work).  The
+last unit is zero-padded when the rows do not fill it.
+"""
+import math
+from dataclasses import dataclass
+
+GROUP_BYTES = 256          # rows shorter than this are grouped into one unit
+FLAT_UNIT_BYTES = 4096     # 0-d and 1-d tensors are cut into units this long
+SPLIT_BYTES = 1 << 16      # rows longer than this are split when they divide
+
+
+def _row_elems(shape):
+    return math.prod(shape[1:]) if len(shape) >= 1 else 1
+
+
+def _nrows(shape):
+    return shape[0] if len(shape) >= 1 else 1
+
+
+def _split_piece(row_elems, itemsize, last):
+    """Largest divisor of ``row_elems`` that fits SPLIT_BYTES, preferring
+    multiples of the last dimension; ``row_elems`` itself when none does."""
+    fits = [d for d in _divisors(row_elems) if d * itemsize <= SPLIT_BYTES and d * itemsize >= GROUP_BYTES]
+    aligned = [d for d in fits if d % last == 0]
+    for choice in (aligned, fits):
+        if choice:
+            return max(choice)
+    return row_elems
+
+
+def _divisors(n):
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def unit_elems(shape, itemsize):
+    """Elements per unit for a tensor of this shape (independent of W)."""
+    nrows, row = _nrows(shape), _row_elems(shape)
+    if nrows == 0 or row == 0:
+        return max(row, 1)
+    if len(shape) <= 1:
+        return min(nrows, max(1, FLAT_UNIT_BYTES // itemsize))
+    row_bytes = row * itemsize
+    if row_bytes < GROUP_BYTES:
+        return min(nrows, -(-GROUP_BYTES // row_bytes)) * row
+    if row_bytes > SPLIT_BYTES:
+        return _split_piece(row, itemsize, shape[-1])
+    return row
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Word and unit arithmetic for one tensor at one word width."""
+    shape: tuple
+    itemsize: int
+    word_bits: int
+    unit_words: int
+
+    @classmethod
+    def choose(cls, shape, itemsize, word_bits):
+        wb = word_bits // 8
+        return cls(tuple(shape), itemsize, word_bits, unit_elems(shape, itemsize) * itemsize // wb)
+
+    @property
+    def nrows(self):
+        return _nrows(self.shape)
+
+    @property
+    def row_words(self):
+        return _row_elems(self.shape) * self.itemsize * 8 // self.word_bits
+
+    @property
+    def total_words(self):
+        return self.nrows * self.row_words
+
+    @property
+    def nunits(self):
+        return -(-self.total_words // self.unit_words)
+
+    @property
+    def slot_words(self):
+        """uint64 words per slot in the slotted layout."""
+        return -(-self.unit_words * self.word_bits // 64)
+
+    def check(self):
+        """Raise ValueError unless the word width and unit size fit the shape."""
+        W, U, R = self.word_bits, self.unit_words, self.row_words
+        row_bytes = _row_elems(self.shape) * self.itemsize
+        if W not in (8, 16, 32, 64) or row_bytes % (W // 8):
+            raise ValueError(f"word width {W} does not divide the {row_bytes}-byte rows")
+        if U < 1 or (R > 0 and U % R and R % U):
+            raise ValueError(f"unit of {U} words neither groups nor splits {R}-word rows")
+
+
+def word_widths(shape, itemsize):
+    """Word widths that fit this tensor, narrowest first."""
+    row_bytes = _row_elems(shape) * itemsize
+    unit_bytes = unit_elems(shape, itemsize) * itemsize
+    return [W for W in (8, 16, 32, 64)
+            if W <= 8 * itemsize and row_bytes % (W // 8) == 0 and unit_bytes % (W // 8) == 0]
+
+
+def periods(shape, itemsize, word_bits, unit_words):
+    """Candidate model periods (in words): one element, the last dimension,
+    a whole row; only those that divide the unit."""
+    per_elem = itemsize * 8 // word_bits
+    elems = {1}
+    if len(shape) >= 2:
+        elems |= {shape[-1], _row_elems(shape)}
+    return sorted(e * per_elem for e in elems if e > 0 and unit_words % (e * per_elem) == 0)

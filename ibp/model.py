@@ -1,0 +1,111 @@
+"""The learned model: per column, which bits are invariant and what they hold.
+
+A model has ``period`` columns; word ``j`` of a unit belongs to column
+``j % period``.  Each column has two *levels* (primary, secondary).  A level
+``(lo, hi, base)`` says: the word ``x`` matches when bits ``[lo, hi)`` of
+``(x - base) mod 2**W`` are all zero, and then only the other ``W - (hi -
+lo)`` bits are stored.  With the low bits of ``base`` clear this is the
+classic IBP mask/value test; a base with low bits set turns the fixed bits
+into a *range* test, which captures float exponents that straddle a power of
+two and small signed integers around zero.  ``lo == hi`` is an empty level:
+every word matches and is stored whole.
+
+Words that miss the primary level are exceptions; an exception that matches
+the secondary level is stored with its secondary residual, else raw.
+"""
+from functools import cached_property
+
+import numpy as np
+
+from .errors import FormatError
+
+WORD_BITS = (8, 16, 32, 64)
+
+
+# LOW_MASK[n]: the n lowest bits set, n = 0..64.
+LOW_MASK = np.array([(1 << n) - 1 for n in range(65)], dtype=np.uint64)
+
+
+class Model:
+    """Per-column invariant-bit model for words of ``word_bits`` bits."""
+
+    def __init__(self, word_bits, lo, hi, base):
+        self.word_bits = int(word_bits)
+        self.lo = np.ascontiguousarray(lo, dtype=np.uint8)
+        self.hi = np.ascontiguousarray(hi, dtype=np.uint8)
+        self.base = np.ascontiguousarray(base, dtype=np.uint64)
+        for a in (self.lo, self.hi, self.base):
+            a.flags.writeable = False
+        self._validate()
+
+    def _validate(self):
+        W = self.word_bits
+        if W not in WORD_BITS:
+            raise FormatError(f"word width {W} is not one of {WORD_BITS}")
+        if self.lo.ndim != 2 or self.lo.shape[0] != 2 or self.lo.shape[1] < 1:
+            raise FormatError(f"model arrays must have shape (2, period >= 1), got {self.lo.shape}")
+        if self.hi.shape != self.lo.shape or self.base.shape != self.lo.shape:
+            raise FormatError("model arrays disagree in shape")
+        lo = self.lo.astype(np.int64)
+        hi = self.hi.astype(np.int64)
+        if np.any(lo > hi) or np.any(hi > W):
+            raise FormatError("model level needs 0 <= lo <= hi <= word bits")
+        if np.any(self.base & ~LOW_MASK[hi]):
+            raise FormatError("model base has bits at or above hi")
+        if np.any((lo == hi) & ((lo != 0) | (self.base != 0))):
+            raise FormatError("an empty model level must be (0, 0, 0)")
+
+    @property
+    def period(self):
+        return self.lo.shape[1]
+
+    @cached_property
+    def widths(self):
+        """int64 [2, period]: bits stored per word at each level."""
+        return self.word_bits - (self.hi.astype(np.int64) - self.lo.astype(np.int64))
+
+    @cached_property
+    def has_secondary(self):
+        return bool(np.any(self.hi[1] > self.lo[1]))
+
+    @cached_property
+    def tables(self):
+        """(t0, t1, fbits, ptot): per-level uint64 tables ``[period, 8]`` for
+        the numba kernels (fields in ibp.codec), whether exceptions carry a
+        secondary flag bit, and the primary widths summed over a period."""
+        W = self.word_bits
+        lo = self.lo.astype(np.int64)
+        hi = self.hi.astype(np.int64)
+        shift = hi - lo
+        width = self.widths
+        t = np.zeros((2, self.period, 8), np.uint64)
+        t[:, :, 0] = self.base
+        t[:, :, 1] = LOW_MASK[hi] & ~LOW_MASK[lo]
+        t[:, :, 2] = LOW_MASK[lo]
+        t[:, :, 3] = LOW_MASK[W] & ~LOW_MASK[hi]
+        t[:, :, 4] = shift >> 1
+        t[:, :, 5] = shift - (shift >> 1)
+        t[:, :, 6] = width
+        t[:, :, 7] = LOW_MASK[width]
+        return (np.ascontiguousarray(t[0]), np.ascontiguousarray(t[1]),
+                int(self.has_secondary), int(width[0].sum()))
+
+    @property
+    def invariant_bits(self):
+        """Primary fixed bits per column (int array)."""
+        return self.hi[0].astype(np.int64) - self.lo[0].astype(np.int64)
+
+    def __eq__(self, other):
+        return (isinstance(other, Model) and self.word_bits == other.word_bits
+                and np.array_equal(self.lo, other.lo) and np.array_equal(self.hi, other.hi)
+                and np.array_equal(self.base, other.base))
+
+    def __repr__(self):
+        return (f"ibp.Model(word_bits={self.word_bits}, period={self.period}, "
+                f"invariant bits/column={self.invariant_bits.mean():.2f})")
+
+    @classmethod
+    def empty(cls, word_bits, period=1):
+        """A model that fixes nothing: every unit is stored raw."""
+        z = np.zeros((2, period), np.uint8)
+        return cls(word_bits, z, z, np.zeros((2, period), np.uint64))

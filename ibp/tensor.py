@@ -1,0 +1,174 @@
+"""CompressedTensor: the one object every part of ibp passes around."""
+import math
+
+import numpy as np
+
+from . import dtypes
+from .decode import decode_units, normalize_index
+from .encode import encode_slots, unpack_kinds
+
+
+class CompressedTensor:
+    """A tensor in IBP form: model, per-unit kinds, row index and payload.
+
+    Build one with ``ibp.compress`` or ``CompressedTensor.from_bytes``; turn
+    it back with ``ibp.decompress``.  Arrays it did not allocate (a loaded
+    file, a memory map) are read-only, and ``update_rows`` copies them before
+    writing, so nothing a caller handed in is ever modified.
+    """
+
+    def __init__(self, *, dtype, shape, framework, geometry, layout, model, kinds, payload,
+                 payload_bits=None, index=None):
+        self.dtype_name = dtype
+        self._shape = tuple(int(s) for s in shape)
+        self.framework = framework
+        self.geometry = geometry
+        self.layout = layout
+        self.model = model
+        self.kinds = kinds
+        self.payload = payload
+        self.payload_bits = payload_bits
+        self.index = index
+        self._pinned = None
+
+    # -- what it is ---------------------------------------------------------
+    @property
+    def shape(self):
+        return self._shape
+
+    @property
+    def dtype(self):
+        """The element type as the framework it came from spells it."""
+        if self.framework == "torch":
+            try:
+                return dtypes.torch_dtype(self.dtype_name)
+            except TypeError:
+                pass
+        try:
+            return dtypes.numpy_dtype(self.dtype_name)
+        except TypeError:
+            return self.dtype_name
+
+    @property
+    def nrows(self):
+        return self.geometry.nrows
+
+    @property
+    def word_bits(self):
+        return self.geometry.word_bits
+
+    @property
+    def raw_nbytes(self):
+        return math.prod(self._shape) * dtypes.ITEMSIZE[self.dtype_name]
+
+    @property
+    def nbytes(self):
+        """Bytes needed to decode: payload, row index, kinds and model."""
+        index = 0 if self.index is None else self.index[2].nbytes + self.index[3].nbytes
+        m = self.model
+        return int(self.payload.nbytes + self.kinds.nbytes + index
+                   + m.lo.nbytes + m.hi.nbytes + m.base.size * m.word_bits // 8)
+
+    @property
+    def ratio(self):
+        return self.raw_nbytes / self.nbytes
+
+    def unit_kinds(self):
+        """Kind of every unit (0 raw, 1 all-match, 2 sparse, 3 bitmap)."""
+        return unpack_kinds(self.kinds, np.arange(self.geometry.nunits))
+
+    def __repr__(self):
+        return (f"CompressedTensor(shape={self._shape}, dtype={self.dtype_name}, layout={self.layout}, "
+                f"word_bits={self.word_bits}, ratio={self.ratio:.3f})")
+
+    # -- bytes --------------------------------------------------------------
+    def to_bytes(self):
+        """This tensor as a self-contained ibp file (docs/format.md)."""
+        from .container import dumps
+        return dumps({None: self})
+
+    @classmethod
+    def from_bytes(cls, data, *, verify=True):
+        """Parse bytes made by ``to_bytes``; FormatError if they are not valid."""
+        from .container import loads
+        tensors = loads(data, verify=verify)
+        if len(tensors) != 1:
+            from .errors import FormatError
+            raise FormatError(f"expected one tensor, found {len(tensors)}")
+        return next(iter(tensors.values()))
+
+    # -- memory -------------------------------------------------------------
+    def pin_memory(self):
+        """A copy whose payload lives in page-locked memory (needs torch), so
+        a GPU can read it directly; returns self if already pinned."""
+        if self._pinned is not None:
+            return self
+        import torch
+        pinned = torch.empty(self.payload.nbytes, dtype=torch.uint8, pin_memory=True)
+        view = pinned.numpy().view(np.uint64)
+        view[:] = self.payload
+        ct = self._replace(payload=view)
+        ct._pinned = pinned
+        return ct
+
+    def is_pinned(self):
+        return self._pinned is not None
+
+    def _replace(self, **changes):
+        fields = dict(dtype=self.dtype_name, shape=self._shape, framework=self.framework,
+                      geometry=self.geometry, layout=self.layout, model=self.model, kinds=self.kinds,
+                      payload=self.payload, payload_bits=self.payload_bits, index=self.index)
+        fields.update(changes)
+        return CompressedTensor(**fields)
+
+    # -- in-place updates (slotted layout) ----------------------------------
+    def update_rows(self, index, values):
+        """Overwrite rows ``index`` with ``values`` (slotted layout only).
+
+        Each affected unit is re-encoded into its own slot with the existing
+        model.  Repeated indices take the last value, as numpy assignment does.
+        """
+        if self.layout != "slotted":
+            raise ValueError("update_rows needs the slotted layout: compress(..., layout='slotted')")
+        if len(self._shape) == 0:
+            raise IndexError("a 0-d tensor has no rows to update")
+        rows, _ = normalize_index(index, self.nrows)
+        data, name, shape, _ = dtypes.as_bytes(values)
+        want = (rows.size,) + self._shape[1:]
+        if name != self.dtype_name or tuple(shape) != want:
+            raise ValueError(f"values are {name}{list(shape)}, need {self.dtype_name}{list(want)}")
+        if rows.size == 0:
+            return
+        g = self.geometry
+        W, U, R = g.word_bits, g.unit_words, g.row_words
+        new = data.view(f"<u{W // 8}").reshape(rows.size, R)
+        if U >= R:
+            per = U // R
+            units, where = np.unique(rows // per, return_inverse=True)
+            if per > 1:
+                block = self._decode_units(units).reshape(units.size, per, R)
+                block[where, rows % per] = new
+            else:
+                block = np.empty((units.size, R), new.dtype)
+                block[where] = new
+        else:
+            split = R // U
+            last = np.unique(rows[::-1], return_index=True)[1]
+            keep = rows.size - 1 - last
+            units = (rows[keep][:, None] * split + np.arange(split)).reshape(-1)
+            block = new[keep]
+        if not self.payload.flags.writeable:
+            self.payload = self.payload.copy()
+        if not self.kinds.flags.writeable:
+            self.kinds = self.kinds.copy()
+        kinds = encode_slots(np.ascontiguousarray(block).reshape(-1).view(np.uint8), g, self.model,
+                             units, self.payload)
+        shift = ((units & 3) * 2).astype(np.uint8)
+        np.bitwise_and.at(self.kinds, units >> 2, ~(np.uint8(3) << shift))
+        np.bitwise_or.at(self.kinds, units >> 2, kinds << shift)
+
+    def _decode_units(self, units):
+        g = self.geometry
+        out = np.empty(units.size * g.unit_words * g.word_bits // 8, np.uint8)
+        decode_units(self, units, out)
+        return out.view(f"<u{g.word_bits // 8}")
