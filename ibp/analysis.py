@@ -192,8 +192,8 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
             units = units.reshape(-1, geom.unit_words)
             samples[W] = (units[::2].reshape(-1), units[1::2].reshape(-1) if len(units) > 1 else units.reshape(-1))
         train, test = samples[W]
-        if p > 1 and train.size // p < MIN_PER_COLUMN:
-            continue
+        if p > max(1, itemsize * 8 // W) and train.size // p < MIN_PER_COLUMN:
+            continue  # too few samples per column; the per-element period is always tried
         scale = geom.nunits / (test.size // geom.unit_words)
         for model in learn(train.reshape(-1, p), W):
             cost = encoded_bits(test, model, geom.unit_words) * scale + model_bits(model)

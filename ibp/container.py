@@ -22,7 +22,7 @@ from .model import Model
 
 MAGIC = b"\x89IBP\r\n\x1a\n"
 VERSION = 1
-PREAMBLE = struct.Struct("<8sIII4x")
+PREAMBLE = struct.Struct("<8sIIII")
 ALIGN = 64
 MAX_HEADER = 64 << 20
 MAX_DIMS = 64
@@ -74,7 +74,7 @@ def _plan(tensors, metadata):
 
 def _write(stream, tensors, metadata):
     header, chunks = _plan(tensors, metadata)
-    stream.write(PREAMBLE.pack(MAGIC, VERSION, len(header), zlib.crc32(header)))
+    stream.write(PREAMBLE.pack(MAGIC, VERSION, len(header), zlib.crc32(header), 0))
     stream.write(header)
     pos = PREAMBLE.size + len(header)
     for off, arr in chunks:
@@ -124,9 +124,11 @@ def _int(value, what, lo=0, hi=MAX_WORDS):
 def _header(buf):
     if len(buf) < PREAMBLE.size:
         raise FormatError(f"{len(buf)} bytes is too short for an ibp file")
-    magic, version, hlen, hcrc = PREAMBLE.unpack_from(buf, 0)
+    magic, version, hlen, hcrc, reserved = PREAMBLE.unpack_from(buf, 0)
     if magic != MAGIC:
         raise FormatError("not an ibp file (bad magic)")
+    if reserved:
+        raise FormatError("reserved preamble bytes are not zero")
     if version != VERSION:
         raise FormatError(f"unsupported ibp format version {version} (this reads {VERSION})")
     if hlen > MAX_HEADER or PREAMBLE.size + hlen > len(buf):
@@ -274,8 +276,26 @@ def loads(buf, *, verify=True):
         if name in out or (name is None and len(entries) != 1):
             raise FormatError(f"duplicate or missing tensor name {name!r}")
         out[name] = ct
-    taken.sort()
-    for (a0, a1, an), (b0, b1, bn) in zip(taken, taken[1:]):
-        if b0 < a1:
-            raise FormatError(f"sections {an} and {bn} overlap")
+    _check_filler(buf, start, taken)
     return out
+
+
+def _check_filler(buf, start, taken):
+    """Every byte outside the header and the sections is zero padding, and
+    the file ends where the last section does: no byte goes unchecked."""
+    taken.sort()
+    gaps = []
+    pos = 0
+    for off, end, name in taken:
+        if off < pos:
+            raise FormatError(f"section {name} overlaps the one before it")
+        gaps.append((start + pos, start + off))
+        pos = max(pos, end)
+    header_end = PREAMBLE.unpack_from(buf, 0)[2] + PREAMBLE.size
+    size = start + pos if taken else header_end
+    if len(buf) != size:
+        raise FormatError(f"file is {len(buf)} bytes, its sections end at {size}")
+    gaps.append((header_end, min(start, size)))
+    view = memoryview(buf)
+    if any(any(view[a:b]) for a, b in gaps if b > a):
+        raise FormatError("padding bytes are not zero")

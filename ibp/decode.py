@@ -28,6 +28,8 @@ def unit_spans(ct, units):
 def normalize_index(index, nrows):
     """Row numbers as int64 (negative ones counted from the end), or IndexError."""
     idx = np.asarray(index)
+    if idx.size == 0 and idx.dtype == np.float64:  # [] is an empty integer index, as in numpy
+        idx = idx.astype(np.int64)
     if idx.dtype == np.bool_ or not np.issubdtype(idx.dtype, np.integer):
         raise TypeError(f"index must hold integers, not {idx.dtype}")
     if idx.dtype == np.uint64 and idx.size and idx.max() > np.iinfo(np.int64).max:

@@ -81,6 +81,8 @@ def as_bytes(x):
         t = x.detach().contiguous().reshape(-1)
         data = t.view(_torch().uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
         return data, name, tuple(x.shape), "torch"
+    if isinstance(x, np.generic):
+        x = np.asarray(x)
     if not isinstance(x, np.ndarray):
         raise TypeError(f"compress takes a numpy array or a torch tensor, not {type(x).__name__}")
     name = name_of_numpy(x.dtype)

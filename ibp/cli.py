@@ -1,0 +1,618 @@
+"""The ``ibp`` command: compress and restore tensor files, look inside ibp
+files, and run the benchmark.
+
+    ibp compress IN [OUT]      .npy .npz .safetensors .pt/.pth/.bin  ->  .ibp
+    ibp decompress IN [OUT]    .ibp  ->  the format that went in (or OUT's)
+    ibp info FILE              what an ibp file holds and how well it packed
+    ibp bench                  compression ratio and speed on real data
+
+What a tensor file keeps besides its tensors (the safetensors metadata, an
+.npy's byte order and memory order, whether an .npz was deflated, a torch
+checkpoint's nesting and plain values) goes into the ibp file's metadata
+under the key ``ibp.source``, so ``decompress`` writes back the tensors bit
+for bit and the file the way it came.  A user's mistake ends with one line on
+stderr and exit status 1, never a traceback.
+"""
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+import zipfile
+from collections.abc import Mapping
+
+import numpy as np
+
+import ibp
+from . import datasets
+from .errors import FormatError
+
+FORMATS = {".npy": "npy", ".npz": "npz", ".safetensors": "safetensors",
+           ".pt": "torch", ".pth": "torch", ".bin": "torch"}
+EXTENSION = {"npy": ".npy", "npz": ".npz", "safetensors": ".safetensors", "torch": ".pt"}
+SOURCE_KEY = "ibp.source"
+KIND_NAMES = ("raw", "all", "sparse", "bitmap")
+DEFAULT_BENCH_DIR = "ibp-bench-results"
+
+
+class CliError(Exception):
+    """A user's mistake, reported as one line."""
+
+
+# -- tensor files -------------------------------------------------------------
+
+def format_of(path):
+    """The tensor format of a path, by its extension, or None."""
+    return FORMATS.get(os.path.splitext(path)[1].lower())
+
+
+def _label(name):
+    return "the tensor" if name is None else f"tensor {name!r}"
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def read_tensors(path, fmt):
+    """(tensors, source): name -> array or tensor (the single name None for a
+    lone tensor), and a JSON-able description of what else the file keeps."""
+    readers = {"npy": _read_npy, "npz": _read_npz, "safetensors": _read_safetensors, "torch": _read_torch}
+    if not os.path.isfile(path):
+        raise CliError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
+    try:
+        return readers[fmt](path)
+    except CliError as e:
+        raise CliError(f"{path}: {e}") from None
+    except Exception as e:  # a third-party loader's view of the user's bytes
+        raise CliError(f"{path}: cannot read it as {fmt}: {e}") from None
+
+
+def _npy_layout(arr):
+    """[dtype string, fortran order]: what np.save writes into the header."""
+    return [arr.dtype.str, bool(arr.flags.fnc)]
+
+
+def _read_npy(path):
+    arr = np.load(path, allow_pickle=False)
+    if not isinstance(arr, np.ndarray):
+        arr.close()
+        raise CliError("holds several arrays (an .npz archive), not one .npy array")
+    return {None: arr}, {"format": "npy", "arrays": {"": _npy_layout(arr)}}
+
+
+def _read_npz(path):
+    with zipfile.ZipFile(path) as z:
+        deflated = any(info.compress_type != zipfile.ZIP_STORED for info in z.infolist())
+    with np.load(path, allow_pickle=False) as z:
+        if not hasattr(z, "files"):
+            raise CliError("holds one .npy array, not an .npz archive")
+        arrays = {name: z[name] for name in z.files}
+    return arrays, {"format": "npz", "compressed": deflated,
+                    "arrays": {name: _npy_layout(a) for name, a in arrays.items()}}
+
+
+def _read_safetensors(path):
+    from safetensors import safe_open
+    framework = "pt" if _torch() is not None else "np"
+    with safe_open(path, framework=framework) as f:
+        metadata = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    return tensors, {"format": "safetensors", "metadata": metadata}
+
+
+def _read_torch(path):
+    torch = _torch()
+    if torch is None:
+        raise CliError("reading a torch file needs torch (pip install torch)")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, torch.Tensor):
+        return {None: obj}, {"format": "torch"}
+    if not isinstance(obj, Mapping):
+        raise CliError(f"holds a {type(obj).__name__}; ibp compresses a tensor or a dict of tensors")
+    tensors, tree = {}, []
+    _flatten(obj, [], tensors, tree, torch.Tensor)
+    return tensors, {"format": "torch", "tree": tree}
+
+
+def _flatten(mapping, path, tensors, tree, tensor_type):
+    """Collect the tensors of nested dicts under dotted names, and in ``tree``
+    every entry in order ([path, "tensor"|"dict"] or [path, "value", v]) so
+    the nesting and plain values come back as they were."""
+    for key, value in mapping.items():
+        where = ".".join(path) or "the top level"
+        if not isinstance(key, str) or not key:
+            raise CliError(f"key {key!r} at {where} is not a non-empty string: "
+                           "ibp stores dicts of string-named tensors")
+        p = path + [key]
+        name = ".".join(p)
+        if isinstance(value, tensor_type):
+            if name in tensors:
+                raise CliError(f"two tensors flatten to the name {name!r}")
+            tensors[name] = value
+            tree.append([p, "tensor"])
+        elif isinstance(value, Mapping):
+            tree.append([p, "dict"])
+            _flatten(value, p, tensors, tree, tensor_type)
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            tree.append([p, "value", value])
+        else:
+            raise CliError(f"{name!r} is a {type(value).__name__}: ibp keeps tensors, dicts and "
+                           "plain numbers or strings")
+
+
+def _unflatten(tree, tensors):
+    root = {}
+    for entry in tree:
+        path, kind = entry[0], entry[1]
+        parent = root
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = {} if kind == "dict" else tensors[".".join(path)] if kind == "tensor" else entry[2]
+    return root
+
+
+def _as_numpy(name, t, fmt):
+    if isinstance(t, np.ndarray):
+        return t
+    try:
+        return t.numpy()
+    except TypeError:
+        raise CliError(f"{_label(name)} is {t.dtype}, which .{fmt} cannot hold: "
+                       "write .safetensors or .pt instead") from None
+
+
+def _as_torch(name, t):
+    torch = _torch()
+    if isinstance(t, np.ndarray):
+        try:
+            return torch.from_numpy(t)
+        except TypeError:
+            raise CliError(f"{_label(name)} is numpy {t.dtype}, which torch cannot hold: "
+                           "write .npy or .npz instead") from None
+    return t
+
+
+def _restore_npy_layout(arr, layout):
+    """Give an array back the byte order and memory order it was read with."""
+    if layout is None:
+        return arr
+    descr, fortran = layout
+    if np.dtype(descr) != arr.dtype and np.dtype(descr).newbyteorder("=") == arr.dtype:
+        arr = arr.astype(descr)
+    return np.asfortranarray(arr) if fortran else arr
+
+
+def _write_npy(f, tensors, source):
+    if list(tensors) != [None]:
+        raise CliError(f"an .npy file holds one array, this ibp file holds {len(tensors)} named tensors: "
+                       "write .npz, .safetensors or .pt")
+    arr = _as_numpy(None, tensors[None], "npy")
+    layouts = source.get("arrays", {}) if source.get("format") == "npy" else {}
+    np.lib.format.write_array(f, _restore_npy_layout(arr, layouts.get("")), allow_pickle=False)
+
+
+def _write_npz(f, tensors, source):
+    same = source.get("format") == "npz"
+    layouts = source.get("arrays", {}) if same else {}
+    method = zipfile.ZIP_DEFLATED if same and source.get("compressed") else zipfile.ZIP_STORED
+    with zipfile.ZipFile(f, "w", compression=method, allowZip64=True) as z:
+        for name, t in tensors.items():
+            key = "arr_0" if name is None else name
+            arr = _restore_npy_layout(_as_numpy(name, t, "npz"), layouts.get(key))
+            with z.open(key + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, arr, allow_pickle=False)
+
+
+def _write_safetensors(f, tensors, source):
+    if None in tensors:
+        raise CliError("a .safetensors file holds named tensors and this ibp file holds one unnamed "
+                       "tensor: write .npy or .pt")
+    metadata = source.get("metadata") if source.get("format") == "safetensors" else None
+    if _torch() is not None:
+        from safetensors.torch import save
+        f.write(save({k: _as_torch(k, t) for k, t in tensors.items()}, metadata=metadata))
+    else:
+        from safetensors.numpy import save
+        f.write(save({k: _as_numpy(k, t, "safetensors") for k, t in tensors.items()}, metadata=metadata))
+
+
+def _write_torch(f, tensors, source):
+    torch = _torch()
+    if torch is None:
+        raise CliError("writing a torch file needs torch (pip install torch)")
+    converted = {k: _as_torch(k, t) for k, t in tensors.items()}
+    if None in converted:
+        obj = converted[None]
+    elif source.get("format") == "torch" and "tree" in source:
+        obj = _unflatten(source["tree"], converted)
+    else:
+        obj = converted
+    torch.save(obj, f)
+
+
+WRITERS = {"npy": _write_npy, "npz": _write_npz, "safetensors": _write_safetensors, "torch": _write_torch}
+
+
+def write_tensors(path, fmt, tensors, source):
+    """Write atomically: a failure leaves no half-written file behind."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            WRITERS[fmt](f, tensors, source)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# -- ibp files ----------------------------------------------------------------
+
+def load_ibp(path):
+    """(CompressedTensor or dict of them, metadata, format version)."""
+    if not os.path.isfile(path):
+        raise CliError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
+    try:
+        obj = ibp.load(path)
+    except FormatError as e:
+        raise CliError(f"{path}: not a valid ibp file: {e}") from None
+    # ibp.load has checked the preamble and the header (docs/format.md, section 1).
+    with open(path, "rb") as f:
+        _, version, header_len = struct.unpack("<8sII", f.read(16))
+        f.seek(24)
+        metadata = json.loads(f.read(header_len))["metadata"]
+    return obj, metadata, version
+
+
+def _source_of(metadata, path):
+    try:
+        source = json.loads(metadata.get(SOURCE_KEY, "{}"))
+    except ValueError:
+        source = None
+    if not isinstance(source, dict):
+        raise CliError(f"{path}: its {SOURCE_KEY} metadata is not a JSON object")
+    return source
+
+
+def _as_mapping(obj):
+    return {None: obj} if isinstance(obj, ibp.CompressedTensor) else obj
+
+
+def _fmt_bytes(n):
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def _progress(sizes, desc):
+    """A byte-counting tqdm bar on stderr (only on a terminal): at once for
+    several tensors, after a second for one."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=desc, disable=None,
+                delay=0 if len(sizes) > 1 else 1, leave=False, file=sys.stderr)
+
+
+def _each_with_progress(items, sizes, desc):
+    bar = _progress(sizes, desc)
+    try:
+        for item, size in zip(items, sizes):
+            yield item
+            if bar is not None:
+                bar.update(size)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _nbytes(t):
+    return int(t.nbytes) if isinstance(t, np.ndarray) else t.numel() * t.element_size()
+
+
+def _check_output(path, force):
+    if os.path.exists(path) and not force:
+        raise CliError(f"{path} exists: pass --force to overwrite it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CliError(f"{parent}: no such directory")
+
+
+# -- models -------------------------------------------------------------------
+
+def load_models(path, word_bits):
+    """Models to reuse from PATH: an ibp file's own models, or models learned
+    from a tensor file.  Returns one Model (the file holds one tensor) or a
+    dict name -> Model (matched by name)."""
+    if path.lower().endswith(".ibp"):
+        obj = _as_mapping(load_ibp(path)[0])
+        models = {name: ct.model for name, ct in obj.items()}
+    else:
+        fmt = format_of(path)
+        if fmt is None:
+            raise CliError(f"{path}: --model-from takes an .ibp file or a tensor file "
+                           f"({', '.join(FORMATS)})")
+        tensors, _ = read_tensors(path, fmt)
+        models = {}
+        for name, t in tensors.items():
+            try:
+                models[name] = ibp.analyze(t, word_bits=word_bits)
+            except (TypeError, ValueError) as e:
+                raise CliError(f"{path}: {_label(name)}: {e}") from None
+    if len(models) == 1:
+        return next(iter(models.values()))
+    return models
+
+
+def _model_for(models, name, source):
+    if models is None or isinstance(models, ibp.Model):
+        return models
+    if name not in models:
+        raise CliError(f"{source} has no tensor named {name!r} to take a model from")
+    return models[name]
+
+
+# -- commands -----------------------------------------------------------------
+
+def cmd_compress(args):
+    fmt = format_of(args.input)
+    if fmt is None:
+        ext = os.path.splitext(args.input)[1] or "no extension"
+        raise CliError(f"{args.input}: unsupported input format ({ext}); ibp compresses "
+                       f"{', '.join(FORMATS)} files")
+    output = args.output or args.input + ".ibp"
+    _check_output(output, args.force)
+    models = load_models(args.model_from, args.word_bits) if args.model_from else None
+    tensors, source = read_tensors(args.input, fmt)
+    names = list(tensors)
+    compressed = {}
+    for name in _each_with_progress(names, [_nbytes(tensors[n]) for n in names], "compress"):
+        try:
+            compressed[name] = ibp.compress(tensors[name], model=_model_for(models, name, args.model_from),
+                                            word_bits=args.word_bits, layout=args.layout)
+        except (TypeError, ValueError) as e:
+            raise CliError(f"{args.input}: {_label(name)}: {e}") from None
+    obj = compressed[None] if None in compressed else compressed
+    ibp.save(obj, output, metadata={SOURCE_KEY: json.dumps(source)})
+    raw = sum(ct.raw_nbytes for ct in compressed.values())
+    size = os.path.getsize(output)
+    print(f"{args.input} -> {output}: {len(compressed)} tensor{'s' * (len(compressed) != 1)}, "
+          f"{_fmt_bytes(raw)} -> {_fmt_bytes(size)} ({raw / max(size, 1):.2f}x)")
+    return 0
+
+
+def _default_format(tensors):
+    frameworks = {ct.framework for ct in tensors.values()}
+    if frameworks == {"numpy"}:
+        return "npy" if None in tensors else "npz"
+    return "torch"
+
+
+def cmd_decompress(args):
+    obj, metadata, _ = load_ibp(args.input)
+    cts = _as_mapping(obj)
+    source = _source_of(metadata, args.input)
+    recorded = source.get("format")
+    if recorded not in EXTENSION:
+        recorded = _default_format(cts)
+    if args.output:
+        output = args.output
+        fmt = format_of(output) or recorded
+    else:
+        stem = args.input[:-4] if args.input.lower().endswith(".ibp") else args.input
+        fmt = recorded
+        output = stem if format_of(stem) == fmt else stem + EXTENSION[fmt]
+    _check_output(output, args.force)
+    names = list(cts)
+    tensors = {}
+    for name in _each_with_progress(names, [cts[n].raw_nbytes for n in names], "decompress"):
+        try:
+            tensors[name] = ibp.decompress(cts[name])
+        except FormatError as e:
+            raise CliError(f"{args.input}: {_label(name)} is corrupted: {e}") from None
+        except TypeError as e:  # a dtype this Python cannot represent
+            raise CliError(f"{args.input}: {_label(name)}: {e}") from None
+    try:
+        write_tensors(output, fmt, tensors, source)
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        if isinstance(e, CliError):
+            raise
+        raise CliError(f"{output}: cannot write it as {fmt}: {e}") from None
+    print(f"{args.input} -> {output} ({fmt}): {len(tensors)} tensor{'s' * (len(tensors) != 1)}, "
+          f"{_fmt_bytes(sum(ct.raw_nbytes for ct in cts.values()))}")
+    return 0
+
+
+def describe(ct):
+    """One tensor's facts for ``info``, as a JSON-able dict."""
+    kinds = np.bincount(ct.unit_kinds(), minlength=4)
+    units = int(kinds.sum())
+    return {"dtype": ct.dtype_name, "shape": list(ct.shape), "ratio": ct.ratio,
+            "raw_nbytes": ct.raw_nbytes, "nbytes": ct.nbytes, "word_bits": ct.word_bits,
+            "layout": ct.layout, "period": ct.model.period, "unit_words": ct.geometry.unit_words,
+            "invariant_bits": float(ct.model.invariant_bits.mean()),
+            "secondary_level": ct.model.has_secondary,
+            "units": units, "unit_share": {k: (int(n) / units if units else 0.0)
+                                           for k, n in zip(KIND_NAMES, kinds)}}
+
+
+def _table(rows, header):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows)
+
+
+def cmd_info(args):
+    obj, metadata, version = load_ibp(args.input)
+    cts = _as_mapping(obj)
+    source = _source_of(metadata, args.input)
+    tensors = {("" if name is None else name): describe(ct) for name, ct in cts.items()}
+    raw = sum(t["raw_nbytes"] for t in tensors.values())
+    packed = sum(t["nbytes"] for t in tensors.values())
+    report = {"file": args.input, "format_version": version, "file_bytes": os.path.getsize(args.input),
+              "source": source, "metadata": {k: v for k, v in metadata.items() if k != SOURCE_KEY},
+              "raw_nbytes": raw, "nbytes": packed, "ratio": raw / packed if packed else math.inf,
+              "tensors": tensors}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"{args.input}: ibp format version {version}, {_fmt_bytes(report['file_bytes'])}, "
+          f"{len(tensors)} tensor{'s' * (len(tensors) != 1)}, from {source.get('format', 'python')}")
+    print(f"total: {_fmt_bytes(raw)} raw -> {_fmt_bytes(packed)} to decode ({report['ratio']:.3f}x)")
+    extra = source.get("metadata") or {}
+    for key, value in {**extra, **report["metadata"]}.items():
+        print(f"metadata {key}: {value}")
+    rows = []
+    for name, t in tensors.items():
+        share = t["unit_share"]
+        rows.append([name or "-", t["dtype"], "x".join(map(str, t["shape"])) or "()", f"{t['ratio']:.3f}",
+                     t["word_bits"], t["layout"], t["period"], f"{t['invariant_bits']:.1f}",
+                     " ".join(f"{share[k] * 100:.0f}" for k in ("all", "sparse", "bitmap", "raw"))])
+    print(_table(rows, ["name", "dtype", "shape", "ratio", "W", "layout", "period", "inv.bits",
+                        "units% all/sparse/bitmap/raw"]))
+    return 0
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+BENCH_DATA = (".npy", ".npz", ".safetensors", ".pt", ".pth")
+QUICK_SKIPS = ("minilm-kv", "glove-50d")  # the slowest to load and to run
+
+
+def cmd_bench(args):
+    try:
+        from .bench import plot, ratio
+    except ImportError as e:
+        raise CliError(f"the benchmark needs the bench extra (pip install 'ibp[bench]'): {e}") from None
+    if args.data and args.datasets:
+        raise CliError("pass either --data or --datasets, not both")
+    if args.data:
+        if not os.path.isfile(args.data):
+            raise CliError(f"{args.data}: no such file")
+        if os.path.splitext(args.data)[1].lower() not in BENCH_DATA:
+            raise CliError(f"{args.data}: unsupported format; --data takes {', '.join(BENCH_DATA)} files")
+    names = args.datasets
+    if args.quick and not args.data and not names:
+        names = [n for n in datasets.available() if n not in QUICK_SKIPS]
+    repeats = 1 if args.quick else args.repeats
+    if repeats < 1:
+        raise CliError(f"--repeats must be at least 1, got {repeats}")
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if not args.quiet else None
+    try:
+        results = ratio.run(names=names, data=args.data, repeats=repeats, log=log)
+    except (ValueError, OSError) as e:
+        raise CliError(f"{args.data or 'bench'}: {e}") from None
+    tables = {"ratio": ratio.format_table(results)}
+    outputs = {"ratio": results}
+    gpu = _bench_gpu(names, args.data, repeats, log)
+    if gpu is not None:
+        outputs["gpu"], tables["gpu"] = gpu
+    print("\n\n".join(tables.values()))
+    os.makedirs(args.out, exist_ok=True)
+    written = []
+    for kind, res in outputs.items():
+        for ext, text in (("json", json.dumps(res, indent=1, default=_jsonable) + "\n"), ("md", tables[kind] + "\n")):
+            path = os.path.join(args.out, f"{kind}.{ext}")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            written.append(path)
+    try:
+        written.append(plot.plot_ratio_speed(results, os.path.join(args.out, "ratio.png")))
+    except ImportError as e:
+        print(f"ibp: no plot ({e})", file=sys.stderr)
+    print(f"\nwrote {', '.join(map(str, written))}")
+    return 0
+
+
+def _bench_gpu(names, data, repeats, log):
+    """(results, table) of the GPU benchmark (ibp.bench.gpu), or None where
+    there is no GPU or no such module."""
+    torch = _torch()
+    if torch is None or not torch.cuda.is_available():
+        return None
+    try:
+        from .bench import gpu
+    except ImportError:
+        return None
+    results = gpu.run(names=names, data=data, repeats=repeats, log=log)
+    return results, gpu.format_table(results)
+
+
+# -- entry point --------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="ibp", description="Lossless Invariant Bit Packing of tensor files.")
+    p.add_argument("--version", action="version", version=f"ibp {ibp.__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compress", help="tensor file -> .ibp",
+                       description="Compress every tensor of an .npy, .npz, .safetensors or torch "
+                                   "(.pt/.pth/.bin) file into one .ibp file.")
+    c.add_argument("input", metavar="IN")
+    c.add_argument("output", metavar="OUT", nargs="?", help="default: IN.ibp")
+    c.add_argument("--word-bits", type=int, choices=(8, 16, 32, 64),
+                   help="force this word width (default: the best measured per tensor)")
+    c.add_argument("--layout", choices=("packed", "slotted"), default="packed",
+                   help="packed: smallest; slotted: rows keep raw-size slots (in-place updates)")
+    c.add_argument("--model-from", metavar="FILE",
+                   help="reuse models instead of learning them: from an .ibp file's tensors, or "
+                        "learned from a tensor file; matched by tensor name unless FILE holds one")
+    c.add_argument("-f", "--force", action="store_true", help="overwrite OUT")
+    c.set_defaults(func=cmd_compress)
+
+    d = sub.add_parser("decompress", help=".ibp -> tensor file",
+                       description="Restore the tensors of an .ibp file, bit for bit, in the format "
+                                   "of OUT's extension, else the format they came from.")
+    d.add_argument("input", metavar="IN")
+    d.add_argument("output", metavar="OUT", nargs="?",
+                   help="default: IN without .ibp, in the recorded format")
+    d.add_argument("-f", "--force", action="store_true", help="overwrite OUT")
+    d.set_defaults(func=cmd_decompress)
+
+    i = sub.add_parser("info", help="describe an .ibp file")
+    i.add_argument("input", metavar="FILE")
+    i.add_argument("--json", action="store_true", help="print the facts as JSON")
+    i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="compression ratio and speed on real data",
+                       description="Benchmark ibp against the reference algorithm and general-purpose "
+                                   "codecs on the real datasets (or on --data), then write JSON and a plot.")
+    b.add_argument("--data", metavar="PATH", help="benchmark the tensors of this file instead of the datasets")
+    b.add_argument("--datasets", nargs="+", metavar="NAME", choices=datasets.DATASETS,
+                   help="only these of ibp.datasets (default: every one installed)")
+    b.add_argument("--out", metavar="DIR", default=DEFAULT_BENCH_DIR, help=f"default: ./{DEFAULT_BENCH_DIR}")
+    b.add_argument("--repeats", type=int, default=3, help="timing repeats (default 3)")
+    b.add_argument("--quick", action="store_true",
+                   help=f"one repeat, and without --data/--datasets skip {' and '.join(QUICK_SKIPS)}")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as e:
+        message = str(e)
+    except OSError as e:
+        message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+    except KeyboardInterrupt:
+        return 130
+    first, *rest = message.strip().splitlines() or ["failed"]
+    print(f"ibp: error: {first}", file=sys.stderr)
+    return 1

@@ -1,0 +1,97 @@
+"""Misuse of the public API gets clear exceptions; nothing is mutated."""
+import numpy as np
+import pytest
+
+import ibp
+
+
+@pytest.fixture
+def ct():
+    return ibp.compress(np.arange(60, dtype=np.float32).reshape(12, 5))
+
+
+def test_compress_rejects_bad_arguments():
+    x = np.zeros((4, 4), np.float32)
+    with pytest.raises(TypeError):
+        ibp.compress([1, 2, 3])
+    with pytest.raises(TypeError):
+        ibp.compress(np.array(["a", "b"]))
+    with pytest.raises(TypeError):
+        ibp.compress(np.zeros(3, dtype=[("a", "i4")]))
+    with pytest.raises(ValueError):
+        ibp.compress(x, layout="diagonal")
+    with pytest.raises(ValueError):
+        ibp.compress(x, word_bits=12)
+    with pytest.raises(ValueError):
+        ibp.compress(np.zeros((4, 3), np.uint8), word_bits=16)
+    with pytest.raises(TypeError):
+        ibp.compress(x, model="model")
+    with pytest.raises(ValueError):
+        ibp.compress(x, model=ibp.analyze(x), word_bits=8)
+    with pytest.raises(ValueError):
+        ibp.compress(np.zeros((4, 6), np.float32), model=ibp.Model.empty(32, period=5))
+
+
+def test_decompress_rejects_bad_arguments(ct):
+    with pytest.raises(TypeError):
+        ibp.decompress(b"bytes")
+    with pytest.raises(IndexError):
+        ibp.decompress(ct, index=[12])
+    with pytest.raises(IndexError):
+        ibp.decompress(ct, index=[-13])
+    with pytest.raises(IndexError):
+        ibp.decompress(ct, index=np.array([2**63 + 5], np.uint64))
+    with pytest.raises(TypeError):
+        ibp.decompress(ct, index=[1.0])
+    with pytest.raises(TypeError):
+        ibp.decompress(ct, index=np.ones(12, bool))
+    with pytest.raises(ValueError):
+        ibp.decompress(ct, out=np.empty((12, 5), np.float64))
+    with pytest.raises(ValueError):
+        ibp.decompress(ct, out=np.empty((12, 6), np.float32))
+    with pytest.raises(ValueError):
+        ibp.decompress(ct, out=np.empty((5, 12), np.float32).T)
+    with pytest.raises(TypeError):
+        ibp.decompress(ct, out=[0] * 60)
+    with pytest.raises(IndexError):
+        ibp.decompress(ibp.compress(np.float32(1.0) * np.ones(())), index=[0])
+
+
+def test_scalar_index_drops_the_row_axis(ct):
+    x = np.arange(60, dtype=np.float32).reshape(12, 5)
+    assert np.array_equal(ibp.decompress(ct, index=3), x[3])
+    assert np.array_equal(ibp.decompress(ct, index=np.int8(-1)), x[-1])
+    assert ibp.decompress(ct, index=[]).shape == (0, 5)
+
+
+def test_properties(ct):
+    assert ct.shape == (12, 5) and ct.nrows == 12 and ct.dtype == np.float32
+    assert ct.raw_nbytes == 240
+    assert ct.ratio == pytest.approx(240 / ct.nbytes)
+    assert "CompressedTensor" in repr(ct) and "Model" in repr(ct.model)
+
+
+def test_model_validation():
+    with pytest.raises(ValueError):
+        ibp.Model(12, np.zeros((2, 1)), np.zeros((2, 1)), np.zeros((2, 1)))
+    with pytest.raises(ValueError):
+        ibp.Model(8, np.zeros((2, 1)), np.full((2, 1), 9), np.zeros((2, 1)))
+    with pytest.raises(ValueError):
+        ibp.Model(8, np.zeros((2, 1)), np.full((2, 1), 4), np.full((2, 1), 16))
+    with pytest.raises(ValueError):
+        ibp.Model(8, np.ones((2, 1)), np.ones((2, 1)), np.zeros((2, 1)))
+
+
+def test_model_pickles():
+    import pickle
+    x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    m = ibp.analyze(x)
+    assert pickle.loads(pickle.dumps(m)) == m
+
+
+def test_compress_on_gpu_tensor_is_refused():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    with pytest.raises(ValueError):
+        ibp.compress(torch.zeros(3, device="cuda"))

@@ -1,0 +1,185 @@
+"""The container format: bytes, files, checkpoints, and hostile input."""
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+import ibp
+from ibp import container
+
+
+def sample_tensor(layout="packed"):
+    """A small tensor whose units use every kind."""
+    rng = np.random.default_rng(7)
+    x = np.full((48, 40), 3, np.uint16)
+    x[4:8] = rng.integers(0, 65535, (4, 40), dtype=np.uint16)
+    x[8:12, ::20] = 65535
+    x[12:16, ::2] = 65000
+    model = ibp.analyze(x[16:])
+    return x, ibp.compress(x, model=model, layout=layout)
+
+
+def rebuild(blob, mutate):
+    """Re-serialise a file after ``mutate(header)``, with a valid header CRC,
+    so only the lie itself can be caught."""
+    magic, version, hlen, _, _ = container.PREAMBLE.unpack_from(blob, 0)
+    header = json.loads(blob[24:24 + hlen])
+    data_start = -(-(24 + hlen) // 64) * 64
+    mutate(header)
+    raw = json.dumps(header).encode()
+    start = -(-(24 + len(raw)) // 64) * 64
+    out = container.PREAMBLE.pack(magic, version, len(raw), zlib.crc32(raw), 0) + raw
+    return out + b"\0" * (start - len(out)) + blob[data_start:]
+
+
+@pytest.mark.parametrize("layout", ["packed", "slotted"])
+def test_bytes_roundtrip(layout):
+    x, ct = sample_tensor(layout)
+    back = ibp.CompressedTensor.from_bytes(ct.to_bytes())
+    assert back.layout == layout and back.shape == x.shape
+    assert np.array_equal(ibp.decompress(back), x)
+    assert np.array_equal(ibp.decompress(back, index=[5, -1, 9]), x[[5, -1, 9]])
+    assert back.model == ct.model
+
+
+def test_loaded_arrays_are_read_only_and_buffer_untouched():
+    x, ct = sample_tensor("slotted")
+    blob = bytearray(ct.to_bytes())
+    before = bytes(blob)
+    back = ibp.CompressedTensor.from_bytes(blob)
+    assert not back.payload.flags.writeable
+    back.update_rows([0], x[[1]] + 1)
+    assert bytes(blob) == before
+    assert np.array_equal(ibp.decompress(back, index=[0])[0], x[1] + 1)
+
+
+def test_every_truncation_is_a_format_error():
+    _, ct = sample_tensor()
+    blob = ct.to_bytes()
+    for n in range(len(blob)):
+        with pytest.raises(ibp.FormatError):
+            ibp.CompressedTensor.from_bytes(blob[:n])
+
+
+def test_ten_thousand_bit_flips_raise_only_format_error():
+    x, ct = sample_tensor()
+    blob = ct.to_bytes()
+    rng = np.random.default_rng(0)
+    for trial in range(10_000):
+        b = bytearray(blob)
+        for pos in rng.integers(0, len(b), 1 + trial % 3):
+            b[pos] ^= 1 << int(rng.integers(8))
+        if bytes(b) == blob:
+            continue
+        with pytest.raises(ibp.FormatError):
+            ibp.decompress(ibp.CompressedTensor.from_bytes(bytes(b)))
+
+
+def test_unverified_corruption_never_crashes():
+    """With checksums off, structural checks and the decoder's own bounds
+    checks must still turn any corruption into FormatError or a result."""
+    _, ct = sample_tensor()
+    blob = ct.to_bytes()
+    rng = np.random.default_rng(1)
+    outcomes = {"error": 0, "decoded": 0}
+    for trial in range(3000):
+        b = bytearray(blob)
+        for pos in rng.integers(len(blob) - ct.payload.nbytes - 200, len(b), 1 + trial % 4):
+            b[pos] ^= 1 << int(rng.integers(8))
+        try:
+            ibp.decompress(ibp.CompressedTensor.from_bytes(bytes(b), verify=False))
+            outcomes["decoded"] += 1
+        except ibp.FormatError:
+            outcomes["error"] += 1
+    assert outcomes["error"] > 0
+
+
+@pytest.mark.parametrize("lie", [
+    lambda h: h["tensors"][0].update(shape=[48, 41]),
+    lambda h: h["tensors"][0].update(shape=[480, 40]),
+    lambda h: h["tensors"][0].update(shape=[-1, 40]),
+    lambda h: h["tensors"][0].update(shape=[48.0, 40]),
+    lambda h: h["tensors"][0].update(dtype="float128"),
+    lambda h: h["tensors"][0].update(dtype="int32"),
+    lambda h: h["tensors"][0].update(word_bits=24),
+    lambda h: h["tensors"][0].update(word_bits=True),
+    lambda h: h["tensors"][0].update(unit_words=7),
+    lambda h: h["tensors"][0].update(unit_words=2**40),
+    lambda h: h["tensors"][0].update(period=3),
+    lambda h: h["tensors"][0].update(layout="diagonal"),
+    lambda h: h["tensors"][0].update(payload_bits=h["tensors"][0]["payload_bits"] + 64),
+    lambda h: h["tensors"][0].update(payload_bits=10**30),
+    lambda h: h["tensors"][0].update(index_block=3),
+    lambda h: h["tensors"][0].update(index_rel_bits=8),
+    lambda h: h["tensors"][0]["sections"]["payload"].__setitem__(0, 1),
+    lambda h: h["tensors"][0]["sections"]["payload"].__setitem__(1, 10**12),
+    lambda h: h["tensors"][0]["sections"]["kinds"].__setitem__(0, h["tensors"][0]["sections"]["payload"][0]),
+    lambda h: h["tensors"][0]["sections"].pop("kinds"),
+    lambda h: h["tensors"][0].update(extra=1),
+    lambda h: h["tensors"].append(dict(h["tensors"][0])),
+    lambda h: h.update(metadata={"a": 1}),
+    lambda h: h.update(tensors={}),
+])
+def test_lying_headers_are_rejected(lie):
+    _, ct = sample_tensor()
+    with pytest.raises(ibp.FormatError):
+        bad = rebuild(ct.to_bytes(), lie)
+        ibp.decompress(ibp.CompressedTensor.from_bytes(bad, verify=False))
+
+
+def test_preamble_checks():
+    _, ct = sample_tensor()
+    blob = ct.to_bytes()
+    for bad in (b"NOTIBP00" + blob[8:], blob[:8] + struct.pack("<I", 2) + blob[12:],
+                blob[:12] + struct.pack("<I", 1 << 30) + blob[16:], blob[:16] + b"\0\0\0\0" + blob[20:]):
+        with pytest.raises(ibp.FormatError):
+            ibp.CompressedTensor.from_bytes(bad)
+    with pytest.raises(TypeError):
+        ibp.CompressedTensor.from_bytes("not bytes")
+
+
+@pytest.mark.parametrize("kind", [2, 3])
+def test_lying_unit_headers_with_valid_checksums(kind):
+    """A sparse count or bitmap bit that disagrees with the row index is
+    caught at decode time, even though every checksum is valid."""
+    from ibp.decode import unit_spans
+    x, ct = sample_tensor()
+    units = np.flatnonzero(ct.unit_kinds() == kind)
+    start = int(unit_spans(ct, units[:1])[0][0])
+    forged = ct._replace(payload=ct.payload.copy())
+    forged.payload[start // 64] ^= np.uint64(1 << (start % 64))
+    with pytest.raises(ibp.FormatError, match=f"unit {units[0]}"):
+        ibp.decompress(ibp.CompressedTensor.from_bytes(forged.to_bytes()))
+    with pytest.raises(ibp.FormatError):
+        ibp.decompress(forged, index=[units[0] * ct.geometry.unit_words // ct.geometry.row_words])
+
+
+def test_save_load_single_and_checkpoint(tmp_path):
+    x, ct = sample_tensor()
+    ibp.save(ct, tmp_path / "one.ibp")
+    one = ibp.load(tmp_path / "one.ibp")
+    assert isinstance(one, ibp.CompressedTensor)
+    assert np.array_equal(ibp.decompress(one), x)
+    rng = np.random.default_rng(0)
+    ckpt = {"w": rng.standard_normal((30, 20)).astype(np.float32), "b": np.arange(7, dtype=np.int64),
+            "scalar": np.float64(3.5) * np.ones(()), "c": ct}
+    ibp.save(ckpt, tmp_path / "ckpt.ibp", metadata={"source": "test"})
+    for mmap in (False, True):
+        back = ibp.load(tmp_path / "ckpt.ibp", mmap=mmap)
+        assert sorted(back) == sorted(ckpt)
+        for k, v in ckpt.items():
+            want = x if k == "c" else v
+            got = ibp.decompress(back[k])
+            assert got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == want.tobytes()
+
+
+def test_save_rejects_misuse(tmp_path):
+    with pytest.raises(TypeError):
+        ibp.save([1, 2], tmp_path / "x.ibp")
+    with pytest.raises(TypeError):
+        ibp.save({1: np.zeros(3)}, tmp_path / "x.ibp")
+    with pytest.raises(TypeError):
+        ibp.save({"a": np.zeros(3)}, tmp_path / "x.ibp", metadata={"k": 1})
+    assert not (tmp_path / "x.ibp").exists()

@@ -1,0 +1,62 @@
+"""Round trips and ratios on real tensors (ibp.datasets)."""
+import numpy as np
+import pytest
+
+import ibp
+from ibp import datasets
+
+torch = pytest.importorskip("torch")
+
+
+def as_bytes(t):
+    return t.contiguous().view(torch.uint8).numpy().tobytes() if isinstance(t, torch.Tensor) else t.tobytes()
+
+
+def check(tensors, layouts=("packed", "slotted"), rows=200):
+    rng = np.random.default_rng(0)
+    for name, x in tensors.items():
+        for layout in layouts:
+            ct = ibp.compress(x, layout=layout)
+            assert as_bytes(ibp.decompress(ct)) == as_bytes(x), (name, layout)
+            if x.ndim >= 1 and x.shape[0]:
+                idx = rng.integers(-x.shape[0], x.shape[0], rows)
+                assert as_bytes(ibp.decompress(ct, index=idx)) == as_bytes(x[idx]), (name, layout)
+
+
+def test_cora_is_far_below_a_bit_per_word():
+    x = datasets.load("cora")["features"]
+    check({"cora": x})
+    ct = ibp.compress(x)
+    assert len(ct.to_bytes()) * 8 < 0.25 * x.size  # far under a bit per word
+    assert ct.ratio > 150
+
+
+def test_glove():
+    x = datasets.load("glove-50d")["glove.6B.50d"]
+    check({"glove": x[:100_000]})
+
+
+@pytest.mark.parametrize("name", ["minilm-fp32", "minilm-bf16", "minilm-fp16"])
+def test_minilm_weights(name):
+    weights = datasets.load(name)
+    big = {k: v for k, v in weights.items() if v.shape and v.shape[0] <= 1536}
+    check(big, rows=64)
+
+
+def test_minilm_kv_cache():
+    kv = datasets.load("minilm-kv")
+    check(dict(list(kv.items())[:4]))
+    x = kv["layer0.key"]
+    flat = torch.from_numpy(x).reshape(-1, x.shape[-1])
+    check({"kv-rows": flat}, layouts=("packed",))
+
+
+def test_checkpoint_file_roundtrip(tmp_path):
+    weights = datasets.load("minilm-bf16")
+    ibp.save(weights, tmp_path / "minilm.ibp")
+    back = ibp.load(tmp_path / "minilm.ibp", mmap=True)
+    assert sorted(back) == sorted(weights)
+    for k, v in weights.items():
+        assert as_bytes(ibp.decompress(back[k])) == as_bytes(v), k
+    raw = sum(v.numel() * v.element_size() for v in weights.values())
+    assert (tmp_path / "minilm.ibp").stat().st_size < raw / 1.3
