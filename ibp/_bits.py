@@ -4,6 +4,11 @@ A payload is an array of little-endian uint64 words; bit ``i`` of the stream is
 bit ``i % 64`` of word ``i // 64`` (LSB first).  Every shift here stays below
 64: LLVM treats larger shifts as poison.
 """
+import os
+import threading
+import types as pytypes
+
+import numba
 import numpy as np
 from numba import njit
 from numba.core import types
@@ -86,3 +91,37 @@ def flush_bits(buf, acc, nbits, widx, head_idx, spare):
     """Store the writer's last partial word (after a carry)."""
     if nbits > ZERO:
         buf[spare if widx == head_idx else widx] = acc
+
+
+PARALLEL_MIN_WORDS = 1 << 16
+
+# GNU OpenMP kills processes forked after it ran (DataLoader workers); the
+# fork-safe layers do not.  Parallel launches are serialised because some
+# layers (workqueue) abort when two Python threads launch at once.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "forksafe"
+_LAUNCH = threading.Lock()
+
+
+class Kernel:
+    """A numba kernel compiled twice, with and without threads.
+
+    Waking numba's threads costs tens of microseconds (milliseconds on a busy
+    machine), more than small calls take: a gather of a few rows or a bias
+    vector runs serially, a big tensor in parallel.  Call as
+    ``kernel(words_of_work, *args)``.
+    """
+
+    def __init__(self, fn):
+        self.parallel = njit(parallel=True, cache=True)(fn)
+        serial = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                      fn.__defaults__, fn.__closure__)
+        serial.__qualname__ = fn.__qualname__ + "_serial"  # its own numba cache file
+        self.serial = njit(cache=True)(serial)
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, work, *args):
+        if work < PARALLEL_MIN_WORDS or numba.get_num_threads() == 1:
+            return self.serial(*args)
+        with _LAUNCH:
+            return self.parallel(*args)

@@ -17,11 +17,11 @@ import numpy as np
 from numba import njit, prange
 
 from . import codec
-from ._bits import ONE, U64, ZERO, ctz, low_mask
+from ._bits import ONE, U64, ZERO, Kernel, ctz, low_mask
 from .geometry import Geometry, periods, word_widths as fitting_widths
 from .model import Model
 
-SAMPLE_BYTES = (1 << 15, 1 << 18)  # bytes of units sampled: at least, at most
+SAMPLE_BYTES = (1 << 14, 1 << 18)  # bytes of units sampled: at least, at most
 SAMPLE_SHARE = 32             # ... and otherwise 1/32 of the tensor
 MIN_PER_COLUMN = 32           # sampled words a column needs to be learned
 MAX_PER_COLUMN = 4096         # sampled words a column is learned from at most
@@ -99,7 +99,7 @@ def _best_levels(v, W, prices):
     return lo, hi, base
 
 
-@njit(parallel=True, cache=True)
+@Kernel
 def _learn_columns(samples, W, prices, lo, hi, base):
     """Fill lo/hi/base ``[len(prices), 2, period]``: per price, the primary
     level and the secondary level learned on the primary's exceptions."""
@@ -129,7 +129,7 @@ def learn(samples, word_bits, prices=EXCEPTION_PRICES):
     lo = np.zeros((prices.size, 2, p), np.uint8)
     hi = np.zeros((prices.size, 2, p), np.uint8)
     base = np.zeros((prices.size, 2, p), np.uint64)
-    _learn_columns(np.ascontiguousarray(samples, dtype=np.uint64), word_bits, prices, lo, hi, base)
+    _learn_columns(samples.size * p, np.ascontiguousarray(samples, dtype=np.uint64), word_bits, prices, lo, hi, base)
     return [Model(word_bits, lo[e], hi[e], base[e]) for e in range(prices.size)]
 
 
@@ -139,7 +139,7 @@ def encoded_bits(words, model, unit_words):
     n = words.shape[0] // unit_words
     kinds = np.empty(n, np.uint8)
     sizes = np.empty(n, np.int64)
-    codec.classify_units(words, words[:0], t0, t1, model.word_bits, model.period, unit_words, fbits, kinds, sizes)
+    codec.classify_units(words.size, words, words[:0], t0, t1, model.word_bits, model.period, unit_words, fbits, kinds, sizes)
     return int(sizes.sum())
 
 
@@ -158,20 +158,27 @@ def _sample_units(data, geom, rng):
 
 
 def candidates(shape, itemsize, word_bits=None):
-    """(word width, period) pairs to try.  On real data the element's own
-    width wins, with any period; half of it wins only when the low half is
-    padding (bf16 values stored as float32), which one period shows."""
+    """(word width, period) pairs to try, best guess first.  On real data
+    the element's own width wins, with any period; half of it only when the
+    low half is padding (bf16 values stored as float32): see ``_try_half``."""
     fit = fitting_widths(shape, itemsize)
     if word_bits:
         fit = [word_bits] if word_bits in fit else []
     if not fit:
         raise ValueError(f"no word width fits shape {shape} with {itemsize}-byte elements"
                          + (f" (asked for {word_bits})" if word_bits else ""))
-    native, *half = fit[::-1]
-    out = [(native, p) for p in periods(shape, itemsize, native, Geometry.choose(shape, itemsize, native).unit_words)]
-    if half and not word_bits:
-        out.append((half[0], itemsize * 8 // half[0]))
-    return out
+    W = fit[-1]
+    return [(W, p) for p in periods(shape, itemsize, W, Geometry.choose(shape, itemsize, W).unit_words)]
+
+
+def _try_half(model, itemsize):
+    """The half-width candidate, if the full-width model fixes the low half
+    of most columns."""
+    W = model.word_bits
+    low_fixed = (model.lo[0] == 0) & (model.hi[0] >= W // 2)
+    if W > 8 and low_fixed.mean() > 0.5:
+        return [(W // 2, itemsize * 8 // (W // 2))]
+    return []
 
 
 def analyze_bytes(data, shape, itemsize, word_bits=None):
@@ -185,7 +192,9 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
         return Model.empty(cands[0][0])
     best = None
     samples = {}
-    for W, p in cands:
+    tried_half = bool(word_bits)
+    while cands:
+        W, p = cands.pop(0)
         geom = Geometry.choose(shape, itemsize, W)
         if W not in samples:
             units = _sample_units(data, geom, np.random.default_rng(0)).view(f"<u{W // 8}")
@@ -199,6 +208,9 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
             cost = encoded_bits(test, model, geom.unit_words) * scale + model_bits(model)
             if best is None or cost < best[0]:
                 best = (cost, model)
+            if not tried_half:
+                cands += _try_half(model, itemsize)
+                tried_half = True
     return best[1]
 
 

@@ -11,7 +11,7 @@ one cache line.
 import numpy as np
 from numba import njit, prange
 
-from ._bits import ONE, U64, ZERO, ctz, flush_bits, put_bits, read_bits
+from ._bits import ONE, U64, ZERO, Kernel, ctz, flush_bits, put_bits, read_bits
 
 RAW, ALL, SPARSE, BITMAP = 0, 1, 2, 3
 # Fields of a level table row.
@@ -106,7 +106,7 @@ def classify_unit(src, off, t0, t1, W, p, U, fbits):
     return kind, best
 
 
-@njit(parallel=True, cache=True)
+@Kernel
 def classify_units(x, tail, t0, t1, W, p, U, fbits, kinds, sizes):
     """Kind and bit size of every unit; ``tail`` holds a zero-padded last unit."""
     n = kinds.shape[0]
@@ -188,7 +188,7 @@ def encode_unit(src, off, kind, t0, t1, W, p, U, fbits, colof, exc, flag,
     return acc, nb, widx
 
 
-@njit(parallel=True, cache=True)
+@Kernel
 def encode_packed(x, tail, t0, t1, W, p, U, fbits, colof, kinds, starts, chunks, buf, spares):
     """Write units back to back; ``chunks`` splits the units among threads.
 
@@ -216,7 +216,7 @@ def encode_packed(x, tail, t0, t1, W, p, U, fbits, colof, kinds, starts, chunks,
         flush_bits(buf, acc, nb, widx, head_idx, spare)
 
 
-@njit(parallel=True, cache=True)
+@Kernel
 def encode_slotted(x, tail, t0, t1, W, p, U, fbits, colof, kinds, slots, slot_words, buf):
     """Write unit ``i`` of ``x`` into slot ``slots[i]``; zero the slot's rest."""
     n = kinds.shape[0]
@@ -343,7 +343,7 @@ def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, co
     return OK
 
 
-@njit(parallel=True, cache=True)
+@Kernel
 def decode_jobs(words, t0, t1, W, p, U, fbits, ptot, colof, exact,
                 jstart, jend, jkind, jsrc, jlen, jdst, out, status, nchunks):
     """Decode a list of jobs: unit at bits [jstart, jend) of kind jkind, whose

@@ -4,6 +4,7 @@ import numba
 import numpy as np
 
 from . import codec
+from ._bits import PARALLEL_MIN_WORDS
 from .encode import column_of, unpack_kinds
 from .errors import FormatError
 
@@ -83,9 +84,11 @@ def _run(ct, units, src, length, dst, out_bytes):
     g = ct.geometry
     out = out_bytes.view(f"<u{g.word_bits // 8}")
     status = np.zeros(units.size, np.int8)
-    codec.decode_jobs(ct.payload, t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot, column_of(g, model),
-                      ct.layout == "packed", starts, ends, kinds, src, length, dst, out, status,
-                      min(units.size, 8 * numba.get_num_threads()))
+    work = int(length.sum())
+    nchunks = min(units.size, 8 * numba.get_num_threads()) if work >= PARALLEL_MIN_WORDS else 1
+    codec.decode_jobs(work, ct.payload, t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
+                      column_of(g, model), ct.layout == "packed", starts, ends, kinds, src, length, dst, out,
+                      status, nchunks)
     if status.any():
         i = int(np.flatnonzero(status)[0])
         raise FormatError(f"unit {units[i]}: {codec.ERRORS[int(status[i])]}")

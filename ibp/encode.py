@@ -3,6 +3,7 @@ import numba
 import numpy as np
 
 from . import codec
+from ._bits import PARALLEL_MIN_WORDS
 
 MAX_BLOCK = 1 << 16
 
@@ -29,7 +30,7 @@ def classify(words, tail, geom, model):
     t0, t1, fbits, _ = model.tables
     kinds = np.empty(words.size // geom.unit_words + (tail.size > 0), np.uint8)
     sizes = np.empty(kinds.size, np.int64)
-    codec.classify_units(words, tail, t0, t1, geom.word_bits, model.period, geom.unit_words, fbits, kinds, sizes)
+    codec.classify_units(words.size + tail.size, words, tail, t0, t1, geom.word_bits, model.period, geom.unit_words, fbits, kinds, sizes)
     return kinds, sizes
 
 
@@ -80,12 +81,12 @@ def encode_packed(data, geom, model):
     nwords = -(-total // 64) + 1  # + the spare zero word
     if not kinds.size:
         return pack_kinds(kinds), np.zeros(nwords, np.uint64), total, build_index(starts[:-1])
-    nchunks = min(kinds.size, 4 * numba.get_num_threads())
+    nchunks = min(kinds.size, 4 * numba.get_num_threads()) if geom.total_words >= PARALLEL_MIN_WORDS else 1
     chunks = np.linspace(0, kinds.size, nchunks + 1).astype(np.int64)
     spares = nwords + np.arange(nchunks)
     buf = np.zeros(nwords + nchunks, np.uint64)
     t0, t1, fbits, _ = model.tables
-    codec.encode_packed(body, tail, t0, t1, geom.word_bits, model.period, geom.unit_words, fbits,
+    codec.encode_packed(geom.total_words, body, tail, t0, t1, geom.word_bits, model.period, geom.unit_words, fbits,
                         column_of(geom, model), kinds, starts, chunks, buf, spares)
     np.bitwise_or.at(buf, starts[chunks[:-1]] >> 6, buf[spares])
     buf = buf[:nwords]
@@ -104,7 +105,7 @@ def encode_slots(data, geom, model, slots, buf):
     body = words[:words.size - used]
     kinds, _ = classify(body, tail, geom, model)
     t0, t1, fbits, _ = model.tables
-    codec.encode_slotted(body, tail, t0, t1, geom.word_bits, model.period, geom.unit_words, fbits,
+    codec.encode_slotted(words.size, body, tail, t0, t1, geom.word_bits, model.period, geom.unit_words, fbits,
                          column_of(geom, model), kinds, np.asarray(slots, np.int64), geom.slot_words, buf)
     return kinds
 
