@@ -240,60 +240,45 @@ def encode_slotted(x, tail, t0, t1, W, p, U, fbits, colof, kinds, slots, slot_wo
 
 
 @njit
-def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, colof,
-                out, o, exc, flag):
-    """Decode the unit at bits [start, end) into ``out[o:o+U]``.
+def parse_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, colof, exc, flag):
+    """Read a unit's structure without decoding its words.
 
-    The encoding must end exactly at ``end`` when ``exact`` (packed layout)
-    or within it (slotted).  Sizes are checked before any payload bit is
-    read, so every read stays inside [start, end).
+    Returns (status, k, matched start, exceptions start, stop): the ``k``
+    exception positions and flags land in ``exc``/``flag``.  The encoding
+    must end exactly at ``end`` when ``exact`` (packed layout) or within it
+    (slotted).  Sizes are checked before any payload bit is read, so every
+    later read stays inside [start, end).
     """
-    wmask = mask_of(W)
     Wu = U64(W)
     pos = U64(start)
     end = U64(end)
-    if kind == RAW:
-        stop = pos + U64(U * W)
-        if stop > end or (exact and stop != end):
-            return ERR_SIZE
-        for j in range(U):
-            out[o + j] = read_bits(words, pos, wmask)
-            pos += Wu
-        return OK
-    if kind == ALL:
-        stop = pos + U64((U // p) * ptot)
-        if stop > end or (exact and stop != end):
-            return ERR_SIZE
-        c = 0
-        for j in range(U):
-            out[o + j] = restore(read_bits(words, pos, t0[c, WMASK]), t0, c, wmask)
-            pos += t0[c, WIDTH]
-            c += 1
-            if c == p:
-                c = 0
-        return OK
+    if kind == RAW or kind == ALL:
+        exc[0] = U
+        stop = pos + U64(U * W if kind == RAW else (U // p) * ptot)
+        status = ERR_SIZE if stop > end or (exact and stop != end) else OK
+        return status, 0, pos, stop, stop
     pbits, kmax, kbits = unit_geometry(U)
     if kind == SPARSE:
         if pos + U64(kbits) > end:
-            return ERR_SIZE
+            return ERR_SIZE, 0, pos, pos, pos
         k = np.int64(read_bits(words, pos, mask_of(kbits)))
         pos += U64(kbits)
         if k > kmax:
-            return ERR_COUNT
+            return ERR_COUNT, 0, pos, pos, pos
         if pos + U64(k * pbits) > end:
-            return ERR_SIZE
+            return ERR_SIZE, 0, pos, pos, pos
         prev = -1
         pmask = mask_of(pbits)
         for e in range(k):
             q = np.int64(read_bits(words, pos, pmask))
             pos += U64(pbits)
             if q <= prev or q >= U:
-                return ERR_POSITION
+                return ERR_POSITION, 0, pos, pos, pos
             exc[e] = q
             prev = q
     else:
         if pos + U64(U) > end:
-            return ERR_SIZE
+            return ERR_SIZE, 0, pos, pos, pos
         k = 0
         for j0 in range(0, U, 64):
             n = min(64, U - j0)
@@ -303,6 +288,7 @@ def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, co
                 exc[k] = j0 + ctz(word)
                 k += 1
                 word &= word - ONE
+    exc[k] = U
     matched = U64((U // p) * ptot)
     for e in range(k):
         matched -= t0[colof[exc[e]], WIDTH]
@@ -310,16 +296,32 @@ def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, co
     fstart = mstart + matched
     xstart = fstart + U64(k * fbits)
     if xstart > end:
-        return ERR_SIZE
+        return ERR_SIZE, 0, pos, pos, pos
     stop = xstart
     for e in range(k):
         f = np.uint8(read_bits(words, fstart + U64(e), ONE)) if fbits else np.uint8(0)
         flag[e] = f
         stop += t1[colof[exc[e]], WIDTH] if f else Wu
-    if stop > end or (exact and stop != end):
-        return ERR_SIZE
-    exc[k] = U
-    pos = mstart
+    status = ERR_SIZE if stop > end or (exact and stop != end) else OK
+    return status, k, mstart, xstart, stop
+
+
+@njit
+def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, colof,
+                out, o, exc, flag):
+    """Decode the unit at bits [start, end) into ``out[o:o+U]``, after
+    ``parse_unit`` checked it; returns its status."""
+    status, k, pos, xstart, _ = parse_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot,
+                                           colof, exc, flag)
+    if status != OK:
+        return status
+    wmask = mask_of(W)
+    Wu = U64(W)
+    if kind == RAW:
+        for j in range(U):
+            out[o + j] = read_bits(words, pos, wmask)
+            pos += Wu
+        return OK
     e = 0
     c = 0
     for j in range(U):
@@ -341,6 +343,18 @@ def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, co
             out[o + exc[e]] = read_bits(words, pos, wmask)
             pos += Wu
     return OK
+
+
+@Kernel
+def unit_sizes(words, t0, t1, W, p, U, fbits, ptot, colof, exact, starts, ends, kinds, sizes):
+    """Encoded size in bits of every unit (-status for a malformed one)."""
+    n = starts.shape[0]
+    for u in prange(n):
+        exc = np.empty(U + 1, np.int64)
+        flag = np.empty(U, np.uint8)
+        status, _, _, _, stop = parse_unit(words, starts[u], ends[u], exact, kinds[u], t0, t1, W, p, U, fbits,
+                                           ptot, colof, exc, flag)
+        sizes[u] = np.int64(stop) - starts[u] if status == OK else -status
 
 
 @Kernel

@@ -92,3 +92,18 @@ def _run(ct, units, src, length, dst, out_bytes):
     if status.any():
         i = int(np.flatnonzero(status)[0])
         raise FormatError(f"unit {units[i]}: {codec.ERRORS[int(status[i])]}")
+
+
+def unit_bits(ct):
+    """Encoded size in bits of every unit (FormatError for a malformed one)."""
+    g, model = ct.geometry, ct.model
+    units = np.arange(g.nunits)
+    starts, ends, kinds = unit_spans(ct, units)
+    t0, t1, fbits, ptot = model.tables
+    sizes = np.empty(units.size, np.int64)
+    codec.unit_sizes(g.total_words, ct.payload, t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
+                     column_of(g, model), ct.layout == "packed", starts, ends, kinds, sizes)
+    if units.size and sizes.min() < 0:
+        i = int(np.argmin(sizes))
+        raise FormatError(f"unit {i}: {codec.ERRORS[int(-sizes[i])]}")
+    return sizes

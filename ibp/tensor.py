@@ -4,7 +4,7 @@ import math
 import numpy as np
 
 from . import dtypes
-from .decode import decode_units, normalize_index
+from .decode import decode_units, normalize_index, unit_bits
 from .encode import encode_slots, unpack_kinds
 
 
@@ -72,6 +72,14 @@ class CompressedTensor:
     @property
     def ratio(self):
         return self.raw_nbytes / self.nbytes
+
+    @property
+    def transfer_nbytes(self):
+        """Bytes a full GPU decode reads: ``nbytes`` for the packed layout; for
+        the slotted one only each unit's encoded prefix, not its whole slot."""
+        if self.layout == "packed":
+            return self.nbytes
+        return int(((unit_bits(self) + 7) // 8).sum()) + self.nbytes - self.payload.nbytes
 
     def unit_kinds(self):
         """Kind of every unit (0 raw, 1 all-match, 2 sparse, 3 bitmap)."""
