@@ -4,4 +4,11 @@
   workers and decode them on the GPU (CompressingCollate, DeviceLoader).
 * ``ibp.integrations.embedding``: CompressedEmbedding and
   CompressedEmbeddingBag, drop-in for torch.nn.Embedding / EmbeddingBag.
+* ``ibp.integrations.gnn``: CompressedFeatureStore for torch_geometric's
+  NeighborLoader, and ``gather`` for DGL-style feature fetches.
+* ``ibp.integrations.llm``: ``offload`` of model weights and
+  CompressedKVCache for transformers ``generate()``.
+
+Each module imports only what it integrates with (torch, torch_geometric,
+transformers), so importing one never requires the others.
 """
