@@ -1,0 +1,195 @@
+"""The codecs the benchmark compares, behind one small interface.
+
+Every codec has a ``name`` and ``compress(x) -> obj``, ``decompress(obj) ->
+array`` and ``size(obj) -> bytes``; ``prepare(x)`` does untimed per-tensor
+set-up (only ibp with a reused model needs it), ``jit`` says a warm-up pass
+is needed before timing (numba compiles on first call), and ``details(objs)``
+adds codec-specific totals to the results.  Inputs are numpy arrays or CPU
+torch tensors; outputs are numpy arrays with the same bytes, dtype and shape.
+Everything runs on one thread: the byte codecs are asked for one, and
+``single_threaded()`` pins numba (ibp and the reference) to one.
+"""
+from contextlib import contextmanager
+
+import blosc2
+import lz4.frame
+import numba
+import numpy as np
+import zstandard
+
+import ibp
+from ibp import dtypes
+
+from . import reference
+
+BLOSC2_CLEVEL = 5                 # blosc2's own default level
+BLOSC2_CHUNK = 1 << 30            # blosc2 takes at most ~2 GiB per call
+
+
+def as_numpy(x):
+    """A numpy view of a numpy array or CPU torch tensor (bf16/fp8 through
+    ml_dtypes), so every codec sees the same bytes."""
+    if isinstance(x, np.ndarray):
+        return x
+    data, name, shape, _ = dtypes.as_bytes(x)
+    return data.view(dtypes.numpy_dtype(name)).reshape(shape)
+
+
+def raw_bytes(x):
+    """The C-order bytes of an array, as a flat uint8 array."""
+    return np.ascontiguousarray(as_numpy(x)).reshape(-1).view(np.uint8)
+
+
+@contextmanager
+def single_threaded():
+    """Run numba kernels on one thread inside the block."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+class Codec:
+    name = ""
+    jit = False
+
+    def prepare(self, x):
+        pass
+
+    def details(self, objs):
+        return {}
+
+
+class _ByteCodec(Codec):
+    """A general-purpose byte compressor applied to a tensor's raw bytes."""
+
+    def compress(self, x):
+        x = as_numpy(x)
+        return self._pack(raw_bytes(x)), x.dtype, x.shape
+
+    def decompress(self, obj):
+        packed, dtype, shape = obj
+        return np.frombuffer(self._unpack(packed), np.uint8).view(dtype).reshape(shape)
+
+    def size(self, obj):
+        return self._size(obj[0])
+
+    def _size(self, packed):
+        return len(packed)
+
+
+class Zstd(_ByteCodec):
+    def __init__(self, level):
+        self.name = f"zstd-{level}"
+        self._c = zstandard.ZstdCompressor(level=level, threads=0)
+        self._d = zstandard.ZstdDecompressor()
+
+    def _pack(self, data):
+        return self._c.compress(data)
+
+    def _unpack(self, packed):
+        return self._d.decompress(packed)
+
+
+class Lz4(_ByteCodec):
+    name = "lz4"
+
+    def _pack(self, data):
+        return lz4.frame.compress(data)
+
+    def _unpack(self, packed):
+        return lz4.frame.decompress(packed)
+
+
+class Blosc2(_ByteCodec):
+    """blosc2: bitshuffle then zstd, typesize = the element size."""
+    name = "blosc2"
+
+    def compress(self, x):
+        x = as_numpy(x)
+        params = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=BLOSC2_CLEVEL, typesize=x.dtype.itemsize,
+                                filters=[blosc2.Filter.BITSHUFFLE], filters_meta=[0], nthreads=1)
+        data = raw_bytes(x)
+        step = BLOSC2_CHUNK - BLOSC2_CHUNK % x.dtype.itemsize
+        chunks = [blosc2.compress2(data[i:i + step], cparams=params) for i in range(0, data.size, step)]
+        return chunks, x.dtype, x.shape
+
+    def _unpack(self, chunks):
+        params = blosc2.DParams(nthreads=1)
+        return b"".join(blosc2.decompress2(c, dparams=params) for c in chunks)
+
+    def _size(self, chunks):
+        return sum(len(c) for c in chunks)
+
+
+class Ibp(Codec):
+    """ibp, learning the model from each tensor; size = the whole ibp file."""
+    name = "ibp"
+    jit = True
+
+    def compress(self, x):
+        return ibp.compress(as_numpy(x))
+
+    def decompress(self, ct):
+        return ibp.decompress(ct)
+
+    def size(self, ct):
+        return len(ct.to_bytes())
+
+    def details(self, cts):
+        return {"decode_bytes": sum(ct.nbytes for ct in cts)}
+
+
+class IbpModelReuse(Ibp):
+    """ibp with the model learned beforehand (``prepare``, untimed), as when
+    a model is reused for new tensors of the same kind."""
+    name = "ibp-model-reuse"
+
+    def __init__(self):
+        self._models = {}
+
+    def prepare(self, x):
+        x = as_numpy(x)
+        self._models[id(x)] = (x, ibp.analyze(x))
+
+    def compress(self, x):
+        x = as_numpy(x)
+        seen, model = self._models.get(id(x), (None, None))
+        if seen is not x:
+            raise ValueError("prepare(x) must be called on this tensor before compress(x)")
+        return ibp.compress(x, model=model)
+
+
+class Reference(Codec):
+    """The reference algorithm (bench/reference.py), per tensor with the
+    better of 32/64-bit words; size = bytes moved."""
+    name = "reference"
+    jit = True
+
+    def compress(self, x):
+        return reference.compress(as_numpy(x))
+
+    def decompress(self, rt):
+        return reference.decompress(rt)
+
+    def size(self, rt):
+        return rt.nbytes
+
+    def details(self, rts):
+        """Totals with every tensor on int32 words, and with int64 wherever a
+        row is whole 8-byte words (int32 elsewhere); raw where neither fits."""
+        def total(order):
+            return sum(next((rt.candidates[w] for w in order if w in rt.candidates), rt.slots.nbytes)
+                       for rt in rts)
+        return {"int32_bytes": total((32,)), "int64_bytes": total((64, 32)),
+                "raw_tensors": sum(rt.word_bits is None for rt in rts)}
+
+
+def all_codecs():
+    """One of each codec compared, in table order."""
+    return [Ibp(), IbpModelReuse(), Reference(), Zstd(3), Zstd(19), Lz4(), Blosc2()]
+
+
+NAMES = tuple(c.name for c in all_codecs())

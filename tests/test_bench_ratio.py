@@ -1,0 +1,77 @@
+"""The ratio benchmark on the small Cora dataset: structure, exact round
+trips of every codec, and a table that says what the JSON says."""
+import json
+import re
+
+import numpy as np
+import pytest
+
+from ibp.bench import codecs, plot, ratio
+
+
+@pytest.fixture(scope="module")
+def results():
+    return ratio.run(["cora"], repeats=1)
+
+
+def test_structure(results):
+    assert set(results) == {"machine", "settings", "datasets", "summary"}
+    m = results["machine"]
+    assert m["cpu"] and m["cores"] >= 1 and m["date"]
+    assert {"python", "numpy", "numba", "torch"} <= set(m["versions"])
+    assert list(results["datasets"]) == ["cora"]
+    cora = results["datasets"]["cora"]
+    assert cora["tensors"] == 1 and cora["raw_bytes"] == 2708 * 1433 * 4
+    assert list(cora["codecs"]) == list(codecs.NAMES)
+    for name, e in cora["codecs"].items():
+        assert e["bytes"] > 0, name
+        assert e["ratio"] == round(cora["raw_bytes"] / e["bytes"], 4), name
+        assert e["compress_mb_s"] > 0 and e["decompress_mb_s"] > 0, name
+    json.dumps(results)  # JSON-ready
+
+
+def test_every_codec_round_trips_exactly(results):
+    assert all(e["exact"] is True for e in results["datasets"]["cora"]["codecs"].values())
+
+
+def test_reference_and_summary(results):
+    c = results["datasets"]["cora"]["codecs"]
+    assert c["ibp"]["bytes"] == c["ibp-model-reuse"]["bytes"]
+    assert c["reference"]["bytes"] == c["reference"]["int32_bytes"]  # 1433-word rows: int64 does not fit
+    assert 21.5 < c["reference"]["ratio"] < 22.7
+    s = results["summary"]
+    assert s["per_dataset"]["cora"] == {
+        "ibp_bytes": c["ibp"]["bytes"], "reference_bytes": c["reference"]["bytes"],
+        "reference_over_ibp": round(c["reference"]["bytes"] / c["ibp"]["bytes"], 4)}
+    assert s["geomean_reference_over_ibp"] == s["per_dataset"]["cora"]["reference_over_ibp"]
+
+
+def test_table_numbers_equal_json(results):
+    table = ratio.format_table(results)
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| cora |")]
+    assert [r[1].strip() for r in rows] == list(codecs.NAMES)
+    for r in rows:
+        e = results["datasets"]["cora"]["codecs"][r[1].strip()]
+        assert float(r[2]) == e["ratio"]
+        assert float(r[3]) == e["compress_mb_s"] and float(r[4]) == e["decompress_mb_s"]
+        assert r[5].strip() == "yes"
+    p = results["summary"]["per_dataset"]["cora"]
+    line = next(line for line in table.splitlines() if line.startswith("- cora:"))
+    numbers = [float(n.replace(",", "")) for n in re.findall(r"[\d,]+(?:\.\d+)?", line)]
+    assert numbers == [p["ibp_bytes"], p["reference_bytes"], p["reference_over_ibp"]]
+
+
+def test_plot_writes_a_png(results, tmp_path):
+    path = plot.plot_ratio_speed(results, tmp_path / "r.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_users_own_file(tmp_path):
+    x = np.arange(96, dtype=np.float32).reshape(8, 12)
+    np.savez(tmp_path / "mine.npz", a=x, b=x[:, :3].astype(np.float16))
+    r = ratio.run(data=tmp_path / "mine.npz", repeats=1)
+    d = r["datasets"]["mine.npz"]
+    assert d["tensors"] == 2 and d["raw_bytes"] == x.nbytes + 8 * 3 * 2
+    assert all(e["exact"] for e in d["codecs"].values())
+    with pytest.raises(ValueError):
+        ratio.load_file(tmp_path / "mine.txt")
