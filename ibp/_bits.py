@@ -70,27 +70,26 @@ def read_bits(words, pos, mask):
 
 
 @njit(inline="always")
-def put_bits(buf, acc, nbits, widx, head_idx, spare, value, width):
+def put_bits(buf, acc, nbits, widx, value, width):
     """Append ``width`` (0..64) bits of ``value`` to a sequential writer.
 
     The writer state is ``(acc, nbits, widx)``, all uint64: ``nbits`` (< 64)
-    pending bits in ``acc``, stored at ``buf[widx]`` after every append.  The
-    word ``head_idx`` is shared with another writer, so it is stored at
-    ``buf[spare]`` instead and OR-ed in later.
+    pending bits in ``acc``, stored at ``buf[widx]`` after every append (a
+    store is cheaper than a branch).
     """
     acc |= value << nbits
     total = nbits + width
-    buf[spare if widx == head_idx else widx] = acc
+    buf[widx] = acc
     full = total >> U64(6)
     carry = (value >> ONE) >> (U64(63) - nbits)
     return (carry if full else acc), total & U64(63), widx + full
 
 
 @njit(inline="always")
-def flush_bits(buf, acc, nbits, widx, head_idx, spare):
+def flush_bits(buf, acc, nbits, widx):
     """Store the writer's last partial word (after a carry)."""
     if nbits > ZERO:
-        buf[spare if widx == head_idx else widx] = acc
+        buf[widx] = acc
 
 
 PARALLEL_MIN_WORDS = 1 << 16

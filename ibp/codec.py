@@ -119,25 +119,40 @@ def classify_units(x, tail, t0, t1, W, p, U, fbits, kinds, sizes):
         sizes[u] = size
 
 
+@njit(inline="always")
+def encode_run(src, off, j0, j1, t, p, colof, buf, acc, nb, widx):
+    """Append the residuals of words j0..j1-1 of a unit, all matching level
+    ``t``; returns the writer state.  One column keeps its parameters in
+    registers (see decode_run)."""
+    if p == 1:
+        base, low, high, sh1, sh2, width = t[0, BASE], t[0, LOW], t[0, HIGH], t[0, SH1], t[0, SH2], t[0, WIDTH]
+        for j in range(j0, j1):
+            y = U64(src[off + j]) - base
+            v = (y & low) | (((y & high) >> sh1) >> sh2)
+            acc, nb, widx = put_bits(buf, acc, nb, widx, v, width)
+        return acc, nb, widx
+    c = colof[j0] if j0 < j1 else 0
+    for j in range(j0, j1):
+        v = residual(U64(src[off + j]), t, c)
+        acc, nb, widx = put_bits(buf, acc, nb, widx, v, t[c, WIDTH])
+        c += 1
+        if c == p:
+            c = 0
+    return acc, nb, widx
+
+
 @njit
 def encode_unit(src, off, kind, t0, t1, W, p, U, fbits, colof, exc, flag,
-                buf, acc, nb, widx, head_idx, spare):
+                buf, acc, nb, widx):
     """Append one unit to a writer (state: uint64 acc, nb, widx); returns
     the new state."""
     Wu = U64(W)
     if kind == RAW:
         for j in range(U):
-            acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, U64(src[off + j]), Wu)
+            acc, nb, widx = put_bits(buf, acc, nb, widx, U64(src[off + j]), Wu)
         return acc, nb, widx
     if kind == ALL:
-        c = 0
-        for j in range(U):
-            v = residual(U64(src[off + j]), t0, c)
-            acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, v, t0[c, WIDTH])
-            c += 1
-            if c == p:
-                c = 0
-        return acc, nb, widx
+        return encode_run(src, off, 0, U, t0, p, colof, buf, acc, nb, widx)
     pbits, kmax, kbits = unit_geometry(U)
     k = 0
     c = 0
@@ -151,9 +166,9 @@ def encode_unit(src, off, kind, t0, t1, W, p, U, fbits, colof, exc, flag,
         if c == p:
             c = 0
     if kind == SPARSE:
-        acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, U64(k), U64(kbits))
+        acc, nb, widx = put_bits(buf, acc, nb, widx, U64(k), U64(kbits))
         for e in range(k):
-            acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, U64(exc[e]), U64(pbits))
+            acc, nb, widx = put_bits(buf, acc, nb, widx, U64(exc[e]), U64(pbits))
     else:
         e = 0
         for j0 in range(0, U, 64):
@@ -162,76 +177,88 @@ def encode_unit(src, off, kind, t0, t1, W, p, U, fbits, colof, exc, flag,
             while e < k and exc[e] < j0 + n:
                 word |= ONE << U64(exc[e] - j0)
                 e += 1
-            acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, word, U64(n))
+            acc, nb, widx = put_bits(buf, acc, nb, widx, word, U64(n))
     exc[k] = U
-    e = 0
-    c = 0
-    for j in range(U):
-        if exc[e] == j:
-            e += 1
-        else:
-            v = residual(U64(src[off + j]), t0, c)
-            acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, v, t0[c, WIDTH])
-        c += 1
-        if c == p:
-            c = 0
+    j = 0
+    for e in range(k + 1):
+        acc, nb, widx = encode_run(src, off, j, exc[e], t0, p, colof, buf, acc, nb, widx)
+        j = exc[e] + 1
     if fbits:
         for e in range(k):
-            acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, U64(flag[e]), ONE)
+            acc, nb, widx = put_bits(buf, acc, nb, widx, U64(flag[e]), ONE)
     for e in range(k):
         x = U64(src[off + exc[e]])
         if flag[e]:
             c = colof[exc[e]]
-            acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, residual(x, t1, c), t1[c, WIDTH])
+            acc, nb, widx = put_bits(buf, acc, nb, widx, residual(x, t1, c), t1[c, WIDTH])
         else:
-            acc, nb, widx = put_bits(buf, acc, nb, widx, head_idx, spare, x, Wu)
+            acc, nb, widx = put_bits(buf, acc, nb, widx, x, Wu)
     return acc, nb, widx
 
 
-@Kernel
-def encode_packed(x, tail, t0, t1, W, p, U, fbits, colof, kinds, starts, chunks, buf, spares):
-    """Write units back to back; ``chunks`` splits the units among threads.
+@njit(inline="always")
+def encode_next(x, tail, u, n, t0, t1, W, p, U, fbits, colof, exc, flag, buf, acc, nb, widx):
+    """Classify unit ``u`` (the zero-padded ``tail`` when it is the last and
+    ``tail`` is not empty) and append it; returns (kind, size, writer)."""
+    if u == n - 1 and tail.shape[0] > 0:
+        kind, size = classify_unit(tail, 0, t0, t1, W, p, U, fbits)
+        acc, nb, widx = encode_unit(tail, 0, kind, t0, t1, W, p, U, fbits, colof, exc, flag, buf, acc, nb, widx)
+    else:
+        kind, size = classify_unit(x, u * U, t0, t1, W, p, U, fbits)
+        acc, nb, widx = encode_unit(x, u * U, kind, t0, t1, W, p, U, fbits, colof, exc, flag, buf, acc, nb, widx)
+    return kind, size, acc, nb, widx
 
-    Each chunk owns every word it touches except its first, which it shares
-    with the previous chunk: that word is written to ``buf[spares[ch]]`` and
-    OR-ed in by the caller.
-    """
+
+@Kernel
+def encode_chunks(x, tail, t0, t1, W, p, U, fbits, colof, chunks, first_word, buf, kinds, sizes):
+    """Encode the units of chunk ``ch`` back to back from word
+    ``first_word[ch]`` of ``buf``, a region big enough for them raw; record
+    each unit's kind and bit size.  ``compact`` then closes the gaps."""
     n = kinds.shape[0]
     for ch in prange(chunks.shape[0] - 1):
         exc = np.empty(U + 1, np.int64)
         flag = np.empty(U, np.uint8)
-        u0 = chunks[ch]
-        spare = U64(spares[ch])
-        head_idx = U64(starts[u0]) >> U64(6)
         acc = ZERO
-        nb = U64(starts[u0]) & U64(63)
-        widx = head_idx
-        for u in range(u0, chunks[ch + 1]):
-            if u == n - 1 and tail.shape[0] > 0:
-                acc, nb, widx = encode_unit(tail, 0, kinds[u], t0, t1, W, p, U, fbits, colof, exc, flag,
-                                            buf, acc, nb, widx, head_idx, spare)
-            else:
-                acc, nb, widx = encode_unit(x, u * U, kinds[u], t0, t1, W, p, U, fbits, colof, exc, flag,
-                                            buf, acc, nb, widx, head_idx, spare)
-        flush_bits(buf, acc, nb, widx, head_idx, spare)
+        nb = ZERO
+        widx = U64(first_word[ch])
+        for u in range(chunks[ch], chunks[ch + 1]):
+            kinds[u], sizes[u], acc, nb, widx = encode_next(x, tail, u, n, t0, t1, W, p, U, fbits, colof,
+                                                            exc, flag, buf, acc, nb, widx)
+        flush_bits(buf, acc, nb, widx)
+
+
+@njit(cache=True)
+def compact(buf, first_word, chunk_bits):
+    """Slide each chunk's bits down to follow the previous chunk's, in order
+    (a chunk only moves towards the start, so nothing unread is overwritten)."""
+    pos = 0
+    for ch in range(first_word.shape[0]):
+        src = first_word[ch]
+        nw = (chunk_bits[ch] + 63) >> 6
+        d = pos >> 6
+        sh = U64(pos & 63)
+        if d * 64 + (pos & 63) != src * 64:
+            carry = buf[d] & ((ONE << sh) - ONE)
+            for i in range(nw):
+                w = buf[src + i]
+                buf[d + i] = carry | (w << sh)
+                carry = ((w >> ONE) >> (U64(63) - sh)) if sh else ZERO
+            buf[d + nw] = carry
+        pos += chunk_bits[ch]
+    return pos
 
 
 @Kernel
-def encode_slotted(x, tail, t0, t1, W, p, U, fbits, colof, kinds, slots, slot_words, buf):
+def encode_slotted(x, tail, t0, t1, W, p, U, fbits, colof, slots, slot_words, buf, kinds):
     """Write unit ``i`` of ``x`` into slot ``slots[i]``; zero the slot's rest."""
     n = kinds.shape[0]
-    nowhere = ~ZERO
     for i in prange(n):
         exc = np.empty(U + 1, np.int64)
         flag = np.empty(U, np.uint8)
         w0 = U64(slots[i] * slot_words)
-        if i == n - 1 and tail.shape[0] > 0:
-            acc, nb, widx = encode_unit(tail, 0, kinds[i], t0, t1, W, p, U, fbits, colof, exc, flag,
-                                        buf, ZERO, ZERO, w0, nowhere, nowhere)
-        else:
-            acc, nb, widx = encode_unit(x, i * U, kinds[i], t0, t1, W, p, U, fbits, colof, exc, flag,
-                                        buf, ZERO, ZERO, w0, nowhere, nowhere)
-        flush_bits(buf, acc, nb, widx, nowhere, nowhere)
+        kinds[i], _, acc, nb, widx = encode_next(x, tail, i, n, t0, t1, W, p, U, fbits, colof, exc, flag,
+                                                 buf, ZERO, ZERO, w0)
+        flush_bits(buf, acc, nb, widx)
         if nb > ZERO:
             widx += ONE
         while widx < w0 + U64(slot_words):
@@ -306,6 +333,28 @@ def parse_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, col
     return status, k, mstart, xstart, stop
 
 
+@njit(inline="always")
+def decode_run(words, pos, t, p, colof, j0, j1, out, o, wmask):
+    """Decode words j0..j1-1 of a unit, all matching level ``t``, from bit
+    ``pos``; returns the next bit position.  With one column its parameters
+    stay in registers (numba cannot prove the output does not alias them)."""
+    if p == 1:
+        mask, low, sh1, sh2, base, width = t[0, WMASK], t[0, LOW], t[0, SH1], t[0, SH2], t[0, BASE], t[0, WIDTH]
+        for j in range(j0, j1):
+            v = read_bits(words, pos, mask)
+            out[o + j] = (((v & low) | (((v & ~low) << sh1) << sh2)) + base) & wmask
+            pos += width
+        return pos
+    c = colof[j0] if j0 < j1 else 0
+    for j in range(j0, j1):
+        out[o + j] = restore(read_bits(words, pos, t[c, WMASK]), t, c, wmask)
+        pos += t[c, WIDTH]
+        c += 1
+        if c == p:
+            c = 0
+    return pos
+
+
 @njit
 def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, colof,
                 out, o, exc, flag):
@@ -322,17 +371,10 @@ def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, co
             out[o + j] = read_bits(words, pos, wmask)
             pos += Wu
         return OK
-    e = 0
-    c = 0
-    for j in range(U):
-        if exc[e] == j:
-            e += 1
-        else:
-            out[o + j] = restore(read_bits(words, pos, t0[c, WMASK]), t0, c, wmask)
-            pos += t0[c, WIDTH]
-        c += 1
-        if c == p:
-            c = 0
+    j = 0
+    for e in range(k + 1):
+        pos = decode_run(words, pos, t0, p, colof, j, exc[e], out, o, wmask)
+        j = exc[e] + 1
     pos = xstart
     for e in range(k):
         if flag[e]:

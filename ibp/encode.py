@@ -1,6 +1,7 @@
 """Encoding a tensor's bytes into units: kinds, payload and row index."""
 import numba
 import numpy as np
+from numba import njit
 
 from . import codec
 from ._bits import PARALLEL_MIN_WORDS
@@ -26,14 +27,6 @@ def column_of(geom, model):
     return np.arange(geom.unit_words, dtype=np.int64) % model.period
 
 
-def classify(words, tail, geom, model):
-    t0, t1, fbits, _ = model.tables
-    kinds = np.empty(words.size // geom.unit_words + (tail.size > 0), np.uint8)
-    sizes = np.empty(kinds.size, np.int64)
-    codec.classify_units(words.size + tail.size, words, tail, t0, t1, geom.word_bits, model.period, geom.unit_words, fbits, kinds, sizes)
-    return kinds, sizes
-
-
 def pack_kinds(kinds):
     """Four 2-bit kinds per byte, unit 0 in the lowest bits."""
     padded = np.zeros(-(-kinds.size // 4) * 4, np.uint8)
@@ -47,50 +40,66 @@ def unpack_kinds(packed, units):
     return ((packed[units >> 2] >> ((units & 3) * 2).astype(np.uint8)) & 3).astype(np.uint8)
 
 
+@njit(cache=True)
+def _largest_block(starts, limit):
+    """Largest power-of-two block (<= MAX_BLOCK) whose units all start less
+    than ``limit`` bits after their block's first unit."""
+    n = starts.shape[0]
+    block = 1
+    while block * 2 <= min(MAX_BLOCK, n):
+        b = block * 2
+        for first in range(0, n, b):
+            if starts[min(first + b, n) - 1] - starts[first] >= limit:
+                return block
+        block = b
+    return block
+
+
 def build_index(starts):
     """(block, rel_bits, block_base, rel) with start(u) = block_base[u // block] + rel[u],
     choosing the block size and offset width that take the fewest bytes."""
     n = starts.size
-    best = None
+    options = []
     for rel_bits in (16, 32):
-        block = 1
-        while block * 2 <= min(MAX_BLOCK, max(n, 1)):
-            firsts = starts[::block * 2]
-            lasts = starts[np.minimum(np.arange(0, n, block * 2) + block * 2 - 1, n - 1)]
-            if n and int((lasts - firsts).max()) >= 1 << rel_bits:
-                break
-            block *= 2
-        size = -(-n // block) * 8 + n * rel_bits // 8
-        if best is None or size < best[0]:
-            best = (size, block, rel_bits)
-    _, block, rel_bits = best
+        block = _largest_block(starts, 1 << rel_bits)
+        options.append((-(-n // block) * 8 + n * rel_bits // 8, block, rel_bits))
+    _, block, rel_bits = min(options)
     block_base = np.ascontiguousarray(starts[::block]).astype(np.uint64)
     rel = (starts - np.repeat(block_base.astype(np.int64), block)[:n]).astype(f"<u{rel_bits // 8}")
     return block, rel_bits, block_base, rel
 
 
 def encode_packed(data, geom, model):
-    """(packed kinds, payload words, payload bits, index) of the packed layout."""
+    """(packed kinds, payload words, payload bits, index) of the packed layout.
+
+    Units are classified and written in one pass: each thread's chunk of
+    units goes to its own raw-size region of one buffer, then ``compact``
+    closes the gaps and the buffer shrinks to fit.
+    """
     words = _word_view(data, geom.word_bits)
     tail = _tail(words, geom)
     body = words[:(geom.nunits - (tail.size > 0)) * geom.unit_words]
-    kinds, sizes = classify(body, tail, geom, model)
-    starts = np.zeros(kinds.size + 1, np.int64)
-    np.cumsum(sizes, out=starts[1:])
-    total = int(starts[-1])
+    n = geom.nunits
+    kinds = np.empty(n, np.uint8)
+    sizes = np.empty(n, np.int64)
+    parallel = geom.total_words >= PARALLEL_MIN_WORDS
+    nchunks = max(1, min(n, 4 * numba.get_num_threads()) if parallel else min(n, 1))
+    chunks = np.linspace(0, n, nchunks + 1).astype(np.int64)
+    raw_words = -(-np.diff(chunks) * geom.unit_words * geom.word_bits // 64)
+    first_word = np.concatenate([[0], np.cumsum(raw_words)]).astype(np.int64)
+    buf = np.zeros(int(first_word[-1]) + 1, np.uint64)
+    if n:
+        t0, t1, fbits, _ = model.tables
+        codec.encode_chunks(geom.total_words, body, tail, t0, t1, geom.word_bits, model.period, geom.unit_words,
+                            fbits, column_of(geom, model), chunks, first_word, buf, kinds, sizes)
+    chunk_bits = np.add.reduceat(sizes, chunks[:-1]) if n else np.zeros(0, np.int64)
+    total = codec.compact(buf, first_word[:-1], chunk_bits) if n else 0
     nwords = -(-total // 64) + 1  # + the spare zero word
-    if not kinds.size:
-        return pack_kinds(kinds), np.zeros(nwords, np.uint64), total, build_index(starts[:-1])
-    nchunks = min(kinds.size, 4 * numba.get_num_threads()) if geom.total_words >= PARALLEL_MIN_WORDS else 1
-    chunks = np.linspace(0, kinds.size, nchunks + 1).astype(np.int64)
-    spares = nwords + np.arange(nchunks)
-    buf = np.zeros(nwords + nchunks, np.uint64)
-    t0, t1, fbits, _ = model.tables
-    codec.encode_packed(geom.total_words, body, tail, t0, t1, geom.word_bits, model.period, geom.unit_words, fbits,
-                        column_of(geom, model), kinds, starts, chunks, buf, spares)
-    np.bitwise_or.at(buf, starts[chunks[:-1]] >> 6, buf[spares])
-    buf = buf[:nwords]
-    return pack_kinds(kinds), buf, total, build_index(starts[:-1])
+    buf.resize(nwords, refcheck=False)
+    buf[-1] = 0
+    starts = np.zeros(n, np.int64)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    return pack_kinds(kinds), buf, total, build_index(starts)
 
 
 def encode_slots(data, geom, model, slots, buf):
@@ -103,10 +112,10 @@ def encode_slots(data, geom, model, slots, buf):
         tail = np.zeros(geom.unit_words, words.dtype)
         tail[:used] = words[words.size - used:]
     body = words[:words.size - used]
-    kinds, _ = classify(body, tail, geom, model)
+    kinds = np.empty(len(slots), np.uint8)
     t0, t1, fbits, _ = model.tables
     codec.encode_slotted(words.size, body, tail, t0, t1, geom.word_bits, model.period, geom.unit_words, fbits,
-                         column_of(geom, model), kinds, np.asarray(slots, np.int64), geom.slot_words, buf)
+                         column_of(geom, model), np.asarray(slots, np.int64), geom.slot_words, buf, kinds)
     return kinds
 
 
