@@ -1,8 +1,8 @@
 """ibp: lossless Invariant Bit Packing of tensors for fast CPU->GPU transfer."""
-from .api import analyze, compress, decompress, load, save
+from .api import analyze, compress, decompress, load, load_metadata, save
 from .errors import FormatError
 from .model import Model
 from .tensor import CompressedTensor
 
 __version__ = "0.1.0"
-__all__ = ["analyze", "compress", "decompress", "load", "save", "CompressedTensor", "Model", "FormatError"]
+__all__ = ["analyze", "compress", "decompress", "load", "load_metadata", "save", "CompressedTensor", "Model", "FormatError"]

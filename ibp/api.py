@@ -5,7 +5,7 @@ import numpy as np
 
 from . import dtypes
 from .analysis import analyze_bytes
-from .container import load_file, save_file
+from .container import load_file, read_metadata, save_file
 from .decode import decode_into, normalize_index
 from .encode import encode_packed, encode_slotted
 from .geometry import Geometry
@@ -118,3 +118,9 @@ def load(path, *, mmap=False, verify=True):
     if list(tensors) == [None]:
         return tensors[None]
     return tensors
+
+
+def load_metadata(path):
+    """The string-to-string metadata saved with an ibp file (``save(...,
+    metadata=...)``), reading only the file's header."""
+    return read_metadata(path)

@@ -14,10 +14,9 @@ for bit and the file the way it came.  A user's mistake ends with one line on
 stderr and exit status 1, never a traceback.
 """
 import argparse
+import importlib
 import json
-import math
 import os
-import struct
 import sys
 import zipfile
 from collections.abc import Mapping
@@ -258,15 +257,10 @@ def load_ibp(path):
     if not os.path.isfile(path):
         raise CliError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
     try:
-        obj = ibp.load(path)
+        obj = ibp.load(path, mmap=True)
     except FormatError as e:
         raise CliError(f"{path}: not a valid ibp file: {e}") from None
-    # ibp.load has checked the preamble and the header (docs/format.md, section 1).
-    with open(path, "rb") as f:
-        _, version, header_len = struct.unpack("<8sII", f.read(16))
-        f.seek(24)
-        metadata = json.loads(f.read(header_len))["metadata"]
-    return obj, metadata, version
+    return obj, ibp.load_metadata(path), ibp.container.VERSION
 
 
 def _source_of(metadata, path):
@@ -354,6 +348,8 @@ def load_models(path, word_bits):
 def _model_for(models, name, source):
     if models is None or isinstance(models, ibp.Model):
         return models
+    if name is None:
+        raise CliError(f"{source} holds {len(models)} tensors: give one with a single tensor's model")
     if name not in models:
         raise CliError(f"{source} has no tensor named {name!r} to take a model from")
     return models[name]
@@ -422,8 +418,6 @@ def cmd_decompress(args):
     try:
         write_tensors(output, fmt, tensors, source)
     except (OSError, ValueError, TypeError, RuntimeError) as e:
-        if isinstance(e, CliError):
-            raise
         raise CliError(f"{output}: cannot write it as {fmt}: {e}") from None
     print(f"{args.input} -> {output} ({fmt}): {len(tensors)} tensor{'s' * (len(tensors) != 1)}, "
           f"{_fmt_bytes(sum(ct.raw_nbytes for ct in cts.values()))}")
@@ -457,14 +451,15 @@ def cmd_info(args):
     packed = sum(t["nbytes"] for t in tensors.values())
     report = {"file": args.input, "format_version": version, "file_bytes": os.path.getsize(args.input),
               "source": source, "metadata": {k: v for k, v in metadata.items() if k != SOURCE_KEY},
-              "raw_nbytes": raw, "nbytes": packed, "ratio": raw / packed if packed else math.inf,
+              "raw_nbytes": raw, "nbytes": packed, "ratio": raw / packed if packed else None,
               "tensors": tensors}
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
     print(f"{args.input}: ibp format version {version}, {_fmt_bytes(report['file_bytes'])}, "
           f"{len(tensors)} tensor{'s' * (len(tensors) != 1)}, from {source.get('format', 'python')}")
-    print(f"total: {_fmt_bytes(raw)} raw -> {_fmt_bytes(packed)} to decode ({report['ratio']:.3f}x)")
+    if packed:
+        print(f"total: {_fmt_bytes(raw)} raw -> {_fmt_bytes(packed)} to decode ({report['ratio']:.3f}x)")
     extra = source.get("metadata") or {}
     for key, value in {**extra, **report["metadata"]}.items():
         print(f"metadata {key}: {value}")
@@ -545,8 +540,10 @@ def _bench_gpu(names, data, repeats, log):
     if torch is None or not torch.cuda.is_available():
         return None
     try:
-        from .bench import gpu
-    except ImportError:
+        gpu = importlib.import_module("ibp.bench.gpu")
+    except ImportError as e:
+        if getattr(e, "name", None) != "ibp.bench.gpu":
+            print(f"ibp: no GPU benchmark ({e})", file=sys.stderr)
         return None
     results = gpu.run(names=names, data=data, repeats=repeats, log=log)
     return results, gpu.format_table(results)

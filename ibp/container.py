@@ -104,6 +104,15 @@ def save_file(path, tensors, metadata=None):
             os.remove(tmp)
 
 
+def read_metadata(path):
+    """The header's metadata mapping, reading (and checking) only the
+    preamble and header."""
+    with open(path, "rb") as f:
+        head = f.read(PREAMBLE.size)
+        hlen = PREAMBLE.unpack_from(head, 0)[2] if len(head) == PREAMBLE.size else 0
+        return _header(head + f.read(min(hlen, MAX_HEADER)))[0]
+
+
 def load_file(path, *, mmap_mode=False, verify=True):
     with open(path, "rb") as f:
         if mmap_mode and os.fstat(f.fileno()).st_size > 0:
@@ -226,21 +235,23 @@ def _entry(buf, start, entry, verify, taken):
         raise FormatError(f"sections must be {sorted(expected)}")
     n = geom.nunits
 
+    label = "tensor" if name is None else name
+
     def sec(key, want, dt):
-        return _section(buf, start, secs[key], want, dt, verify, f"{name}/{key}", taken)
+        return _section(buf, start, secs[key], want, dt, verify, f"{label}/{key}", taken)
 
     try:
         model = Model(W, sec("lo", 2 * p, np.uint8).reshape(2, p), sec("hi", 2 * p, np.uint8).reshape(2, p),
                       sec("base", 2 * p * W // 8, f"<u{W // 8}").reshape(2, p).astype(np.uint64))
     except FormatError as e:
-        raise FormatError(f"{name}: {e}") from None
+        raise FormatError(f"{label}: {e}") from None
     kinds = sec("kinds", -(-n // 4), np.uint8)
     if n % 4 and kinds[-1] >> (2 * (n % 4)):
-        raise FormatError(f"{name}: unused kind bits are not zero")
+        raise FormatError(f"{label}: unused kind bits are not zero")
     if layout == "slotted":
         payload = sec("payload", (n * geom.slot_words + 1) * 8, "<u8")
         if payload[-1]:
-            raise FormatError(f"{name}: the spare payload word is not zero")
+            raise FormatError(f"{label}: the spare payload word is not zero")
         return CompressedTensor(dtype=dtype, shape=shape, framework=entry["framework"], geometry=geom,
                                 layout=layout, model=model, kinds=kinds, payload=payload)
     bits = _int(entry["payload_bits"], "payload_bits", 0, 8 * len(buf))
@@ -252,10 +263,10 @@ def _entry(buf, start, entry, verify, taken):
     rel = sec("index_rel", n * rel_bits // 8, f"<u{rel_bits // 8}")
     payload = sec("payload", (-(-bits // 64) + 1) * 8, "<u8")
     if payload[-1] or (bits % 64 and payload[-2] >> np.uint64(bits % 64)):
-        raise FormatError(f"{name}: payload padding bits are not zero")
+        raise FormatError(f"{label}: payload padding bits are not zero")
     bad = _first_bad_start(block_base, rel, block, bits)
     if bad >= 0:
-        raise FormatError(f"{name}: row index entry {bad} is out of order or out of range")
+        raise FormatError(f"{label}: row index entry {bad} is out of order or out of range")
     return CompressedTensor(dtype=dtype, shape=shape, framework=entry["framework"], geometry=geom,
                             layout=layout, model=model, kinds=kinds, payload=payload, payload_bits=bits,
                             index=(block, rel_bits, block_base, rel))

@@ -44,7 +44,7 @@ def unit_elems(shape, itemsize):
     """Elements per unit for a tensor of this shape (independent of W)."""
     nrows, row = _nrows(shape), _row_elems(shape)
     if nrows == 0 or row == 0:
-        return max(row, 1)
+        return 1  # no words, no units: any unit that fits the format will do
     if len(shape) <= 1:
         return min(nrows, max(1, FLAT_UNIT_BYTES // itemsize))
     row_bytes = row * itemsize

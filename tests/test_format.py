@@ -183,3 +183,19 @@ def test_save_rejects_misuse(tmp_path):
     with pytest.raises(TypeError):
         ibp.save({"a": np.zeros(3)}, tmp_path / "x.ibp", metadata={"k": 1})
     assert not (tmp_path / "x.ibp").exists()
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 7), (0, 2, 3), (5, 0), ()])
+def test_empty_and_scalar_tensors_survive_bytes(shape):
+    x = np.ones(shape, np.float32)
+    back = ibp.CompressedTensor.from_bytes(ibp.compress(x).to_bytes())
+    assert ibp.decompress(back).shape == shape
+    assert ibp.decompress(back).tobytes() == x.tobytes()
+
+
+def test_metadata_is_read_from_the_header(tmp_path):
+    ibp.save({"a": np.zeros(3)}, tmp_path / "m.ibp", metadata={"format": "pt", "note": "é"})
+    assert ibp.load_metadata(tmp_path / "m.ibp") == {"format": "pt", "note": "é"}
+    (tmp_path / "bad.ibp").write_bytes(b"\x89IBP\r\n\x1a\n" + b"\0" * 4)
+    with pytest.raises(ibp.FormatError):
+        ibp.load_metadata(tmp_path / "bad.ibp")

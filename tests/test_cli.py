@@ -1,0 +1,392 @@
+"""The ibp command on real files: every subcommand, every tensor format, and
+the ways users get it wrong (one line on stderr, exit status 1)."""
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+import ibp
+from ibp import datasets
+from ibp.cli import main
+
+torch = pytest.importorskip("torch")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+
+# -- real files ---------------------------------------------------------------
+
+def minilm_slice():
+    """A real slice of all-MiniLM-L6-v2: layer 0's attention, the embedding
+    norms, the position ids and the first 2000 word embeddings."""
+    w = datasets.minilm_weights()
+    keep = {k: v for k, v in w.items()
+            if k.startswith("encoder.layer.0.attention") or k.startswith("embeddings.LayerNorm")
+            or k == "embeddings.position_ids"}
+    keep["embeddings.word_embeddings.weight"] = np.ascontiguousarray(w["embeddings.word_embeddings.weight"][:2000])
+    return keep
+
+
+def to_bf16(tensors):
+    return {k: torch.from_numpy(v).to(torch.bfloat16) if v.dtype == np.float32 else torch.from_numpy(v)
+            for k, v in tensors.items()}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    graph = datasets.cora_graph()
+    mini = minilm_slice()
+    out = {}
+    out["npy"] = d / "cora.npy"
+    np.save(out["npy"], graph["features"])
+    out["npy-fortran-bigendian"] = d / "cora_f.npy"
+    np.save(out["npy-fortran-bigendian"], np.asfortranarray(graph["features"][:300, :200].astype(">f4")))
+    out["npz"] = d / "cora.npz"
+    np.savez(out["npz"], **graph)
+    out["npz-deflated"] = d / "mixed.npz"
+    np.savez_compressed(out["npz-deflated"], labels=graph["labels"], edges=graph["edge_index"],
+                        query=np.asfortranarray(mini["encoder.layer.0.attention.self.query.weight"]))
+    out["safetensors"] = d / "minilm.safetensors"
+    safetensors_numpy.save_file(mini, out["safetensors"], metadata={"format": "pt"})
+    out["safetensors-bf16"] = d / "minilm_bf16.safetensors"
+    safetensors_torch.save_file(to_bf16(mini), out["safetensors-bf16"])
+    out["pt"] = d / "checkpoint.pt"
+    torch.save({"model": to_bf16(mini), "step": 1200, "lr": 3e-4, "tag": "run-7", "best": None,
+                "ema": {"decay": 0.999, "features": torch.from_numpy(graph["features"][:64])}}, out["pt"])
+    out["pt-tensor"] = d / "embedding.pt"
+    torch.save(to_bf16({"w": mini["embeddings.word_embeddings.weight"]})["w"], out["pt-tensor"])
+    return out
+
+
+def run(*args):
+    """(exit status, stdout, stderr) of the ibp command run in this process."""
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def ok(*args):
+    rc, out, err = run(*args)
+    assert rc == 0, err
+    return out
+
+
+def fails(*args):
+    """The error line of a command that must fail cleanly."""
+    rc, out, err = run(*args)
+    assert rc == 1, (rc, out, err)
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ibp: error: "), err
+    return lines[0]
+
+
+# -- comparing ----------------------------------------------------------------
+
+def raw_bytes(t):
+    if isinstance(t, torch.Tensor):
+        return str(t.dtype), tuple(t.shape), t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return str(t.dtype), t.shape, np.ascontiguousarray(t).tobytes()
+
+
+def assert_same_tree(a, b):
+    """Same nesting, key order, plain values and tensor bits."""
+    assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict))
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same_tree(a[k], b[k])
+    elif isinstance(a, (torch.Tensor, np.ndarray)):
+        assert raw_bytes(a) == raw_bytes(b)
+    else:
+        assert a == b and type(a) is type(b)
+
+
+def read_any(path):
+    path = str(path)
+    if path.endswith(".npy"):
+        return np.load(path)
+    if path.endswith(".npz"):
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    if path.endswith(".safetensors"):
+        return safetensors_torch.load_file(path)
+    return torch.load(path, weights_only=True)
+
+
+# -- compress / decompress round trips -----------------------------------------
+
+FORMATS = ["npy", "npy-fortran-bigendian", "npz", "npz-deflated", "safetensors", "safetensors-bf16",
+           "pt", "pt-tensor"]
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_roundtrip_is_bit_identical(files, tmp_path, kind):
+    src = files[kind]
+    packed = tmp_path / (src.name + ".ibp")
+    back = tmp_path / src.name
+    out = ok("compress", src, packed)
+    assert str(packed) in out and "tensor" in out
+    ok("decompress", packed, back)
+    assert_same_tree(read_any(src), read_any(back))
+    if kind.startswith("npy") or kind.startswith("safetensors"):
+        # np.save and safetensors are deterministic: the very same file comes back
+        assert back.read_bytes() == src.read_bytes()
+    if kind.startswith("npz"):
+        with zipfile.ZipFile(src) as a, zipfile.ZipFile(back) as b:
+            assert [i.compress_type for i in a.infolist()] == [i.compress_type for i in b.infolist()]
+            assert a.namelist() == b.namelist()
+    if kind == "npy-fortran-bigendian":
+        y = np.load(back)
+        assert y.dtype == np.dtype(">f4") and y.flags.f_contiguous and not y.flags.c_contiguous
+
+
+def test_compressed_file_holds_what_went_in(files, tmp_path):
+    packed = tmp_path / "m.ibp"
+    ok("compress", files["safetensors"], packed)
+    loaded = ibp.load(packed)
+    mini = minilm_slice()
+    assert list(loaded) == sorted(mini) or set(loaded) == set(mini)
+    for name, ct in loaded.items():
+        assert raw_bytes(ibp.decompress(ct)) == raw_bytes(torch.from_numpy(mini[name]))
+    single = tmp_path / "cora.ibp"
+    ok("compress", files["npy"], single)
+    ct = ibp.load(single)
+    assert isinstance(ct, ibp.CompressedTensor) and ct.ratio > 10
+
+
+def test_default_output_names_and_force(files, tmp_path):
+    src = tmp_path / "cora.npy"
+    src.write_bytes(files["npy"].read_bytes())
+    ok("compress", src)
+    assert (tmp_path / "cora.npy.ibp").exists()
+    line = fails("decompress", tmp_path / "cora.npy.ibp")  # would overwrite cora.npy
+    assert "exists" in line and "--force" in line
+    src.rename(tmp_path / "original.npy")
+    ok("decompress", tmp_path / "cora.npy.ibp")
+    assert src.read_bytes() == (tmp_path / "original.npy").read_bytes()
+    fails("compress", tmp_path / "original.npy", tmp_path / "cora.npy.ibp")
+    ok("compress", tmp_path / "original.npy", tmp_path / "cora.npy.ibp", "--force")
+
+
+def test_decompress_converts_by_extension(files, tmp_path):
+    packed = tmp_path / "c.ibp"
+    ok("compress", files["npz"], packed)
+    for ext in (".safetensors", ".pt", ".npz"):
+        ok("decompress", packed, tmp_path / ("c" + ext))
+        got = read_any(tmp_path / ("c" + ext))
+        want = read_any(files["npz"])
+        assert list(got) == list(want) or set(got) == set(want)
+        for k in want:
+            assert raw_bytes(got[k]) == raw_bytes(torch.from_numpy(want[k]) if ext != ".npz" else want[k])
+    # no extension: the recorded format, written to that exact name
+    ok("decompress", packed, tmp_path / "plain")
+    with np.load(tmp_path / "plain") as z:
+        assert z.files == list(datasets.cora_graph())
+
+
+def test_checkpoint_nesting_and_values_come_back(files, tmp_path):
+    packed = tmp_path / "ckpt.ibp"
+    ok("compress", files["pt"], packed)
+    names = list(ibp.load(packed))
+    assert "ema.features" in names and all(n.startswith(("model.", "ema.")) for n in names)
+    ok("decompress", packed, tmp_path / "ckpt.pt")
+    restored = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert restored["step"] == 1200 and restored["tag"] == "run-7" and restored["best"] is None
+    assert_same_tree(torch.load(files["pt"], weights_only=True), restored)
+
+
+# -- options ------------------------------------------------------------------
+
+def info_json(path):
+    return json.loads(ok("info", path, "--json"))
+
+
+@pytest.mark.parametrize("layout", ["packed", "slotted"])
+@pytest.mark.parametrize("word_bits", [8, 16, 32])
+def test_layout_and_word_bits(files, tmp_path, layout, word_bits):
+    packed = tmp_path / "x.ibp"
+    ok("compress", files["npz-deflated"], packed, "--layout", layout, "--word-bits", word_bits)
+    report = info_json(packed)
+    for name, t in report["tensors"].items():
+        assert t["layout"] == layout and t["word_bits"] == word_bits, name
+    ok("decompress", packed, tmp_path / "x.npz")
+    assert_same_tree(read_any(files["npz-deflated"]), read_any(tmp_path / "x.npz"))
+
+
+def test_model_from_ibp_file_and_tensor_file(files, tmp_path):
+    mini = minilm_slice()
+    ref = tmp_path / "ref.npy"
+    np.save(ref, mini["encoder.layer.0.attention.self.key.weight"])
+    target = tmp_path / "q.npy"
+    np.save(target, mini["encoder.layer.0.attention.self.query.weight"])
+    ok("compress", ref, tmp_path / "ref.ibp")
+    ok("compress", target, tmp_path / "a.ibp", "--model-from", tmp_path / "ref.ibp")
+    ok("compress", target, tmp_path / "b.ibp", "--model-from", ref)
+    ref_model = ibp.load(tmp_path / "ref.ibp").model
+    assert ibp.load(tmp_path / "a.ibp").model == ref_model
+    assert ibp.load(tmp_path / "b.ibp").model == ibp.analyze(mini["encoder.layer.0.attention.self.key.weight"])
+    ok("decompress", tmp_path / "a.ibp", tmp_path / "a.npy")
+    assert (tmp_path / "a.npy").read_bytes() == target.read_bytes()
+
+
+def test_model_from_checkpoint_is_matched_by_name(files, tmp_path):
+    ok("compress", files["safetensors"], tmp_path / "ref.ibp")
+    ok("compress", files["safetensors"], tmp_path / "again.ibp", "--model-from", tmp_path / "ref.ibp")
+    ref, again = ibp.load(tmp_path / "ref.ibp"), ibp.load(tmp_path / "again.ibp")
+    assert all(again[k].model == ref[k].model for k in ref)
+    line = fails("compress", files["npz"], tmp_path / "c.ibp", "--model-from", tmp_path / "ref.ibp")
+    assert "no tensor named" in line
+
+
+def test_info_reports_the_facts(files, tmp_path):
+    packed = tmp_path / "st.ibp"
+    ok("compress", files["safetensors"], packed)
+    text = ok("info", packed)
+    assert "format version 1" in text and "from safetensors" in text and "metadata format: pt" in text
+    report = info_json(packed)
+    assert report["format_version"] == 1 and report["source"]["format"] == "safetensors"
+    loaded = ibp.load(packed)
+    assert set(report["tensors"]) == set(loaded)
+    for name, ct in loaded.items():
+        t = report["tensors"][name]
+        assert name in text
+        assert (t["dtype"], tuple(t["shape"]), t["word_bits"], t["layout"], t["period"]) == \
+            (ct.dtype_name, ct.shape, ct.word_bits, ct.layout, ct.model.period)
+        assert t["ratio"] == ct.ratio and f"{ct.ratio:.3f}" in text
+        kinds = np.bincount(ct.unit_kinds(), minlength=4)
+        assert t["units"] == kinds.sum()
+        assert [t["unit_share"][k] for k in ("raw", "all", "sparse", "bitmap")] == list(kinds / kinds.sum())
+        assert t["invariant_bits"] == ct.model.invariant_bits.mean()
+    assert report["ratio"] == sum(ct.raw_nbytes for ct in loaded.values()) / sum(ct.nbytes for ct in loaded.values())
+
+
+# -- mistakes ------------------------------------------------------------------
+
+def corrupt(src, dst, position):
+    data = bytearray(src.read_bytes())
+    data[position] ^= 0x40
+    dst.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def cora_ibp(files, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ibp") / "cora.ibp"
+    ok("compress", files["npy"], path)
+    return path
+
+
+def test_missing_files(tmp_path, cora_ibp):
+    for args in (("compress", tmp_path / "nope.npy"), ("decompress", tmp_path / "nope.ibp"),
+                 ("info", tmp_path / "nope.ibp"), ("compress", cora_ibp.parent / "x.npy", tmp_path / "y.ibp")):
+        assert "no such file" in fails(*args)
+    assert "no such directory" in fails("decompress", cora_ibp, tmp_path / "missing" / "x.npy")
+
+
+def test_unknown_extensions(tmp_path, cora_ibp):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    assert "unsupported input format (.txt)" in fails("compress", text, tmp_path / "n.ibp")
+    assert "unsupported input format" in fails("compress", cora_ibp, tmp_path / "twice.ibp")
+    assert "not a valid ibp file" in fails("info", text)
+
+
+def test_corrupted_and_truncated_ibp(tmp_path, cora_ibp):
+    size = cora_ibp.stat().st_size
+    cases = {"payload": size - 200, "header": 40, "magic": 2}
+    for what, position in cases.items():
+        bad = tmp_path / f"{what}.ibp"
+        corrupt(cora_ibp, bad, position)
+        assert "not a valid ibp file" in fails("info", bad)
+        assert "not a valid ibp file" in fails("decompress", bad, tmp_path / "out.npy")
+    for keep in (0, 10, 100, size // 2, size - 1):
+        cut = tmp_path / f"cut{keep}.ibp"
+        cut.write_bytes(cora_ibp.read_bytes()[:keep])
+        assert "not a valid ibp file" in fails("decompress", cut, tmp_path / "out.npy")
+        assert "not a valid ibp file" in fails("info", cut)
+    assert not (tmp_path / "out.npy").exists()
+
+
+def test_corrupted_tensor_files(files, tmp_path):
+    for kind in ("npy", "npz", "safetensors", "pt"):
+        src = files[kind]
+        cut = tmp_path / ("cut" + src.suffix)
+        cut.write_bytes(src.read_bytes()[:500])
+        assert f"cannot read it as {'torch' if kind == 'pt' else kind}" in fails("compress", cut, tmp_path / "c.ibp")
+    npz_named_npy = tmp_path / "archive.npy"
+    npz_named_npy.write_bytes(files["npz"].read_bytes())
+    assert "npz archive" in fails("compress", npz_named_npy, tmp_path / "c.ibp")
+
+
+def test_unsupported_contents(files, tmp_path):
+    strings = tmp_path / "s.npy"
+    np.save(strings, np.array(["ab", "c"]))
+    assert "cannot compress numpy dtype" in fails("compress", strings, tmp_path / "s.ibp")
+    listed = tmp_path / "list.pt"
+    torch.save({"model": {"w": torch.ones(3)}, "history": [1, 2]}, listed)
+    assert "'history' is a list" in fails("compress", listed, tmp_path / "l.ibp")
+    int_keys = tmp_path / "ints.pt"
+    torch.save({0: torch.ones(3)}, int_keys)
+    assert "not a non-empty string" in fails("compress", int_keys, tmp_path / "i.ibp")
+    assert "asked for 64" in fails("compress", files["npy"], tmp_path / "w.ibp", "--word-bits", "64")
+
+
+def test_formats_that_cannot_hold_the_tensors(files, tmp_path):
+    ok("compress", files["pt"], tmp_path / "bf.ibp")
+    assert "cannot hold" in fails("decompress", tmp_path / "bf.ibp", tmp_path / "bf.npz")
+    assert "holds one array" in fails("decompress", tmp_path / "bf.ibp", tmp_path / "bf.npy")
+    ok("compress", files["npy"], tmp_path / "one.ibp")
+    assert "unnamed" in fails("decompress", tmp_path / "one.ibp", tmp_path / "one.safetensors")
+    assert not any(p.name.startswith(("bf.np", "one.safe")) for p in tmp_path.iterdir())
+
+
+def test_python_dash_m_exits_with_status_and_one_line(tmp_path, cora_ibp):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(ibp.__file__)),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    bad = tmp_path / "bad.ibp"
+    corrupt(cora_ibp, bad, cora_ibp.stat().st_size - 200)
+    r = subprocess.run([sys.executable, "-m", "ibp", "decompress", str(bad), str(tmp_path / "x.npy")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+    assert "checksum" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "ibp", "info", str(cora_ibp)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "format version 1" in r.stdout
+
+
+# -- bench ---------------------------------------------------------------------
+
+def test_bench_on_a_small_file(tmp_path):
+    from ibp.bench import ratio
+    data = tmp_path / "cora_rows.npy"
+    np.save(data, datasets.cora_graph()["features"][:64])
+    out_dir = tmp_path / "results"
+    out = ok("bench", "--data", data, "--out", out_dir, "--quick", "--quiet")
+    results = json.loads((out_dir / "ratio.json").read_text())
+    assert list(results["datasets"]) == ["cora_rows.npy"]
+    assert results["settings"]["repeats"] == 1
+    entry = results["datasets"]["cora_rows.npy"]["codecs"]["ibp"]
+    assert entry["exact"] and entry["ratio"] > 1
+    # what was printed is the table of what was written
+    assert ratio.format_table(results) in out
+    assert f"| cora_rows.npy | ibp | {entry['ratio']:.4f} |" in out
+    assert (out_dir / "ratio.md").read_text().strip() == ratio.format_table(results).strip()
+    assert (out_dir / "ratio.png").read_bytes()[:4] == b"\x89PNG"
+    assert str(out_dir / "ratio.json") in out
+
+
+def test_bench_mistakes(tmp_path):
+    assert "no such file" in fails("bench", "--data", tmp_path / "none.npy", "--out", tmp_path)
+    text = tmp_path / "a.txt"
+    text.write_text("x")
+    assert "unsupported format" in fails("bench", "--data", text, "--out", tmp_path)
