@@ -13,6 +13,7 @@ Word width, period and ``E`` are chosen by encoding the sample with each
 candidate and keeping the smallest, so analysis cost depends on the sample
 size, not on the tensor size.
 """
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -136,10 +137,9 @@ def learn(samples, word_bits, prices=EXCEPTION_PRICES):
 def encoded_bits(words, model, unit_words):
     """Bits the units in ``words`` (a whole number of units) encode to."""
     t0, t1, fbits, _ = model.tables
-    n = words.shape[0] // unit_words
-    kinds = np.empty(n, np.uint8)
-    sizes = np.empty(n, np.int64)
-    codec.classify_units(words.size, words, words[:0], t0, t1, model.word_bits, model.period, unit_words, fbits, kinds, sizes)
+    sizes = np.empty(words.shape[0] // unit_words, np.int64)
+    nchunks = min(sizes.size, 8 * numba.get_num_threads())
+    codec.classify_units(words.size, words, t0, t1, model.word_bits, model.period, unit_words, fbits, sizes, nchunks)
     return int(sizes.sum())
 
 

@@ -69,8 +69,9 @@ def restore(v, t, c, wmask):
 
 
 @njit(inline="always")
-def classify_unit(src, off, t0, t1, W, p, U, fbits):
-    """Pick the cheapest row kind of one unit: returns (kind, size in bits)."""
+def classify_unit(src, off, t0, t1, W, p, U, fbits, exc, flag):
+    """Find a unit's exceptions (positions into ``exc``, secondary matches
+    into ``flag``) and pick its cheapest kind: returns (kind, bits, k)."""
     pbits, kmax, kbits = unit_geometry(U)
     matched = ZERO
     excbits = ZERO
@@ -81,14 +82,15 @@ def classify_unit(src, off, t0, t1, W, p, U, fbits):
         if matches(x, t0, c):
             matched += t0[c, WIDTH]
         else:
+            second = fbits != 0 and matches(x, t1, c)
+            exc[k] = j
+            flag[k] = second
             k += 1
-            if fbits and matches(x, t1, c):
-                excbits += t1[c, WIDTH]
-            else:
-                excbits += U64(W)
+            excbits += t1[c, WIDTH] if second else U64(W)
         c += 1
         if c == p:
             c = 0
+    exc[k] = U
     best = U * W
     kind = RAW
     if k == 0:
@@ -103,20 +105,18 @@ def classify_unit(src, off, t0, t1, W, p, U, fbits):
         if U + tail < best:
             best = U + tail
             kind = BITMAP
-    return kind, best
+    return kind, best, k
 
 
 @Kernel
-def classify_units(x, tail, t0, t1, W, p, U, fbits, kinds, sizes):
-    """Kind and bit size of every unit; ``tail`` holds a zero-padded last unit."""
-    n = kinds.shape[0]
-    for u in prange(n):
-        if u == n - 1 and tail.shape[0] > 0:
-            kind, size = classify_unit(tail, 0, t0, t1, W, p, U, fbits)
-        else:
-            kind, size = classify_unit(x, u * U, t0, t1, W, p, U, fbits)
-        kinds[u] = kind
-        sizes[u] = size
+def classify_units(x, t0, t1, W, p, U, fbits, sizes, nchunks):
+    """Bit size of every unit of ``x`` (a whole number of units)."""
+    n = sizes.shape[0]
+    for ch in prange(nchunks):
+        exc = np.empty(U + 1, np.int64)
+        flag = np.empty(U, np.uint8)
+        for u in range(ch * n // nchunks, (ch + 1) * n // nchunks):
+            sizes[u] = classify_unit(x, u * U, t0, t1, W, p, U, fbits, exc, flag)[1]
 
 
 @njit(inline="always")
@@ -142,10 +142,10 @@ def encode_run(src, off, j0, j1, t, p, colof, buf, acc, nb, widx):
 
 
 @njit
-def encode_unit(src, off, kind, t0, t1, W, p, U, fbits, colof, exc, flag,
+def encode_unit(src, off, kind, k, t0, t1, W, p, U, fbits, colof, exc, flag,
                 buf, acc, nb, widx):
-    """Append one unit to a writer (state: uint64 acc, nb, widx); returns
-    the new state."""
+    """Append one unit, whose ``k`` exceptions ``classify_unit`` found, to a
+    writer (state: uint64 acc, nb, widx); returns the new state."""
     Wu = U64(W)
     if kind == RAW:
         for j in range(U):
@@ -154,17 +154,6 @@ def encode_unit(src, off, kind, t0, t1, W, p, U, fbits, colof, exc, flag,
     if kind == ALL:
         return encode_run(src, off, 0, U, t0, p, colof, buf, acc, nb, widx)
     pbits, kmax, kbits = unit_geometry(U)
-    k = 0
-    c = 0
-    for j in range(U):
-        x = U64(src[off + j])
-        if not matches(x, t0, c):
-            exc[k] = j
-            flag[k] = 1 if (fbits and matches(x, t1, c)) else 0
-            k += 1
-        c += 1
-        if c == p:
-            c = 0
     if kind == SPARSE:
         acc, nb, widx = put_bits(buf, acc, nb, widx, U64(k), U64(kbits))
         for e in range(k):
@@ -178,7 +167,6 @@ def encode_unit(src, off, kind, t0, t1, W, p, U, fbits, colof, exc, flag,
                 word |= ONE << U64(exc[e] - j0)
                 e += 1
             acc, nb, widx = put_bits(buf, acc, nb, widx, word, U64(n))
-    exc[k] = U
     j = 0
     for e in range(k + 1):
         acc, nb, widx = encode_run(src, off, j, exc[e], t0, p, colof, buf, acc, nb, widx)
@@ -201,11 +189,12 @@ def encode_next(x, tail, u, n, t0, t1, W, p, U, fbits, colof, exc, flag, buf, ac
     """Classify unit ``u`` (the zero-padded ``tail`` when it is the last and
     ``tail`` is not empty) and append it; returns (kind, size, writer)."""
     if u == n - 1 and tail.shape[0] > 0:
-        kind, size = classify_unit(tail, 0, t0, t1, W, p, U, fbits)
-        acc, nb, widx = encode_unit(tail, 0, kind, t0, t1, W, p, U, fbits, colof, exc, flag, buf, acc, nb, widx)
+        kind, size, k = classify_unit(tail, 0, t0, t1, W, p, U, fbits, exc, flag)
+        acc, nb, widx = encode_unit(tail, 0, kind, k, t0, t1, W, p, U, fbits, colof, exc, flag, buf, acc, nb, widx)
     else:
-        kind, size = classify_unit(x, u * U, t0, t1, W, p, U, fbits)
-        acc, nb, widx = encode_unit(x, u * U, kind, t0, t1, W, p, U, fbits, colof, exc, flag, buf, acc, nb, widx)
+        kind, size, k = classify_unit(x, u * U, t0, t1, W, p, U, fbits, exc, flag)
+        acc, nb, widx = encode_unit(x, u * U, kind, k, t0, t1, W, p, U, fbits, colof, exc, flag,
+                                    buf, acc, nb, widx)
     return kind, size, acc, nb, widx
 
 
