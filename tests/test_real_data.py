@@ -45,7 +45,7 @@ def test_minilm_weights(name):
 
 def test_minilm_kv_cache():
     kv = datasets.load("minilm-kv")
-    check(dict(list(kv.items())[:4]))
+    check(dict(list(kv.items())[:4]), rows=3)  # one row per tensor: each gather decodes all of it
     x = kv["layer0.key"]
     flat = torch.from_numpy(x).reshape(-1, x.shape[-1])
     check({"kv-rows": flat}, layouts=("packed",))
