@@ -27,12 +27,16 @@ BLOSC2_CHUNK = 1 << 30            # blosc2 takes at most ~2 GiB per call
 
 
 def as_numpy(x):
-    """A numpy view of a numpy array or CPU torch tensor (bf16/fp8 through
-    ml_dtypes), so every codec sees the same bytes."""
+    """A numpy view of a numpy array or CPU torch tensor, so every codec sees
+    the same bytes (bf16/fp8 through ml_dtypes, else as same-size uints)."""
     if isinstance(x, np.ndarray):
         return x
     data, name, shape, _ = dtypes.as_bytes(x)
-    return data.view(dtypes.numpy_dtype(name)).reshape(shape)
+    try:
+        dtype = dtypes.numpy_dtype(name)
+    except TypeError:
+        dtype = np.dtype(f"<u{dtypes.ITEMSIZE[name]}")
+    return data.view(dtype).reshape(shape)
 
 
 def raw_bytes(x):

@@ -332,7 +332,8 @@ def compress(x, word_bits=None):
 
 
 def decompress(rt):
-    """The numpy array ``rt`` was made from, bit for bit."""
+    """The numpy array ``rt`` was made from, bit for bit (a dtype numpy lacks
+    here, like bfloat16 without ml_dtypes, comes back as same-size uints)."""
     out = np.empty(rt.slots.shape, rt.slots.dtype)
     if rt.word_bits is None:
         out[...] = rt.slots
@@ -340,4 +341,8 @@ def decompress(rt):
         mask = rt.mask.astype(U64)
         _decode(rt.slots, rt.flags.view(np.uint32), rt.value.astype(U64), *_free_runs(mask, rt.word_bits),
                 rt.word_bits, out)
-    return out.reshape(-1).view(np.uint8).view(dtypes.numpy_dtype(rt.dtype_name)).reshape(rt.shape)
+    try:
+        dtype = dtypes.numpy_dtype(rt.dtype_name)
+    except TypeError:
+        dtype = np.dtype(f"<u{dtypes.ITEMSIZE[rt.dtype_name]}")
+    return out.reshape(-1).view(np.uint8).view(dtype).reshape(rt.shape)
