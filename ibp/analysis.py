@@ -172,11 +172,13 @@ def candidates(shape, itemsize, word_bits=None):
 
 
 def _try_half(model, itemsize):
-    """The half-width candidate, if the full-width model fixes the low half
-    of most columns."""
+    """The half-width candidate, if the full-width model's fixed run starts at
+    bit 0 in most columns: the low bits are padding (bf16 stored as float32,
+    float32 stored as float64), and half-width words can also fix the
+    exponent bits above them, which one run per word cannot."""
     W = model.word_bits
-    low_fixed = (model.lo[0] == 0) & (model.hi[0] >= W // 2)
-    if W > 8 and low_fixed.mean() > 0.5:
+    low_run = (model.lo[0] == 0) & (model.hi[0] >= W // 8)
+    if W > 8 and low_run.mean() > 0.5:
         return [(W // 2, itemsize * 8 // (W // 2))]
     return []
 

@@ -48,7 +48,7 @@ def tensors(draw, dtypes=NUMPY_DTYPES):
     return x
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(x=tensors(), layout=st.sampled_from(LAYOUTS))
 def test_roundtrip_any_dtype_and_shape(x, layout):
     ct = ibp.compress(x, layout=layout)
@@ -58,7 +58,7 @@ def test_roundtrip_any_dtype_and_shape(x, layout):
     assert ct.shape == x.shape and ct.dtype == x.dtype
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(x=tensors(), layout=st.sampled_from(LAYOUTS), data=st.data())
 def test_gather_equals_fancy_indexing(x, layout, data):
     if x.ndim == 0 or x.shape[0] == 0:
