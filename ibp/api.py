@@ -1,8 +1,6 @@
 """The public functions: compress, decompress, analyze, save, load."""
 from collections.abc import Mapping
 
-import numpy as np
-
 from . import dtypes
 from .analysis import analyze_bytes
 from .container import load_file, read_metadata, save_file
@@ -61,7 +59,7 @@ def compress(x, *, model=None, word_bits=None, layout="packed"):
     return CompressedTensor(kinds=kinds, payload=payload, **common)
 
 
-def decompress(ct, *, index=None, out=None, device=None):
+def decompress(ct, *, index=None, out=None, device=None, path="auto"):
     """Restore a CompressedTensor, bit for bit, as the kind of object that
     went in (numpy array or torch tensor).
 
@@ -70,13 +68,16 @@ def decompress(ct, *, index=None, out=None, device=None):
             ``x[index]``.  Out-of-range rows raise IndexError.
     out:    a caller's buffer of the result's dtype and shape to write into.
     device: None or "cpu" decodes here; "cuda" (or a CUDA device) decodes on
-            the GPU and returns a CUDA tensor (see ibp.cuda).
+            the GPU, on torch's current stream, and returns a CUDA tensor.
+    path:   on the GPU, "auto" or force "zero-copy" / "stream" (see ibp.cuda).
     """
     if not isinstance(ct, CompressedTensor):
         raise TypeError(f"decompress takes a CompressedTensor, not {type(ct).__name__}")
     if device is not None and str(device) != "cpu":
         from . import cuda
-        return cuda.decompress(ct, index=index, out=out, device=device)
+        return cuda.decompress(ct, index=index, out=out, device=device, path=path)
+    if path != "auto":
+        raise ValueError(f"path={path!r} chooses between GPU paths; decoding on the CPU takes path='auto'")
     rows, shape = None, ct.shape
     if index is not None:
         if len(ct.shape) == 0:

@@ -55,6 +55,8 @@ def test_decompress_rejects_bad_arguments(ct):
         ibp.decompress(ct, out=[0] * 60)
     with pytest.raises(IndexError):
         ibp.decompress(ibp.compress(np.float32(1.0) * np.ones(())), index=[0])
+    with pytest.raises(ValueError, match="GPU paths"):
+        ibp.decompress(ct, path="stream")                # a GPU choice, on the CPU
 
 
 def test_scalar_index_drops_the_row_axis(ct):
