@@ -24,15 +24,14 @@ copy.  Results: bench/results/e2e_embedding.json, with the device name.
 import json
 import pathlib
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import ibp
+from ibp.bench.gpu import ceilings, uva_gather, wall_ms
 from ibp.datasets import load
 from ibp.integrations.embedding import CompressedEmbeddingBag
 
@@ -40,60 +39,9 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "e2e_embedding.j
 BAGS, BAG_SIZE, MODE = 8192, 20, "sum"
 REPS, WARMUP = 20, 3
 
-UVA_GATHER = r"""
-extern "C" __global__ void gather_rows(const unsigned int* __restrict__ table, const long long* __restrict__ rows,
-                                       unsigned int* __restrict__ out, long long n, long long row_words) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n * row_words) return;
-    long long r = i / row_words;
-    out[i] = table[rows[r] * row_words + (i - r * row_words)];
-}
-"""
-
 
 def median_seconds(fn):
-    for _ in range(WARMUP):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(REPS):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def ceilings(device):
-    """GB/s of a 256 MiB pinned host-to-device copy and device-to-device copy."""
-    n = 256 << 20
-    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(n, dtype=torch.uint8, device=device)
-    dev2 = torch.empty_like(dev)
-    h2d = median_seconds(lambda: dev.copy_(host, non_blocking=True))
-    d2d = median_seconds(lambda: dev2.copy_(dev))
-    return {"h2d_pinned_GBps": n / h2d / 1e9, "d2d_GBps": 2 * n / d2d / 1e9}
-
-
-def uva_gatherer():
-    """A zero-copy row gather on torch's current stream, or None without CuPy."""
-    try:
-        import cupy
-    except ImportError:
-        return None
-    kernel = cupy.RawKernel(UVA_GATHER, "gather_rows")
-
-    def gather(pinned_table, rows, out):
-        row_words = pinned_table.shape[1] * pinned_table.element_size() // 4
-        total = rows.numel() * row_words
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-        with stream:
-            kernel(((total + 255) // 256,), (256,),
-                   (cupy.uint64(pinned_table.data_ptr()), cupy.uint64(rows.data_ptr()), cupy.uint64(out.data_ptr()),
-                    cupy.int64(rows.numel()), cupy.int64(row_words)))
-        return out
-
-    return gather
+    return wall_ms(fn, REPS, WARMUP) / 1e3
 
 
 def bag_ids(rows, distribution, seed):
@@ -107,7 +55,7 @@ def bag_ids(rows, distribution, seed):
     return ids, torch.arange(0, n, BAG_SIZE)
 
 
-def lookups(weight, device, gather):
+def lookups(weight, device):
     """name -> function(ids_cpu, offsets_cpu, ids_gpu, offsets_gpu) -> CUDA result."""
     compressed = CompressedEmbeddingBag.from_pretrained(weight, mode=MODE)
     on_cpu = nn.EmbeddingBag.from_pretrained(weight, mode=MODE)
@@ -117,7 +65,7 @@ def lookups(weight, device, gather):
     def uva(ic, oc, ig, og):
         unique, local = torch.unique(ig, return_inverse=True)
         rows = torch.empty(unique.numel(), weight.shape[1], dtype=weight.dtype, device=device)
-        return F.embedding_bag(local, gather(pinned, unique, rows), og, mode=MODE)
+        return F.embedding_bag(local, uva_gather(pinned, unique, rows), og, mode=MODE)
 
     def staged(ic, oc, ig, og):
         unique, local = torch.unique(ic, return_inverse=True)
@@ -129,21 +77,19 @@ def lookups(weight, device, gather):
     ways = {"ibp": lambda ic, oc, ig, og: compressed(ig, og),
             "staged": staged,
             "cpu": lambda ic, oc, ig, og: on_cpu(ic, oc).to(device),
-            "hbm": lambda ic, oc, ig, og: in_hbm(ig, og)}
-    if gather is not None:
-        ways["uva"] = uva
+            "hbm": lambda ic, oc, ig, og: in_hbm(ig, og),
+            "uva": uva}
     return ways
 
 
 def run(device):
-    gather = uva_gatherer()
     glove = torch.from_numpy(load("glove-50d")["glove.6B.50d"])
     out = {"device": torch.cuda.get_device_name(device), "host": platform.node(), "torch": torch.__version__,
            "cuda": torch.version.cuda, "bags": BAGS, "bag_size": BAG_SIZE, "mode": MODE, "reps": REPS,
-           "uva_baseline": gather is not None, "ceilings": ceilings(device), "runs": []}
+           "ceilings": ceilings(REPS), "runs": []}
     for dtype in (torch.float32, torch.bfloat16):
         weight = glove.to(dtype)
-        ways = lookups(weight, device, gather)
+        ways = lookups(weight, device)
         packed = ibp.compress(weight)
         for distribution in ("uniform", "zipf"):
             ic, oc = bag_ids(weight.shape[0], distribution, seed=0)

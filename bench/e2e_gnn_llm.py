@@ -6,7 +6,7 @@ fan-out 10/10, over Cora tiled into a larger disjoint graph; and GloVe rows)
 fetched by
   * ibp:        ``ibp.decompress(pinned ct, index=cuda idx, device="cuda")``,
   * uva_gather: DGL-style zero-copy gather of uncompressed pinned features
-                (a CUDA index_select reading host memory through UVA),
+                (bench/gpu.py's warp-per-row kernel reading host memory through UVA),
   * cpu_gather: PyG's default, index_select on the host then a pinned copy_.
 LLM: all-MiniLM-L6-v2 (fp32 and bf16) forward with every large weight
   * resident:      on the GPU all along (the floor),
@@ -23,48 +23,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 
 import numpy as np
 import torch
 
+from ibp.bench.gpu import ceilings, event_ms as cuda_ms, uva_gather
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "e2e_gnn_llm.json")
-
-
-def cuda_ms(fn, reps, warmup=3):
-    """Median milliseconds of ``fn()`` over ``reps`` runs, by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
-
-
-def ceilings(reps):
-    n = 1 << 30
-    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    dev, dev2 = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
-    h2d = cuda_ms(lambda: dev.copy_(host, non_blocking=True), reps)
-    d2d = cuda_ms(lambda: dev2.copy_(dev), reps)
-    del host, dev, dev2
-    return {"h2d_pinned_GBps": n / h2d / 1e6, "d2d_GBps": 2 * n / d2d / 1e6}
-
-
-def uva_alias(pinned):
-    """A CUDA tensor that reads ``pinned`` host memory in place (UVA), as
-    DGL's pinned-memory gather does."""
-    import cupy
-    nbytes = pinned.numel() * pinned.element_size()
-    memory = cupy.cuda.UnownedMemory(pinned.data_ptr(), nbytes, pinned, torch.cuda.current_device())
-    flat = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(memory, 0))
-    return torch.from_dlpack(flat).view(pinned.dtype).view(pinned.shape)
 
 
 # -- GNN --------------------------------------------------------------------------
@@ -94,7 +60,6 @@ def fetch_features(name, features, batches, reps):
     import ibp
     ct = ibp.compress(features).pin_memory()
     pinned = features.pin_memory()
-    uva = uva_alias(pinned)
     cuda_batches = [b.cuda() for b in batches]
     rows = sum(b.numel() for b in batches)
     raw_bytes = rows * features.shape[1] * features.element_size()
@@ -105,7 +70,8 @@ def fetch_features(name, features, batches, reps):
         return [ibp.decompress(ct, index=b, device="cuda") for b in cuda_batches]
 
     def run_uva():
-        return [uva.index_select(0, b) for b in cuda_batches]
+        return [uva_gather(pinned, b, torch.empty((b.numel(), features.shape[1]), dtype=features.dtype,
+                                                  device="cuda")) for b in cuda_batches]
 
     def run_cpu():
         out = []

@@ -545,7 +545,10 @@ def _bench_gpu(names, data, repeats, log):
         if getattr(e, "name", None) != "ibp.bench.gpu":
             print(f"ibp: no GPU benchmark ({e})", file=sys.stderr)
         return None
-    results = gpu.run(names=names, data=data, repeats=repeats, log=log)
+    try:
+        results = gpu.run(names=names, data=data, repeats=repeats, log=log)
+    except RuntimeError as e:
+        raise CliError(f"GPU benchmark: {e}") from None
     return results, gpu.format_table(results)
 
 
