@@ -26,3 +26,22 @@ def test_tour_runs(tmp_path):
     finally:
         os.chdir(cwd)
     assert (tmp_path / "ckpt.ibp").exists()
+
+
+def test_comparison_table_matches_the_committed_results():
+    import json
+    results = json.loads((ROOT / "bench" / "results" / "ratio.json").read_text())["datasets"]
+    rows = {"MiniLM weights fp32": "minilm-fp32", "MiniLM weights bf16": "minilm-bf16",
+            "MiniLM weights fp16": "minilm-fp16", "MiniLM KV cache fp32": "minilm-kv",
+            "GloVe 6B 50d": "glove-50d", "Cora features": "cora"}
+    header = re.search(r"^\| dataset \|(.*)\|$", README, re.M).group(1)
+    codecs = [c.strip().split(" ")[0] for c in header.split("|")]
+    seen = 0
+    for label, name in rows.items():
+        cells = re.search(rf"^\| {label} \|(.*)\|$", README, re.M).group(1).split("|")
+        for codec, cell in zip(codecs, cells):
+            shown = cell.strip().strip("*")
+            digits = len(shown.split(".")[1])
+            assert shown == f"{results[name]['codecs'][codec]['ratio']:.{digits}f}", (label, codec)
+            seen += 1
+    assert seen == 6 * 5
