@@ -29,3 +29,14 @@ def tensor_cases(draw, max_dim, wide):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = sample(rng, shape, dtype, draw(st.sampled_from([0.0, 0.01, 0.1, 0.5, 1.0])))
     return x, draw(st.sampled_from(["packed", "slotted"])), draw(st.sampled_from([None, 8, 16, 32, 64]))
+
+
+def compress_case(case):
+    """(x, compressed x) for a tensor_cases draw; a word width that does not
+    fit x (wider than its rows allow) falls back to ibp's choice."""
+    import ibp
+    x, layout, word_bits = case
+    try:
+        return x, ibp.compress(x, word_bits=word_bits, layout=layout)
+    except ValueError:
+        return x, ibp.compress(x, layout=layout)
