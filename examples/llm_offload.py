@@ -15,7 +15,7 @@ from a compressed checkpoint, see examples/safetensors_checkpoint.py).
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ibp.integrations.llm import CompressedKVCache, offload
+from ibp.integrations.llm import CompressedKVCache, cache_kwargs, offload
 
 
 def tiny_llama(seed=0):
@@ -38,7 +38,7 @@ def main(new_tokens=16):
     offloader = model.ibp_offloader
     cache = CompressedKVCache(block_tokens=8)
     tokens = model.generate(prompt.to(device), max_new_tokens=new_tokens, do_sample=False,
-                            past_key_values=cache)
+                            **cache_kwargs(model, cache))
 
     print(f"weights: {len(offloader.entries)} modules offloaded, {offloader.raw_nbytes / 2**20:.2f} MiB raw, "
           f"{offloader.nbytes / 2**20:.2f} MiB compressed on the host; at most "

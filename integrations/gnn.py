@@ -228,7 +228,8 @@ class TorchNeighborSampler(NeighborSampler):
             warnings.filterwarnings("ignore", message=".*without a 'pyg-lib' installation.*")
             super().__init__(data, num_neighbors, **kwargs)
         if (self.is_hetero or self.disjoint or self.subgraph_type != SubgraphType.directional
-                or self.sample_direction != "forward" or self.edge_weight is not None):
+                or getattr(self, "sample_direction", "forward") != "forward"  # PyG >= 2.6
+                or self.edge_weight is not None):
             raise ValueError("TorchNeighborSampler only samples homogeneous graphs, directional, forward, "
                              "unweighted and untimed; install pyg-lib for the rest")
 

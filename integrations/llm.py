@@ -19,6 +19,7 @@ PCIe, and the GPU decoder reads them straight from pinned host memory.
 Outputs are bit-identical to the uncompressed model: the codec is lossless.
 """
 import functools
+import inspect
 import math
 from collections.abc import Mapping
 
@@ -30,7 +31,7 @@ from ibp import dtypes
 from ibp.tensor import CompressedTensor
 
 __all__ = ["offload", "WeightOffloader", "WeightOffloadHook", "CompressedKVCache", "CompressedKVLayer",
-           "compress_checkpoint"]
+           "cache_kwargs", "compress_checkpoint"]
 
 
 def _device(device):
@@ -375,7 +376,8 @@ class _CompressedSequence:
     def append(self, new, device, block_tokens):
         """The whole sequence with ``new`` appended; full blocks of
         ``block_tokens`` not yet compressed are compressed and leave the device."""
-        full = torch.cat([self._restore(ct, device) for ct in self.blocks] + [self.tail, new], dim=-2)
+        tail = [self.tail] if self.tail is not None and self.tail.shape[-2] else []
+        full = torch.cat([self._restore(ct, device) for ct in self.blocks] + tail + [new], dim=-2)
         n = (full.shape[-2] - self.compressed) // block_tokens * block_tokens
         if n:
             block = full[..., self.compressed:self.compressed + n, :]
@@ -418,11 +420,18 @@ class CompressedKVLayer(DynamicLayer):
     def values(self, value):
         self._v.set(value)
 
-    def lazy_initialization(self, key_states, value_states):
+    def lazy_initialization(self, key_states, value_states=None):
+        """Before transformers 5, this is called with the keys only."""
         self.dtype, self.device = key_states.dtype, key_states.device
         self._k.set(key_states[..., :0, :])
-        self._v.set(value_states[..., :0, :])
+        self._v.set((key_states if value_states is None else value_states)[..., :0, :])
         self.is_initialized = True
+
+    def reset(self):
+        """Drop every token (the base class would zero a restored copy)."""
+        self._k.set(None)
+        self._v.set(None)
+        self.is_initialized = False
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -446,8 +455,8 @@ class CompressedKVLayer(DynamicLayer):
 
 
 class CompressedKVCache(DynamicCache):
-    """A ``DynamicCache`` (pass it as ``past_key_values`` to ``generate`` or
-    to a forward) whose layers keep their K/V compressed on the host in blocks
+    """A ``DynamicCache`` (pass it to ``generate`` or to a forward with
+    ``**cache_kwargs(model, cache)``) whose layers keep their K/V compressed on the host in blocks
     of ``block_tokens`` tokens, and restore them (on the GPU when the cache
     lives there) each time the layer runs.  Full-attention layers only."""
 
@@ -460,3 +469,10 @@ class CompressedKVCache(DynamicCache):
     def compressed_nbytes(self):
         """Host bytes held by the compressed blocks of every layer."""
         return sum(layer.compressed_nbytes for layer in self.layers)
+
+
+def cache_kwargs(model, cache):
+    """``{name: cache}`` for the keyword ``model`` takes its KV cache by:
+    ``cache`` since transformers 5 renamed it, ``past_key_values`` before."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}

@@ -11,7 +11,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import ibp  # noqa: E402
-from ibp.integrations.llm import CompressedKVCache, CompressedKVLayer, compress_checkpoint, offload  # noqa: E402
+from ibp.integrations.llm import (CompressedKVCache, CompressedKVLayer, cache_kwargs, compress_checkpoint,  # noqa: E402
+                                  offload)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -38,6 +39,18 @@ def gpt2(seed=0, device=None):
     torch.manual_seed(seed)
     with torch.device(device or "cpu"):
         return GPT2LMHeadModel(config).eval()
+
+
+def parameters_on_meta(model):
+    """``model`` with its parameters (ties kept) on the meta device and its
+    buffers real, as accelerate's ``init_empty_weights`` builds it: a state
+    holds no non-persistent buffers (older GPT-2s keep their causal mask so)."""
+    meta = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = meta.setdefault(id(p), torch.nn.Parameter(p.to("meta"), p.requires_grad))
+    return model
 
 
 def prompt(batch=2, length=12):
@@ -106,7 +119,7 @@ def test_tied_weights_and_state_from_a_safetensors_checkpoint(tmp_path):
     state = ibp.load(tmp_path / "model.ibp")
     with torch.no_grad():
         want = ref(ids).logits
-    for model in (gpt2(seed=1), gpt2(seed=1, device="meta")):  # other weights, or none at all
+    for model in (gpt2(seed=1), parameters_on_meta(gpt2(seed=1))):  # other weights, or none at all
         offload(model, "cpu", min_bytes=4096, state=state)
         with torch.no_grad():
             assert torch.equal(model(ids).logits, want)
@@ -132,8 +145,9 @@ def test_state_naming_both_tied_weights():
     model = offload(gpt2(seed=2), "cpu", min_bytes=4096, state=state)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
-    assert model.ibp_offloader.raw_nbytes == sum(  # the tied table counted once
-        t.numel() * t.element_size() for n, t in ref.named_parameters() if t.numel() * 4 >= 4096)
+    tensors = {id(t): t for t in [*ref.parameters(), *ref.buffers()]}  # the tied table counted once
+    assert model.ibp_offloader.raw_nbytes == sum(
+        n for n in (t.numel() * t.element_size() for t in tensors.values()) if n >= 4096)
 
 
 def test_state_in_numpy_is_accepted():
@@ -171,7 +185,7 @@ def test_offload_refuses_bad_input():
 def test_compressed_kv_cache_generates_identically():
     model, ids = llama(), prompt()
     cache = CompressedKVCache(block_tokens=4)
-    got = generate(model, ids, past_key_values=cache)
+    got = generate(model, ids, **cache_kwargs(model, cache))
     assert torch.equal(got, generate(model, ids))
     assert all(isinstance(layer, CompressedKVLayer) for layer in cache.layers) and len(cache.layers) == 2
     assert cache.get_seq_length() == 12 + 12 - 1
@@ -183,8 +197,8 @@ def test_compressed_kv_cache_holds_the_same_tensors():
     model, ids = llama(), prompt()
     plain, packed = DynamicCache(), CompressedKVCache(block_tokens=5)
     with torch.no_grad():
-        model(ids, past_key_values=plain, use_cache=True)
-        model(ids, past_key_values=packed, use_cache=True)
+        model(ids, **cache_kwargs(model, plain), use_cache=True)
+        model(ids, **cache_kwargs(model, packed), use_cache=True)
 
     def same():
         return all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
@@ -198,8 +212,8 @@ def test_compressed_kv_cache_holds_the_same_tensors():
         assert same() and plain.get_seq_length() == packed.get_seq_length()
     nxt = prompt(2, 7)
     with torch.no_grad():
-        a = model(nxt, past_key_values=plain, use_cache=True).logits
-        b = model(nxt, past_key_values=packed, use_cache=True).logits
+        a = model(nxt, **cache_kwargs(model, plain), use_cache=True).logits
+        b = model(nxt, **cache_kwargs(model, packed), use_cache=True).logits
     assert torch.equal(a, b) and same()
     packed.reset()
     assert packed.get_seq_length() == 0
@@ -208,7 +222,8 @@ def test_compressed_kv_cache_holds_the_same_tensors():
 def test_offload_and_kv_cache_together():
     ref, ids = llama(), prompt()
     model = offload(llama(), "cpu", min_bytes=4096)
-    assert torch.equal(generate(model, ids, past_key_values=CompressedKVCache(block_tokens=8)), generate(ref, ids))
+    cache = CompressedKVCache(block_tokens=8)
+    assert torch.equal(generate(model, ids, **cache_kwargs(model, cache)), generate(ref, ids))
 
 
 def test_kv_cache_refuses_bad_block_size():
@@ -265,7 +280,7 @@ def test_cuda_offload_matches_the_resident_model():
 def test_cuda_kv_cache_generates_identically():
     model, ids = llama().cuda(), prompt().cuda()
     cache = CompressedKVCache(block_tokens=4)
-    assert torch.equal(generate(model, ids, past_key_values=cache), generate(model, ids))
+    assert torch.equal(generate(model, ids, **cache_kwargs(model, cache)), generate(model, ids))
     assert all(ct.is_pinned() for layer in cache.layers for ct in layer._k.blocks)
 
 
