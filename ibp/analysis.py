@@ -136,10 +136,11 @@ def learn(samples, word_bits, prices=EXCEPTION_PRICES):
 
 def encoded_bits(words, model, unit_words):
     """Bits the units in ``words`` (a whole number of units) encode to."""
-    t0, t1, fbits, _ = model.tables
+    t0, t1, fbits, ptot = model.tables
     sizes = np.empty(words.shape[0] // unit_words, np.int64)
     nchunks = min(sizes.size, 8 * numba.get_num_threads())
-    codec.classify_units(words.size, words, t0, t1, model.word_bits, model.period, unit_words, fbits, sizes, nchunks)
+    codec.classify_units(words.size, words, t0, t1, model.word_bits, model.period, unit_words, fbits, ptot, sizes,
+                         nchunks)
     return int(sizes.sum())
 
 

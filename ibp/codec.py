@@ -69,36 +69,44 @@ def restore(v, t, c, wmask):
 
 
 @njit(inline="always")
-def classify_unit(src, off, t0, t1, W, p, U, fbits, exc, flag):
+def classify_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag):
     """Find a unit's exceptions (positions into ``exc``, secondary matches
-    into ``flag``) and pick its cheapest kind: returns (kind, bits, k)."""
+    into ``flag``) and pick its cheapest kind: returns (kind, bits, k).
+
+    The scan over the words stores every position and advances ``k`` only on
+    a miss: no branch to mispredict on real data's scattered exceptions."""
     pbits, kmax, kbits = unit_geometry(U)
-    matched = ZERO
-    excbits = ZERO
     k = 0
-    c = 0
-    for j in range(U):
-        x = U64(src[off + j])
-        if matches(x, t0, c):
-            matched += t0[c, WIDTH]
-        else:
-            second = fbits != 0 and matches(x, t1, c)
+    if p == 1:
+        base, fix = t0[0, BASE], t0[0, FIX]
+        for j in range(U):
             exc[k] = j
-            flag[k] = second
-            k += 1
-            excbits += t1[c, WIDTH] if second else U64(W)
-        c += 1
-        if c == p:
-            c = 0
+            k += np.int64(((U64(src[off + j]) - base) & fix) != ZERO)
+    else:
+        c = 0
+        for j in range(U):
+            exc[k] = j
+            k += np.int64(not matches(U64(src[off + j]), t0, c))
+            c += 1
+            if c == p:
+                c = 0
     exc[k] = U
+    matched = np.int64((U // p) * ptot)
+    excbits = 0
+    for e in range(k):
+        c = exc[e] % p
+        second = fbits != 0 and matches(U64(src[off + exc[e]]), t1, c)
+        flag[e] = second
+        matched -= np.int64(t0[c, WIDTH])
+        excbits += np.int64(t1[c, WIDTH]) if second else W
     best = U * W
     kind = RAW
     if k == 0:
-        if np.int64(matched) < best:
-            best = np.int64(matched)
+        if matched < best:
+            best = matched
             kind = ALL
     else:
-        tail = np.int64(matched) + k * fbits + np.int64(excbits)
+        tail = matched + k * fbits + excbits
         if k <= kmax and kbits + k * pbits + tail < best:
             best = kbits + k * pbits + tail
             kind = SPARSE
@@ -109,14 +117,14 @@ def classify_unit(src, off, t0, t1, W, p, U, fbits, exc, flag):
 
 
 @Kernel
-def classify_units(x, t0, t1, W, p, U, fbits, sizes, nchunks):
+def classify_units(x, t0, t1, W, p, U, fbits, ptot, sizes, nchunks):
     """Bit size of every unit of ``x`` (a whole number of units)."""
     n = sizes.shape[0]
     for ch in prange(nchunks):
         exc = np.empty(U + 1, np.int64)
         flag = np.empty(U, np.uint8)
         for u in range(ch * n // nchunks, (ch + 1) * n // nchunks):
-            sizes[u] = classify_unit(x, u * U, t0, t1, W, p, U, fbits, exc, flag)[1]
+            sizes[u] = classify_unit(x, u * U, t0, t1, W, p, U, fbits, ptot, exc, flag)[1]
 
 
 @njit(inline="always")
@@ -126,7 +134,17 @@ def encode_run(src, off, j0, j1, t, p, colof, buf, acc, nb, widx):
     registers (see decode_run)."""
     if p == 1:
         base, low, high, sh1, sh2, width = t[0, BASE], t[0, LOW], t[0, HIGH], t[0, SH1], t[0, SH2], t[0, WIDTH]
-        for j in range(j0, j1):
+        j = j0
+        if width <= U64(32):  # two residuals per append
+            w2 = width + width
+            while j + 1 < j1:
+                y0 = U64(src[off + j]) - base
+                y1 = U64(src[off + j + 1]) - base
+                v0 = (y0 & low) | (((y0 & high) >> sh1) >> sh2)
+                v1 = (y1 & low) | (((y1 & high) >> sh1) >> sh2)
+                acc, nb, widx = put_bits(buf, acc, nb, widx, v0 | (v1 << width), w2)
+                j += 2
+        for j in range(j, j1):
             y = U64(src[off + j]) - base
             v = (y & low) | (((y & high) >> sh1) >> sh2)
             acc, nb, widx = put_bits(buf, acc, nb, widx, v, width)
@@ -185,21 +203,21 @@ def encode_unit(src, off, kind, k, t0, t1, W, p, U, fbits, colof, exc, flag,
 
 
 @njit(inline="always")
-def encode_next(x, tail, u, n, t0, t1, W, p, U, fbits, colof, exc, flag, buf, acc, nb, widx):
+def encode_next(x, tail, u, n, t0, t1, W, p, U, fbits, ptot, colof, exc, flag, buf, acc, nb, widx):
     """Classify unit ``u`` (the zero-padded ``tail`` when it is the last and
     ``tail`` is not empty) and append it; returns (kind, size, writer)."""
     if u == n - 1 and tail.shape[0] > 0:
-        kind, size, k = classify_unit(tail, 0, t0, t1, W, p, U, fbits, exc, flag)
+        kind, size, k = classify_unit(tail, 0, t0, t1, W, p, U, fbits, ptot, exc, flag)
         acc, nb, widx = encode_unit(tail, 0, kind, k, t0, t1, W, p, U, fbits, colof, exc, flag, buf, acc, nb, widx)
     else:
-        kind, size, k = classify_unit(x, u * U, t0, t1, W, p, U, fbits, exc, flag)
+        kind, size, k = classify_unit(x, u * U, t0, t1, W, p, U, fbits, ptot, exc, flag)
         acc, nb, widx = encode_unit(x, u * U, kind, k, t0, t1, W, p, U, fbits, colof, exc, flag,
                                     buf, acc, nb, widx)
     return kind, size, acc, nb, widx
 
 
 @Kernel
-def encode_chunks(x, tail, t0, t1, W, p, U, fbits, colof, chunks, first_word, buf, kinds, sizes):
+def encode_chunks(x, tail, t0, t1, W, p, U, fbits, ptot, colof, chunks, first_word, buf, kinds, sizes):
     """Encode the units of chunk ``ch`` back to back from word
     ``first_word[ch]`` of ``buf``, a region big enough for them raw; record
     each unit's kind and bit size.  ``compact`` then closes the gaps."""
@@ -211,7 +229,7 @@ def encode_chunks(x, tail, t0, t1, W, p, U, fbits, colof, chunks, first_word, bu
         nb = ZERO
         widx = U64(first_word[ch])
         for u in range(chunks[ch], chunks[ch + 1]):
-            kinds[u], sizes[u], acc, nb, widx = encode_next(x, tail, u, n, t0, t1, W, p, U, fbits, colof,
+            kinds[u], sizes[u], acc, nb, widx = encode_next(x, tail, u, n, t0, t1, W, p, U, fbits, ptot, colof,
                                                             exc, flag, buf, acc, nb, widx)
         flush_bits(buf, acc, nb, widx)
 
@@ -238,14 +256,14 @@ def compact(buf, first_word, chunk_bits):
 
 
 @Kernel
-def encode_slotted(x, tail, t0, t1, W, p, U, fbits, colof, slots, slot_words, buf, kinds):
+def encode_slotted(x, tail, t0, t1, W, p, U, fbits, ptot, colof, slots, slot_words, buf, kinds):
     """Write unit ``i`` of ``x`` into slot ``slots[i]``; zero the slot's rest."""
     n = kinds.shape[0]
     for i in prange(n):
         exc = np.empty(U + 1, np.int64)
         flag = np.empty(U, np.uint8)
         w0 = U64(slots[i] * slot_words)
-        kinds[i], _, acc, nb, widx = encode_next(x, tail, i, n, t0, t1, W, p, U, fbits, colof, exc, flag,
+        kinds[i], _, acc, nb, widx = encode_next(x, tail, i, n, t0, t1, W, p, U, fbits, ptot, colof, exc, flag,
                                                  buf, ZERO, ZERO, w0)
         flush_bits(buf, acc, nb, widx)
         if nb > ZERO:

@@ -82,16 +82,16 @@ def encode_packed(data, geom, model):
     n = geom.nunits
     kinds = np.empty(n, np.uint8)
     sizes = np.empty(n, np.int64)
-    parallel = geom.total_words >= PARALLEL_MIN_WORDS
+    parallel = geom.total_words >= PARALLEL_MIN_WORDS and numba.get_num_threads() > 1  # as Kernel decides
     nchunks = max(1, min(n, 4 * numba.get_num_threads()) if parallel else min(n, 1))
     chunks = np.linspace(0, n, nchunks + 1).astype(np.int64)
     raw_words = -(-np.diff(chunks) * geom.unit_words * geom.word_bits // 64)
     first_word = np.concatenate([[0], np.cumsum(raw_words)]).astype(np.int64)
     buf = np.zeros(int(first_word[-1]) + 1, np.uint64)
     if n:
-        t0, t1, fbits, _ = model.tables
+        t0, t1, fbits, ptot = model.tables
         codec.encode_chunks(geom.total_words, body, tail, t0, t1, geom.word_bits, model.period, geom.unit_words,
-                            fbits, column_of(geom, model), chunks, first_word, buf, kinds, sizes)
+                            fbits, ptot, column_of(geom, model), chunks, first_word, buf, kinds, sizes)
     chunk_bits = np.add.reduceat(sizes, chunks[:-1]) if n else np.zeros(0, np.int64)
     total = codec.compact(buf, first_word[:-1], chunk_bits) if n else 0
     nwords = -(-total // 64) + 1  # + the spare zero word
@@ -113,8 +113,8 @@ def encode_slots(data, geom, model, slots, buf):
         tail[:used] = words[words.size - used:]
     body = words[:words.size - used]
     kinds = np.empty(len(slots), np.uint8)
-    t0, t1, fbits, _ = model.tables
-    codec.encode_slotted(words.size, body, tail, t0, t1, geom.word_bits, model.period, geom.unit_words, fbits,
+    t0, t1, fbits, ptot = model.tables
+    codec.encode_slotted(words.size, body, tail, t0, t1, geom.word_bits, model.period, geom.unit_words, fbits, ptot,
                          column_of(geom, model), np.asarray(slots, np.int64), geom.slot_words, buf, kinds)
     return kinds
 
