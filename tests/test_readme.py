@@ -1,4 +1,4 @@
-"""The README's promises: CI runs its test command, and its tour runs."""
+"""The README's promises: CI runs its test command, its tour runs, its links resolve."""
 import os
 import re
 from pathlib import Path
@@ -45,3 +45,10 @@ def test_comparison_table_matches_the_committed_results():
             assert shown == f"{results[name]['codecs'][codec]['ratio']:.{digits}f}", (label, codec)
             seen += 1
     assert seen == 6 * 5
+
+
+def test_relative_links_in_the_docs_resolve():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
