@@ -135,15 +135,16 @@ def encode_run(src, off, j0, j1, t, p, colof, buf, acc, nb, widx):
     if p == 1:
         base, low, high, sh1, sh2, width = t[0, BASE], t[0, LOW], t[0, HIGH], t[0, SH1], t[0, SH2], t[0, WIDTH]
         j = j0
-        if width <= U64(32):  # two residuals per append
-            w2 = width + width
-            while j + 1 < j1:
-                y0 = U64(src[off + j]) - base
-                y1 = U64(src[off + j + 1]) - base
-                v0 = (y0 & low) | (((y0 & high) >> sh1) >> sh2)
-                v1 = (y1 & low) | (((y1 & high) >> sh1) >> sh2)
-                acc, nb, widx = put_bits(buf, acc, nb, widx, v0 | (v1 << width), w2)
-                j += 2
+        group = min(4, 64 // max(np.int64(width), 1))  # residuals per append
+        if group > 1:
+            wg = width * U64(group)
+            while j + group <= j1:
+                v = ZERO
+                for g in range(group):
+                    y = U64(src[off + j + g]) - base
+                    v |= ((y & low) | (((y & high) >> sh1) >> sh2)) << (width * U64(g))
+                acc, nb, widx = put_bits(buf, acc, nb, widx, v, wg)
+                j += group
         for j in range(j, j1):
             y = U64(src[off + j]) - base
             v = (y & low) | (((y & high) >> sh1) >> sh2)
