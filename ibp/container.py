@@ -21,7 +21,8 @@ from .geometry import Geometry
 from .model import Model
 
 MAGIC = b"\x89IBP\r\n\x1a\n"
-VERSION = 1
+VERSION = 2
+READABLE = (1, 2)  # version 2 added the uniform row index (index_rel_bits 0)
 PREAMBLE = struct.Struct("<8sIIII")
 ALIGN = 64
 MAX_HEADER = 64 << 20
@@ -138,8 +139,8 @@ def _header(buf):
         raise FormatError("not an ibp file (bad magic)")
     if reserved:
         raise FormatError("reserved preamble bytes are not zero")
-    if version != VERSION:
-        raise FormatError(f"unsupported ibp format version {version} (this reads {VERSION})")
+    if version not in READABLE:
+        raise FormatError(f"unsupported ibp format version {version} (this reads {', '.join(map(str, READABLE))})")
     if hlen > MAX_HEADER or PREAMBLE.size + hlen > len(buf):
         raise FormatError(f"header length {hlen} runs past the end of the data")
     raw = bytes(buf[PREAMBLE.size:PREAMBLE.size + hlen])
@@ -156,7 +157,7 @@ def _header(buf):
         raise FormatError("metadata must map strings to strings")
     if not isinstance(entries, list):
         raise FormatError("tensors must be a list")
-    return meta, entries, _align(PREAMBLE.size + hlen)
+    return meta, entries, _align(PREAMBLE.size + hlen), version
 
 
 def _section(buf, start, spec, want_len, dtype, verify, name, taken):
@@ -197,7 +198,7 @@ def _first_bad_start(block_base, rel, block, payload_bits):
     return -1
 
 
-def _entry(buf, start, entry, verify, taken):
+def _entry(buf, start, entry, verify, taken, version):
     from .tensor import CompressedTensor
     if not isinstance(entry, dict):
         raise FormatError("tensor entry must be an object")
@@ -257,14 +258,17 @@ def _entry(buf, start, entry, verify, taken):
     bits = _int(entry["payload_bits"], "payload_bits", 0, 8 * len(buf))
     block = _int(entry["index_block"], "index_block", 1, 1 << 16)
     rel_bits = entry["index_rel_bits"]
-    if block & (block - 1) or rel_bits not in (16, 32):
-        raise FormatError("index_block must be a power of two and index_rel_bits 16 or 32")
-    block_base = sec("index_base", -(-n // block) * 8, "<u8")
-    rel = sec("index_rel", n * rel_bits // 8, f"<u{rel_bits // 8}")
+    if block & (block - 1) or rel_bits not in ((0, 16, 32) if version >= 2 else (16, 32)):
+        raise FormatError("index_block must be a power of two and index_rel_bits 16 or 32 (or 0 from version 2)")
+    uniform = rel_bits == 0
+    if uniform and (block != 1 or n == 0 or bits % n):
+        raise FormatError(f"{label}: a uniform row index needs index_block 1 and units of equal size")
+    block_base = sec("index_base", 0 if uniform else -(-n // block) * 8, "<u8")
+    rel = sec("index_rel", n * rel_bits // 8, f"<u{max(rel_bits, 16) // 8}")
     payload = sec("payload", (-(-bits // 64) + 1) * 8, "<u8")
     if payload[-1] or (bits % 64 and payload[-2] >> np.uint64(bits % 64)):
         raise FormatError(f"{label}: payload padding bits are not zero")
-    bad = _first_bad_start(block_base, rel, block, bits)
+    bad = -1 if uniform else _first_bad_start(block_base, rel, block, bits)
     if bad >= 0:
         raise FormatError(f"{label}: row index entry {bad} is out of order or out of range")
     return CompressedTensor(dtype=dtype, shape=shape, framework=entry["framework"], geometry=geom,
@@ -278,11 +282,11 @@ def loads(buf, *, verify=True):
         raise TypeError(f"expected bytes, not {type(buf).__name__}")
     if isinstance(buf, memoryview):
         buf = buf.cast("B")
-    meta, entries, start = _header(buf)
+    meta, entries, start, version = _header(buf)
     taken = []
     out = {}
     for entry in entries:
-        ct = _entry(buf, start, entry, verify, taken)
+        ct = _entry(buf, start, entry, verify, taken, version)
         name = entry["name"]
         if name in out or (name is None and len(entries) != 1):
             raise FormatError(f"duplicate or missing tensor name {name!r}")

@@ -50,6 +50,7 @@ import numpy as np
 
 from . import codec, dtypes
 from .decode import normalize_index
+from .encode import blocked_index
 from .errors import FormatError
 from .model import LOW_MASK
 from .tensor import CompressedTensor
@@ -150,6 +151,10 @@ class KernelTables:
         self._starts = None
         if packed:
             block, rel_bits, base, rel = ct.index
+            if rel_bits == 0:  # uniform units: the kernel reads them through a blocked index made here
+                if N == 0 or ct.payload_bits % N or block != 1 or base.size or rel.size:
+                    raise FormatError("uniform row index does not fit the unit count")
+                block, rel_bits, base, rel = blocked_index(np.arange(N, dtype=np.int64) * (ct.payload_bits // N))
             if block < 1 or block & (block - 1) or rel_bits not in (16, 32) or rel.dtype.itemsize * 8 != rel_bits:
                 raise FormatError("row index block or offset width is invalid")
             if base.size != -(-N // block) or rel.size != N:

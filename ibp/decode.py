@@ -5,7 +5,7 @@ import numpy as np
 
 from . import codec
 from ._bits import PARALLEL_MIN_WORDS
-from .encode import column_of, unpack_kinds
+from .encode import column_of, unit_start_bits, unpack_kinds
 from .errors import FormatError
 
 
@@ -17,12 +17,12 @@ def unit_spans(ct, units):
         slot = ct.geometry.slot_words * 64
         starts = units * slot
         return starts, starts + slot, kinds
-    block, _, block_base, rel = ct.index
-    starts = block_base[units // block].astype(np.int64) + rel[units]
+    n = ct.geometry.nunits
+    starts = unit_start_bits(ct.index, units, ct.payload_bits, n)
     nxt = units + 1
-    last = nxt >= ct.geometry.nunits
+    last = nxt >= n
     nxt[last] = 0
-    ends = np.where(last, ct.payload_bits, block_base[nxt // block].astype(np.int64) + rel[nxt])
+    ends = np.where(last, ct.payload_bits, unit_start_bits(ct.index, nxt, ct.payload_bits, n))
     return starts, ends, kinds
 
 

@@ -55,7 +55,25 @@ def _largest_block(starts, limit):
     return block
 
 
-def build_index(starts):
+def build_index(starts, total):
+    """The row index of units starting at bits ``starts`` in a ``total``-bit
+    payload: the uniform index (no bytes at all) when every unit has the same
+    size, as raw or all-matching data does, else ``blocked_index``."""
+    n = starts.size
+    if n and total % n == 0 and np.array_equal(starts, np.arange(n, dtype=np.int64) * (total // n)):
+        return 1, 0, np.zeros(0, np.uint64), np.zeros(0, np.uint16)
+    return blocked_index(starts)
+
+
+def unit_start_bits(index, units, payload_bits, nunits):
+    """Start bit of each of ``units`` (int64 array) under a packed row index."""
+    block, rel_bits, block_base, rel = index
+    if rel_bits == 0:
+        return units * (payload_bits // nunits)
+    return block_base[units // block].astype(np.int64) + rel[units]
+
+
+def blocked_index(starts):
     """(block, rel_bits, block_base, rel) with start(u) = block_base[u // block] + rel[u],
     choosing the block size and offset width that take the fewest bytes."""
     n = starts.size
@@ -99,7 +117,7 @@ def encode_packed(data, geom, model):
     buf[-1] = 0
     starts = np.zeros(n, np.int64)
     np.cumsum(sizes[:-1], out=starts[1:])
-    return pack_kinds(kinds), buf, total, build_index(starts)
+    return pack_kinds(kinds), buf, total, build_index(starts, total)
 
 
 def encode_slots(data, geom, model, slots, buf):

@@ -254,9 +254,9 @@ def test_info_reports_the_facts(files, tmp_path):
     packed = tmp_path / "st.ibp"
     ok("compress", files["safetensors"], packed)
     text = ok("info", packed)
-    assert "format version 1" in text and "from safetensors" in text and "metadata format: pt" in text
+    assert "format version 2" in text and "from safetensors" in text and "metadata format: pt" in text
     report = info_json(packed)
-    assert report["format_version"] == 1 and report["source"]["format"] == "safetensors"
+    assert report["format_version"] == 2 and report["source"]["format"] == "safetensors"
     loaded = ibp.load(packed)
     assert set(report["tensors"]) == set(loaded)
     for name, ct in loaded.items():
@@ -361,7 +361,7 @@ def test_python_dash_m_exits_with_status_and_one_line(tmp_path, cora_ibp):
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
     assert "checksum" in r.stderr
     r = subprocess.run([sys.executable, "-m", "ibp", "info", str(cora_ibp)], capture_output=True, text=True, env=env)
-    assert r.returncode == 0 and "format version 1" in r.stdout
+    assert r.returncode == 0 and "format version 2" in r.stdout
 
 
 # -- bench ---------------------------------------------------------------------

@@ -219,6 +219,18 @@ def test_emulated_decode_matches_cpu(emulator, shape, dtype, noise, layout):
         assert_same(emulator, ct, chunk_bytes=256)
 
 
+def test_uniform_row_index_decodes(emulator):
+    """Units of equal size (all raw, all matching) carry no row index; the
+    GPU tables rebuild one."""
+    rng = np.random.default_rng(5)
+    for x in (rng.integers(0, 2**16, (70, 300)).astype(np.uint16), np.full((70, 300), 9, np.uint16)):
+        ct = ibp.compress(x)
+        assert ct.index[1] == 0
+        assert_same(emulator, ct)
+        assert_same(emulator, ct, rng.integers(-70, 70, 11))
+        assert_same(emulator, ct, chunk_bytes=256)
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_every_team_shape_decodes_alike(emulator, stage):
     """The same units through every (lanes, warps) shape and staging mode."""

@@ -132,12 +132,46 @@ def test_lying_headers_are_rejected(lie):
 def test_preamble_checks():
     _, ct = sample_tensor()
     blob = ct.to_bytes()
-    for bad in (b"NOTIBP00" + blob[8:], blob[:8] + struct.pack("<I", 2) + blob[12:],
+    for bad in (b"NOTIBP00" + blob[8:], blob[:8] + struct.pack("<I", 3) + blob[12:],
                 blob[:12] + struct.pack("<I", 1 << 30) + blob[16:], blob[:16] + b"\0\0\0\0" + blob[20:]):
         with pytest.raises(ibp.FormatError):
             ibp.CompressedTensor.from_bytes(bad)
     with pytest.raises(TypeError):
         ibp.CompressedTensor.from_bytes("not bytes")
+
+
+def with_version(blob, version):
+    magic, _, hlen, hcrc, reserved = container.PREAMBLE.unpack_from(blob, 0)
+    return container.PREAMBLE.pack(magic, version, hlen, hcrc, reserved) + blob[container.PREAMBLE.size:]
+
+
+def test_version_1_files_are_read():
+    x, ct = sample_tensor()
+    assert ct.index[1] in (16, 32)
+    assert np.array_equal(ibp.decompress(ibp.CompressedTensor.from_bytes(with_version(ct.to_bytes(), 1))), x)
+
+
+@pytest.mark.parametrize("make", [
+    lambda rng: rng.integers(0, 2**32, (300, 64), dtype=np.uint64).astype(np.uint32),  # every unit raw
+    lambda rng: np.full((300, 64), 7, np.int32),                                         # every word matches
+])
+def test_equal_size_units_take_the_uniform_index(make):
+    x = make(np.random.default_rng(3))
+    ct = ibp.compress(x)
+    assert ct.index[1] == 0 and ct.index[2].size == ct.index[3].size == 0
+    blob = ct.to_bytes()
+    assert len(blob) < max(x.nbytes, 4096) + 2048  # a header, the model, the kinds: no row index
+    back = ibp.CompressedTensor.from_bytes(blob)
+    assert np.array_equal(ibp.decompress(back), x)
+    assert np.array_equal(ibp.decompress(back, index=[299, 0, 17, 17]), x[[299, 0, 17, 17]])
+    lies = [lambda h: h["tensors"][0].update(payload_bits=h["tensors"][0]["payload_bits"] + 1),
+            lambda h: h["tensors"][0].update(index_block=2),
+            lambda h: h["tensors"][0]["sections"]["index_rel"].__setitem__(1, 8)]
+    for lie in lies:
+        with pytest.raises(ibp.FormatError):
+            ibp.decompress(ibp.CompressedTensor.from_bytes(rebuild(blob, lie), verify=False))
+    with pytest.raises(ibp.FormatError, match="index_rel_bits"):
+        ibp.CompressedTensor.from_bytes(with_version(blob, 1))
 
 
 @pytest.mark.parametrize("kind", [2, 3])
