@@ -50,7 +50,7 @@ import numpy as np
 
 from . import codec, dtypes
 from .decode import normalize_index
-from .encode import blocked_index
+from .encode import blocked_index, unit_start_bits
 from .errors import FormatError
 from .model import LOW_MASK
 from .tensor import CompressedTensor
@@ -171,9 +171,9 @@ class KernelTables:
     def unit_starts(self):
         """Start bit of every unit (packed layout), computed once."""
         if self._starts is None:
-            u = np.arange(self.nunits, dtype=np.int64)
-            block = 1 << self.scalars["log2_block"]
-            self._starts = self.index_base[u // block].astype(np.int64) + self.index_rel.astype(np.int64)
+            s = self.scalars
+            index = (1 << s["log2_block"], s["rel_bits"], self.index_base, self.index_rel)
+            self._starts = unit_start_bits(index, np.arange(self.nunits, dtype=np.int64), s["payload_bits"], self.nunits)
         return self._starts
 
     def chunks(self, chunk_bytes):
