@@ -1,4 +1,8 @@
 """ibp: lossless Invariant Bit Packing of tensors for fast CPU->GPU transfer."""
+from . import _source_tree
+
+_source_tree.install()
+
 from .api import analyze, compress, decompress, load, load_metadata, save
 from .errors import FormatError
 from .model import Model
