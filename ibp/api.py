@@ -21,7 +21,7 @@ def analyze(x, *, word_bits=None):
     return analyze_bytes(data, shape, dtypes.ITEMSIZE[name], word_bits)
 
 
-def compress(x, *, model=None, word_bits=None, layout="packed"):
+def compress(x, *, model=None, word_bits=None, layout="packed", unit_rows=None):
     """Compress a numpy array or CPU torch tensor of any dtype and shape.
 
     Rows are the first axis: a 2-d+ tensor has ``shape[0]`` rows, a 1-d
@@ -33,11 +33,17 @@ def compress(x, *, model=None, word_bits=None, layout="packed"):
     layout:    "packed" (rows back to back: smallest) or "slotted" (each
                unit keeps a raw-size slot: rows can be rewritten in place
                with ``CompressedTensor.update_rows``).
+    unit_rows: rows per unit (default: short rows are grouped, which is
+               smallest).  1 makes every row its own unit, so a gather reads
+               only the rows it asks for: the choice for tables that are
+               mostly read by index (embeddings, feature stores).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if word_bits is not None and word_bits not in (8, 16, 32, 64):
         raise ValueError(f"word_bits must be 8, 16, 32 or 64, got {word_bits!r}")
+    if unit_rows is not None and (isinstance(unit_rows, bool) or not isinstance(unit_rows, int) or unit_rows < 1):
+        raise ValueError(f"unit_rows must be None or a positive integer, got {unit_rows!r}")
     data, name, shape, framework = dtypes.as_bytes(x)
     itemsize = dtypes.ITEMSIZE[name]
     if model is None:
@@ -46,7 +52,7 @@ def compress(x, *, model=None, word_bits=None, layout="packed"):
         raise TypeError(f"model must be an ibp.Model, not {type(model).__name__}")
     elif word_bits is not None and word_bits != model.word_bits:
         raise ValueError(f"word_bits={word_bits} contradicts the model's {model.word_bits}-bit words")
-    geom = Geometry.choose(shape, itemsize, model.word_bits)
+    geom = Geometry.choose(shape, itemsize, model.word_bits, unit_rows)
     geom.check()
     if geom.unit_words % model.period:
         raise ValueError(f"the model's period {model.period} does not divide this tensor's "

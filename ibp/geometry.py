@@ -40,18 +40,24 @@ def _divisors(n):
     return sorted(set(small + [n // d for d in small]))
 
 
-def unit_elems(shape, itemsize):
-    """Elements per unit for a tensor of this shape (independent of W)."""
+def unit_elems(shape, itemsize, unit_rows=None):
+    """Elements per unit for a tensor of this shape (independent of W).
+
+    ``unit_rows`` asks for that many rows per unit instead of the grouping
+    chosen here (long rows are still split): 1 lets a gather read only the
+    rows it asks for, at the price of per-unit overhead on short rows."""
     nrows, row = _nrows(shape), _row_elems(shape)
     if nrows == 0 or row == 0:
         return 1  # no words, no units: any unit that fits the format will do
+    row_bytes = row * itemsize
+    if row_bytes > SPLIT_BYTES and len(shape) >= 2:
+        return _split_piece(row, itemsize, shape[-1])
+    if unit_rows is not None:
+        return min(nrows, unit_rows) * row
     if len(shape) <= 1:
         return min(nrows, max(1, FLAT_UNIT_BYTES // itemsize))
-    row_bytes = row * itemsize
     if row_bytes < GROUP_BYTES:
         return min(nrows, -(-GROUP_BYTES // row_bytes)) * row
-    if row_bytes > SPLIT_BYTES:
-        return _split_piece(row, itemsize, shape[-1])
     return row
 
 
@@ -64,9 +70,9 @@ class Geometry:
     unit_words: int
 
     @classmethod
-    def choose(cls, shape, itemsize, word_bits):
+    def choose(cls, shape, itemsize, word_bits, unit_rows=None):
         wb = word_bits // 8
-        return cls(tuple(shape), itemsize, word_bits, unit_elems(shape, itemsize) * itemsize // wb)
+        return cls(tuple(shape), itemsize, word_bits, unit_elems(shape, itemsize, unit_rows) * itemsize // wb)
 
     @property
     def nrows(self):
