@@ -9,10 +9,15 @@ Where the compressed bytes come from decides the path:
   from a pinned tensor always go this way; whole small tensors too.
 * **stream** -- a whole tensor is cut into chunks of whole units; a side
   stream DMA-copies chunk i+1 into a ring of device buffers while the
-  current stream decodes chunk i.  Chosen for whole packed tensors of at
-  least STREAM_MIN_BYTES, and for every whole-tensor decode of an unpinned
-  one (whose copies then go through the driver's staging buffers, which can
-  block the host).
+  current stream decodes chunk i.  The copy engine outruns a kernel reading
+  host memory (on Hopper about 55 against 35 GB/s), so ``path="auto"``
+  streams every whole tensor of at least STREAM_MIN_BYTES whose copy
+  (its payload at DMA_RATE) beats reading its encoded bytes in place (at
+  ZERO_COPY_RATE: a slotted tensor's slots are only partly read), and every
+  whole-tensor decode of an unpinned one (whose copies then go through the
+  driver's staging buffers, which can block the host).  The chunks and
+  their kernel arguments are planned once per tensor, and the first copies
+  start before anything else of the call.
 * **device** -- ``to_device(ct)`` keeps a copy of the payload in GPU
   memory; decodes are then device to device.
 
@@ -68,7 +73,9 @@ MAX_GRID = (1 << 31) - 1
 MAX_UNIT_WORDS = 1 << 31
 PATHS = ("auto", "zero-copy", "stream")
 STAGE = 1                        # kernel "stage" argument (see Params::stage in cuda/ibp_decode.cu)
-STREAM_MIN_BYTES = 8 << 20       # whole pinned tensors at least this big stream
+STREAM_MIN_BYTES = 8 << 20       # whole pinned tensors at least this big may stream
+ZERO_COPY_RATE = 35e9            # bytes/s a kernel reads from pinned host memory (H100, nvbandwidth)
+DMA_RATE = 55e9                  # bytes/s of the copy engine (H100, nvbandwidth); bench/gpu.py measures both
 CHUNK_BYTES = 16 << 20           # payload bytes per streamed chunk
 RING_SLOTS = 3                   # device buffers the streamed chunks rotate through
 INDEX_CODES = {"int8": 1, "int16": 2, "int32": 3, "int64": 4, "uint8": 5, "uint16": 6, "uint32": 7, "uint64": 8}
@@ -149,6 +156,7 @@ class KernelTables:
         self.index_base = np.zeros(1, np.uint64)
         self.index_rel = np.zeros(1, np.uint32)
         self._starts = None
+        self._plans = {}
         if packed:
             block, rel_bits, base, rel = ct.index
             if rel_bits == 0:  # uniform units: the kernel reads them through a blocked index made here
@@ -175,6 +183,13 @@ class KernelTables:
             index = (1 << s["log2_block"], s["rel_bits"], self.index_base, self.index_rel)
             self._starts = unit_start_bits(index, np.arange(self.nunits, dtype=np.int64), s["payload_bits"], self.nunits)
         return self._starts
+
+    def stream_plan(self, chunk_bytes):
+        """The StreamPlan of this tensor for chunks of about chunk_bytes, made once."""
+        plan = self._plans.get(chunk_bytes)
+        if plan is None:
+            plan = self._plans[chunk_bytes] = StreamPlan(self, chunk_bytes)
+        return plan
 
     def chunks(self, chunk_bytes):
         """[(u0, u1, w0, w1)]: units [u0, u1) lie in payload words [w0, w1),
@@ -209,6 +224,53 @@ class KernelTables:
                                **self.scalars, **pointers)
             out.append((self.word_bits, L, G, -(-n // per_block), args))
         return out
+
+
+# Per-call kernel arguments: pointers the launch plan cannot know in advance.
+CALL_ARGS = ("payload", "kinds", "index_base", "index_rel", "columns", "out", "out_words", "status")
+_ARG_POS = {name: i for i, name in enumerate(KERNEL_ARGS)}
+
+
+class StreamPlan:
+    """A streamed decode of one tensor, planned once: the chunks, the ring of
+    device buffers they rotate through, and each chunk's kernel arguments
+    with the per-call pointers (CALL_ARGS) left to ``chunk_args``."""
+
+    def __init__(self, tables, chunk_bytes):
+        self.chunks = tables.chunks(chunk_bytes)
+        self.slots = min(RING_SLOTS, len(self.chunks))
+        self.slot_words = max(w1 - w0 for _, _, w0, w1 in self.chunks)
+        self.launches = [tables.launches(njobs=u1 - u0, job_words=tables.unit_words, first_job=u0, lim_lo=w0 * 64,
+                                         lim_hi=(w1 - 1) * 64, index=0, index_code=0, **dict.fromkeys(CALL_ARGS, 0))
+                         for u0, u1, w0, w1 in self.chunks]
+
+    def slot_offset(self, i):
+        """Byte offset of chunk i's slot in the ring."""
+        return (i % self.slots) * self.slot_words * 8
+
+    def chunk_args(self, i, ring_address, pointers):
+        """Chunk i's launches with this call's pointers (the payload pointer
+        is biased so that stream word w0 lands at the start of its slot)."""
+        w0 = self.chunks[i][2]
+        out = []
+        for W, L, G, grid, args in self.launches[i]:
+            args = args.copy()
+            for name, value in pointers.items():
+                args[_ARG_POS[name]] = value % (1 << 64)
+            args[_ARG_POS["payload"]] = (ring_address + self.slot_offset(i) - w0 * 8) % (1 << 64)
+            out.append((W, L, G, grid, args))
+        return out
+
+
+def whole_tensor_path(ct, pinned):
+    """The path ``path="auto"`` takes for a whole host tensor: "stream"
+    unless it is pinned and reading its encoded bytes in place is faster
+    than copying its payload (small tensors; sparsely filled slots)."""
+    if not pinned:
+        return "stream"
+    if ct.payload.nbytes < STREAM_MIN_BYTES:
+        return "zero-copy"
+    return "stream" if ct.payload.nbytes / DMA_RATE < ct.transfer_nbytes / ZERO_COPY_RATE else "zero-copy"
 
 
 # -- the GPU side ---------------------------------------------------------------
@@ -338,15 +400,40 @@ def _payload_of(torch, cupy, ct, dev):
     res = _resident.get(ct)
     if res is not None and res.device_index == dev.index and res.host_payload is ct.payload:
         return _Payload("device", res.data.data_ptr(), None, res.data, res.ready)
-    pinned = ct._pinned
-    if pinned is not None:
-        start = ct.payload.ctypes.data - pinned.data_ptr()
-        if 0 <= start and start + ct.payload.nbytes <= pinned.numel():
-            host = pinned[start:start + ct.payload.nbytes]
-            address = cupy.cuda.runtime.pointerGetAttributes(host.data_ptr()).devicePointer
-            if address:
-                return _Payload("pinned", address, host, pinned)
-    return _Payload("pageable", 0, _as_torch_bytes(torch, ct.payload), ct.payload)
+    host = _as_torch_bytes(torch, ct.payload)
+    if ct.is_pinned() and ct.payload.nbytes:
+        address = cupy.cuda.runtime.pointerGetAttributes(ct.payload.ctypes.data).devicePointer
+        if address:   # 0 when the payload was replaced by unpinned memory
+            return _Payload("pinned", address, host, (ct._pinned, ct.payload))
+    return _Payload("pageable", 0, host, ct.payload)
+
+
+class GpuUses:
+    """The last GPU work that reads a tensor's host memory, one event per
+    stream: ``CompressedTensor.update_rows`` waits for it (``synchronize``)
+    before it rewrites a payload a kernel or a copy may still be reading."""
+
+    def __init__(self):
+        self._events = {}
+
+    def record(self, stream):
+        event = stream.record_event()
+        with _lock:
+            self._events[stream.cuda_stream] = event
+
+    def synchronize(self):
+        with _lock:
+            events = list(self._events.values())
+        for event in events:
+            event.synchronize()
+
+
+def _record_host_use(ct, stream):
+    with _lock:
+        uses = ct._gpu_last_use
+        if uses is None:
+            uses = ct._gpu_last_use = GpuUses()
+    uses.record(stream)
 
 
 def _copy_stream(torch, dev):
@@ -507,15 +594,20 @@ def decompress(ct, *, index=None, out=None, device="cuda", path="auto", sync=Fal
                 raise IndexError("a 0-d tensor has no rows to index")
             flat_index, code, ishape = _index_on_device(torch, index, ct.nrows, dev)
             shape = ishape + ct.shape[1:]
-        result, target = _output(torch, ct, shape, out, dev)
         njobs = flat_index.numel() * tables.scalars["split"] if index is not None else tables.nunits
         if njobs == 0 or (index is None and tables.row_words == 0):
-            return result
+            return _output(torch, ct, shape, out, dev)[0]
         payload = _payload_of(torch, cupy, ct, dev)
         if payload.kind == "device" and path != "auto":
             raise ValueError(f"path={path!r} applies to host payloads; this tensor is on the device")
         if path == "zero-copy" and payload.kind != "pinned":
             raise ValueError("path='zero-copy' needs a pinned tensor: use ct.pin_memory()")
+        if index is None and payload.kind != "device" and path == "auto":
+            path = whole_tensor_path(ct, payload.kind == "pinned")
+        result, target = _output(torch, ct, shape, out, dev)
+        streamer = None
+        if index is None and path == "stream":   # the first copies go out before the rest of the set-up
+            streamer = _Streamer(torch, tables.stream_plan(CHUNK_BYTES), payload.host, dev)
         dt = _device_tables_of(torch, ct, tables, dev)
         current = torch.cuda.current_stream(dev)
         for event in (dt.ready, payload.ready):
@@ -538,12 +630,13 @@ def decompress(ct, *, index=None, out=None, device="cuda", path="auto", sync=Fal
             launches = tables.launches(njobs=njobs, job_words=job_words, index=flat_index.data_ptr(),
                                        index_code=code, **whole)
             _launch(torch, cupy, dev, launches)
-        elif payload.kind == "device" or path == "zero-copy" or (path == "auto" and payload.kind == "pinned" and (
-                ct.layout == "slotted" or ct.payload.nbytes < STREAM_MIN_BYTES)):
+        elif streamer is None:
             launches = tables.launches(njobs=njobs, job_words=tables.unit_words, index=0, index_code=0, **whole)
             _launch(torch, cupy, dev, launches)
         else:
-            keep.append(_stream(torch, cupy, tables, payload.host, common, dev))
+            keep.append(streamer.decode(cupy, common))
+        if payload.kind != "device":
+            _record_host_use(ct, current)
         if target is not result:
             result.copy_(target)
         host_status = torch.empty(1, dtype=torch.int64, pin_memory=True)
@@ -556,29 +649,39 @@ def decompress(ct, *, index=None, out=None, device="cuda", path="auto", sync=Fal
     return result
 
 
-def _stream(torch, cupy, tables, host, common, dev):
-    """Copy chunks of the payload into a device ring on a side stream while
-    the current stream decodes the previous ones; returns the ring."""
-    chunks = tables.chunks(CHUNK_BYTES)
-    slots = min(RING_SLOTS, len(chunks))
-    slot_words = max(w1 - w0 for _, _, w0, w1 in chunks)
-    ring = torch.empty(slots * slot_words * 8, dtype=torch.uint8, device=dev)
-    current, side = torch.cuda.current_stream(dev), _copy_stream(torch, dev)
-    side.wait_stream(current)
-    decoded = []
-    for i, (u0, u1, w0, w1) in enumerate(chunks):
-        if i >= slots:
-            side.wait_event(decoded[i - slots])
-        slot = ring[(i % slots) * slot_words * 8:][:(w1 - w0) * 8]
-        with torch.cuda.stream(side):
-            slot.copy_(host[w0 * 8:w1 * 8], non_blocking=True)
-        current.wait_event(side.record_event())
-        launches = tables.launches(njobs=u1 - u0, job_words=tables.unit_words, first_job=u0,
-                                   payload=slot.data_ptr() - w0 * 8, lim_lo=w0 * 64, lim_hi=(w1 - 1) * 64,
-                                   index=0, index_code=0, **common)
-        _launch(torch, cupy, dev, launches)
-        decoded.append(current.record_event())
-    return ring
+class _Streamer:
+    """One streamed decode: a side stream copies chunks of the payload into
+    a device ring while the current stream decodes the previous ones.  Made
+    before the rest of the call, so that the first copies (as many as the
+    ring holds) are already under way."""
+
+    def __init__(self, torch, plan, host, dev):
+        self.torch, self.plan, self.host = torch, plan, host
+        self.ring = torch.empty(plan.slots * plan.slot_words * 8, dtype=torch.uint8, device=dev)
+        self.current, self.side = torch.cuda.current_stream(dev), _copy_stream(torch, dev)
+        self.dev = dev
+        self.side.wait_stream(self.current)
+        self.copied = [self._copy(i) for i in range(plan.slots)]
+
+    def _copy(self, i):
+        """Start chunk i's copy into its slot; returns the event of its end."""
+        _, _, w0, w1 = self.plan.chunks[i]
+        slot = self.ring[self.plan.slot_offset(i):][:(w1 - w0) * 8]
+        with self.torch.cuda.stream(self.side):
+            slot.copy_(self.host[w0 * 8:w1 * 8], non_blocking=True)
+        return self.side.record_event()
+
+    def decode(self, cupy, pointers):
+        """Decode every chunk as it arrives; returns the ring (to keep alive)."""
+        plan = self.plan
+        ring_address = self.ring.data_ptr()
+        for i in range(len(plan.chunks)):
+            self.current.wait_event(self.copied[i])
+            _launch(self.torch, cupy, self.dev, plan.chunk_args(i, ring_address, pointers))
+            if i + plan.slots < len(plan.chunks):
+                self.side.wait_event(self.current.record_event())
+                self.copied.append(self._copy(i + plan.slots))
+        return self.ring
 
 
 def to_device(ct, device="cuda"):
@@ -606,6 +709,7 @@ def to_device(ct, device="cuda"):
             torch.cuda.current_stream(dev).wait_event(source.ready)
         elif source.kind == "pinned":
             data = source.host.to(dev, non_blocking=True)
+            _record_host_use(ct, torch.cuda.current_stream(dev))
         else:
             data = _upload(torch, ct.payload, dev)
         _device_tables_of(torch, resident, tables, dev)

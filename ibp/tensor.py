@@ -30,6 +30,7 @@ class CompressedTensor:
         self.payload_bits = payload_bits
         self.index = index
         self._pinned = None
+        self._gpu_last_use = None    # ibp.cuda.GpuUses: the GPU's last reads of the host arrays
 
     # -- what it is ---------------------------------------------------------
     @property

@@ -571,3 +571,81 @@ def test_launcher_odd_cases_on_the_cpu(cpu_as_gpu):
         assert cuda.decompress(ibp.compress(z), sync=True).shape == shape
     assert cuda.decompress(ibp.compress(np.zeros((4, 0), np.int16)), index=on_device(torch, [3, -4], np.int8)).shape \
         == (2, 0)
+
+
+def test_auto_path_streams_whole_tensors_the_copy_engine_moves_faster(monkeypatch):
+    x = np.random.default_rng(15).standard_normal((4000, 64)).astype(np.float32)
+    packed, slotted = ibp.compress(x), ibp.compress(x, layout="slotted")
+    monkeypatch.setattr(cuda, "STREAM_MIN_BYTES", 0)
+    assert cuda.whole_tensor_path(packed, pinned=True) == "stream"       # payload == bytes read: DMA wins
+    assert cuda.whole_tensor_path(packed, pinned=False) == "stream"
+    sparse = ibp.compress(np.zeros((4000, 64), np.float32), layout="slotted")
+    assert sparse.transfer_nbytes * 50 < sparse.payload.nbytes
+    assert cuda.whole_tensor_path(sparse, pinned=True) == "zero-copy"     # slots mostly empty: read in place
+    rate = slotted.payload.nbytes / slotted.transfer_nbytes                # payload / bytes a kernel reads
+    monkeypatch.setattr(cuda, "DMA_RATE", cuda.ZERO_COPY_RATE * rate * 1.01)
+    assert cuda.whole_tensor_path(slotted, pinned=True) == "stream"
+    monkeypatch.setattr(cuda, "DMA_RATE", cuda.ZERO_COPY_RATE * rate * 0.99)
+    assert cuda.whole_tensor_path(slotted, pinned=True) == "zero-copy"
+    monkeypatch.setattr(cuda, "STREAM_MIN_BYTES", packed.payload.nbytes + 1)
+    assert cuda.whole_tensor_path(packed, pinned=True) == "zero-copy"
+
+
+def test_stream_plan_is_made_once_and_fills_in_each_calls_pointers():
+    x = np.random.default_rng(16).standard_normal((3000, 40)).astype(np.float32)
+    tables = cuda.KernelTables(ibp.compress(x))
+    plan = tables.stream_plan(4096)
+    assert tables.stream_plan(4096) is plan and len(plan.chunks) > plan.slots
+    pointers = dict(kinds=11, index_base=12, index_rel=13, columns=14, out=15, out_words=16, status=17)
+    for i, (u0, u1, w0, w1) in enumerate(plan.chunks):
+        fresh = tables.launches(njobs=u1 - u0, job_words=tables.unit_words, first_job=u0, lim_lo=w0 * 64,
+                                lim_hi=(w1 - 1) * 64, index=0, index_code=0,
+                                payload=1000 + plan.slot_offset(i) - w0 * 8, **pointers)
+        got = plan.chunk_args(i, 1000, pointers)
+        assert [g[:4] for g in got] == [f[:4] for f in fresh]
+        for g, f in zip(got, fresh):
+            np.testing.assert_array_equal(g[4], f[4])
+
+
+def test_streamed_decode_starts_its_copies_first_and_records_the_host_use(cpu_as_gpu, monkeypatch):
+    order = []
+    real_copy, real_launch = cuda._Streamer._copy, cuda._launch
+    monkeypatch.setattr(cuda._Streamer, "_copy", lambda self, i: order.append(("copy", i)) or real_copy(self, i))
+    monkeypatch.setattr(cuda, "_launch", lambda *a: order.append(("launch",)) or real_launch(*a))
+    monkeypatch.setattr(cuda, "_device_tables_of", lambda *a, real=cuda._device_tables_of: (
+        order.append(("tables",)), real(*a))[1])
+    x = sample(np.random.default_rng(17), (600, 45), np.float32, 0.1)
+    ct = ibp.compress(x)
+    np.testing.assert_array_equal(raw_bytes(cuda.decompress(ct, path="stream", sync=True)), raw_bytes(x))
+    slots = cuda.RING_SLOTS
+    assert order[:slots] == [("copy", i) for i in range(slots)]            # before the tables and launches
+    assert order[slots] == ("tables",)
+    assert sorted(i for op, *i in order if op == "copy") == [[i] for i in range(len(cuda._tables_of(ct)
+                                                                                     .stream_plan(cuda.CHUNK_BYTES).chunks))]
+    assert isinstance(ct._gpu_last_use, cuda.GpuUses)
+
+
+def test_gpu_uses_wait_for_every_stream():
+    synced = []
+
+    class Event:
+        def __init__(self, name):
+            self.name = name
+
+        def synchronize(self):
+            synced.append(self.name)
+
+    class Stream:
+        def __init__(self, handle):
+            self.cuda_stream, self.n = handle, 0
+
+        def record_event(self):
+            self.n += 1
+            return Event((self.cuda_stream, self.n))
+
+    uses, a, b = cuda.GpuUses(), Stream(1), Stream(2)
+    uses.record(a)
+    uses.record(b)
+    uses.record(a)
+    uses.synchronize()
+    assert sorted(synced) == [(1, 2), (2, 1)]       # the latest event of each stream
