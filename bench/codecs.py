@@ -8,14 +8,16 @@ adds codec-specific totals to the results.  Inputs are numpy arrays or CPU
 torch tensors; outputs are numpy arrays with the same bytes, dtype and shape.
 Everything runs on one thread: the byte codecs are asked for one, and
 ``single_threaded()`` pins numba (ibp and the reference) to one.
+
+The byte codecs' packages (zstandard, lz4, blosc2) are optional: a codec
+whose package is missing is left out of ``all_codecs()``, so the benchmark
+and its tests still run on a machine without them (the GPU machine).
 """
 from contextlib import contextmanager
+import importlib
 
-import blosc2
-import lz4.frame
 import numba
 import numpy as np
-import zstandard
 
 import ibp
 from ibp import dtypes
@@ -66,8 +68,19 @@ class Codec:
         return {}
 
 
+def installed(module):
+    """Whether ``module`` can be imported here."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 class _ByteCodec(Codec):
-    """A general-purpose byte compressor applied to a tensor's raw bytes."""
+    """A general-purpose byte compressor applied to a tensor's raw bytes;
+    ``module`` is the package it needs (imported when it is made)."""
+    module = ""
 
     def compress(self, x):
         x = as_numpy(x)
@@ -85,7 +98,10 @@ class _ByteCodec(Codec):
 
 
 class Zstd(_ByteCodec):
+    module = "zstandard"
+
     def __init__(self, level):
+        import zstandard
         self.name = f"zstd-{level}"
         self._c = zstandard.ZstdCompressor(level=level, threads=0)
         self._d = zstandard.ZstdDecompressor()
@@ -99,19 +115,30 @@ class Zstd(_ByteCodec):
 
 class Lz4(_ByteCodec):
     name = "lz4"
+    module = "lz4.frame"
+
+    def __init__(self):
+        import lz4.frame
+        self._frame = lz4.frame
 
     def _pack(self, data):
-        return lz4.frame.compress(data)
+        return self._frame.compress(data)
 
     def _unpack(self, packed):
-        return lz4.frame.decompress(packed)
+        return self._frame.decompress(packed)
 
 
 class Blosc2(_ByteCodec):
     """blosc2: bitshuffle then zstd, typesize = the element size."""
     name = "blosc2"
+    module = "blosc2"
+
+    def __init__(self):
+        import blosc2
+        self._blosc2 = blosc2
 
     def compress(self, x):
+        blosc2 = self._blosc2
         x = as_numpy(x)
         params = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=BLOSC2_CLEVEL, typesize=x.dtype.itemsize,
                                 filters=[blosc2.Filter.BITSHUFFLE], filters_meta=[0], nthreads=1)
@@ -121,8 +148,8 @@ class Blosc2(_ByteCodec):
         return chunks, x.dtype, x.shape
 
     def _unpack(self, chunks):
-        params = blosc2.DParams(nthreads=1)
-        return b"".join(blosc2.decompress2(c, dparams=params) for c in chunks)
+        params = self._blosc2.DParams(nthreads=1)
+        return b"".join(self._blosc2.decompress2(c, dparams=params) for c in chunks)
 
     def _size(self, chunks):
         return sum(len(c) for c in chunks)
@@ -191,9 +218,15 @@ class Reference(Codec):
                 "raw_tensors": sum(rt.word_bits is None for rt in rts)}
 
 
+BYTE_CODECS = ((Zstd, (3,)), (Zstd, (19,)), (Lz4, ()), (Blosc2, ()))   # (class, arguments), table order
+MISSING = tuple(dict.fromkeys(cls.module for cls, _ in BYTE_CODECS if not installed(cls.module)))
+
+
 def all_codecs():
-    """One of each codec compared, in table order."""
-    return [Ibp(), IbpModelReuse(), Reference(), Zstd(3), Zstd(19), Lz4(), Blosc2()]
+    """One of each codec compared, in table order; byte codecs whose package
+    is missing here (``MISSING``) are left out."""
+    return [Ibp(), IbpModelReuse(), Reference()] + [cls(*args) for cls, args in BYTE_CODECS
+                                                    if cls.module not in MISSING]
 
 
 NAMES = tuple(c.name for c in all_codecs())

@@ -165,7 +165,7 @@ def run(names=None, data=None, repeats=3, log=None):
         sources = {name: (lambda name=name: datasets.load(name)) for name in names}
     results = {"machine": machine(),
                "settings": {"repeats": repeats, "threads": 1, "mb": 10 ** 6, "codecs": list(codec_lib.NAMES),
-                            "blosc2_clevel": codec_lib.BLOSC2_CLEVEL},
+                            "missing_packages": list(codec_lib.MISSING), "blosc2_clevel": codec_lib.BLOSC2_CLEVEL},
                "datasets": {}}
     with codec_lib.single_threaded():
         for name, load in sources.items():

@@ -1,7 +1,11 @@
 """The ratio benchmark on the small Cora dataset: structure, exact round
 trips of every codec, and a table that says what the JSON says."""
 import json
+import os
+from pathlib import Path
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -75,3 +79,40 @@ def test_users_own_file(tmp_path):
     assert all(e["exact"] for e in d["codecs"].values())
     with pytest.raises(ValueError):
         ratio.load_file(tmp_path / "mine.txt")
+
+
+@pytest.mark.parametrize("cls, args", codecs.BYTE_CODECS, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_byte_codec_round_trips_when_installed(cls, args):
+    pytest.importorskip(cls.module, reason=f"{cls.module} is not installed")
+    codec = cls(*args)
+    assert codec.name in codecs.NAMES
+    x = np.tile(np.arange(10, dtype=np.float32), (300, 1))
+    obj = codec.compress(x)
+    y = codec.decompress(obj)
+    assert y.dtype == x.dtype and y.shape == x.shape and np.array_equal(y, x)
+    assert 0 < codec.size(obj) < x.nbytes
+
+
+BLOCK_BYTE_CODECS = """
+import sys
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("zstandard", "lz4", "blosc2"):
+            raise ImportError(f"No module named {name!r} (blocked)")
+sys.meta_path.insert(0, Missing())
+"""
+
+
+def test_benchmark_runs_and_its_tests_collect_without_the_byte_codecs():
+    root = Path(__file__).resolve().parent.parent
+    code = BLOCK_BYTE_CODECS + (
+        "from ibp.bench import codecs, ratio\n"
+        "assert codecs.MISSING == ('zstandard', 'lz4.frame', 'blosc2'), codecs.MISSING\n"
+        "assert codecs.NAMES == ('ibp', 'ibp-model-reuse', 'reference'), codecs.NAMES\n"
+        "import pytest\n"
+        "sys.exit(pytest.main(['-q', '--collect-only', '-p', 'no:cacheprovider', '-p', 'no:xdist',\n"
+        "                      'tests/test_bench_ratio.py', 'tests/test_reference.py']))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(root)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "error" not in r.stdout.lower()
