@@ -29,7 +29,8 @@ class CompressedTensor:
         self.payload = payload
         self.payload_bits = payload_bits
         self.index = index
-        self._pinned = None
+        self._pinned = None          # ibp.memory.HostRegistration while the payload is page-locked
+        self._shared = None          # (segment, spans) while the arrays are in shared memory (ibp.memory)
         self._gpu_last_use = None    # ibp.cuda.GpuUses: the GPU's last reads of the host arrays
 
     # -- what it is ---------------------------------------------------------
@@ -108,20 +109,42 @@ class CompressedTensor:
 
     # -- memory -------------------------------------------------------------
     def pin_memory(self):
-        """A copy whose payload lives in page-locked memory (needs torch), so
-        a GPU can read it directly; returns self if already pinned."""
+        """A copy whose payload is page-locked and registered with CUDA,
+        exactly its bytes (needs torch and a GPU), so a GPU reads it in
+        place; its kinds are copied too, so it owns all it may write.  A
+        shared tensor is registered where it lies, in this process, and
+        returned itself, as is one already pinned."""
+        from . import memory
         if self._pinned is not None:
             return self
-        import torch
-        pinned = torch.empty(self.payload.nbytes, dtype=torch.uint8, pin_memory=True)
-        view = pinned.numpy().view(np.uint64)
-        view[:] = self.payload
-        ct = self._replace(payload=view)
-        ct._pinned = pinned
+        if self._shared is not None:
+            self._pinned = memory.register(self.payload, self._shared[0])
+            return self
+        payload = memory.page_aligned_copy(self.payload)
+        ct = self._replace(payload=payload, kinds=self.kinds.copy())
+        ct._pinned = memory.register(payload, payload)
         return ct
 
     def is_pinned(self):
+        """Whether ``payload``'s own memory is page-locked and registered."""
         return self._pinned is not None
+
+    def share_memory_(self):
+        """Move the payload and per-unit arrays into shared memory, in place
+        (torch's semantics; needs torch): torch.multiprocessing, DataLoader
+        workers and ``mp.spawn`` then pass this tensor as a handle, and the
+        receiver maps the same memory.  Shared tensors refuse update_rows."""
+        if self._shared is None:
+            from . import memory
+            memory.share(self)
+        return self
+
+    def is_shared(self):
+        return self._shared is not None
+
+    def __reduce__(self):
+        from . import memory
+        return memory.reduce(self)
 
     def _replace(self, **changes):
         fields = dict(dtype=self.dtype_name, shape=self._shape, framework=self.framework,
@@ -139,6 +162,9 @@ class CompressedTensor:
         """
         if self.layout != "slotted":
             raise ValueError("update_rows needs the slotted layout: compress(..., layout='slotted')")
+        if self._shared is not None:
+            raise ValueError("update_rows refuses a shared tensor (other processes read it without a lock); "
+                             "update a private copy, copy.deepcopy(ct), and share that")
         if len(self._shape) == 0:
             raise IndexError("a 0-d tensor has no rows to update")
         rows, _ = normalize_index(index, self.nrows)

@@ -30,7 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ibp
-from ibp import codec, cuda
+from host_memory import RecordingRegistrar
+from ibp import codec, cuda, memory
 from kernel_cases import compress_case, sample, tensor_cases
 
 KERNELS = resources.files("ibp.kernels")
@@ -450,6 +451,7 @@ def cpu_as_gpu(emulator, monkeypatch):
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self.clone())
+    monkeypatch.setattr(memory, "registrar", RecordingRegistrar)   # ct.pin_memory() registers nothing
     fake = (_Torch(torch), _CuPy(emulator))
     monkeypatch.setattr(cuda, "_imports", lambda: fake)
     monkeypatch.setattr(cuda, "_device", lambda torch, device: real_torch_device("cpu"))
