@@ -322,6 +322,84 @@ template <int L, int G> IBP_DEV void report(const Params& p, const Team<L, G>& t
     if (t.tix() == 0) atomicMin(p.status, (job << 8) | code);
 }
 
+// Pass 3 of a SPARSE or BITMAP unit: words [lo, hi) of the warp's segment,
+// L consecutive words per step, one per lane; mo and xo are the bit offsets
+// of word lo in the matched and the exception streams, rank its exception
+// rank.  Each lane's offsets are a prefix sum of the lanes' widths before
+// it: a shuffle scan in general; with one column (ONE: period 1, every word
+// of the same widths) popcounts of the step's exception and flag bits give
+// it in closed form, and the column stays in registers.
+template <int W, int L, int G, bool ONE>
+IBP_DEV void decode_words(const Params& p, const Team<L, G>& t, const Bits& bits, Exceptions& x, u32* smask,
+                          const Column<typename WordOf<W>::type>* cols, u32 lo, u32 hi, u64 rank, u64 mo, u64 xo,
+                          u64 fstart, u32 src, u64 dst) {
+    typedef typename WordOf<W>::type Word;
+    const u32 P = p.period, chunk = 32 * L;
+    Column<Word> one;
+    if constexpr (ONE) one = cols[0];
+    const u32 sw1 = ONE ? IBP_LD(&cols[0].shift_width) : 0;
+    u32 cw = (lo + t.lane) % P;
+    const u32 step_w = L % P;
+    for (u32 s0 = lo; s0 < hi; s0 += chunk) {
+        u32 m = exception_masks(x, bits, t, smask, s0, hi);
+        u32 flags = 0;
+        if (p.fbits) {
+            u32 n = __popc(m);
+            u32 incl = lanes_scan<L>(t.mask, t.lane, n);
+            u64 r = rank + incl - n;
+            rank += lanes_get<L>(t.mask, incl, L - 1);
+            flags = n ? bits.read32(fstart + r, n) : 0;
+        }
+        for (u32 sub = 0; sub < 32; sub++) {
+            const u32 j0 = s0 + sub * L;
+            if (j0 >= hi) break;
+            const u32 g = (sub * L) >> 5, sb = (sub * L) & 31, bit = sb + t.lane;
+            const u32 gm = lanes_get<L>(t.mask, m, g);
+            const u32 gf = lanes_get<L>(t.mask, flags, g);
+            const u32 j = j0 + t.lane;
+            const bool valid = j < hi;
+            const bool ex = valid && ((gm >> bit) & 1);
+            const bool flag = ex && ((gf >> __popc(gm & low_bits32(bit))) & 1);
+            const Column<Word>& col = ONE ? one : cols[cw];
+            const u32 sw = ONE ? sw1 : IBP_LD(&col.shift_width);
+            const u32 w0 = width_of(sw, 0), w1 = width_of(sw, 1);
+            u32 before_m, before_x, total_m, total_x;
+            if constexpr (ONE) {
+                const u32 step_ex = (gm >> sb) & low_bits32(L);       // the step's exceptions, lane order
+                const u32 step_fl = gf >> __popc(gm & low_bits32(sb));  // their flags, from the step's first
+                const u32 ex_before = __popc(step_ex & low_bits32(t.lane));
+                const u32 fl_before = __popc(step_fl & low_bits32(ex_before));
+                const u32 ex_all = __popc(step_ex), fl_all = __popc(step_fl & low_bits32(ex_all));
+                before_m = (t.lane - ex_before) * w0;
+                before_x = fl_before * w1 + (ex_before - fl_before) * W;
+                total_m = (L - ex_all) * w0;                        // past the last word: unused
+                total_x = fl_all * w1 + (ex_all - fl_all) * W;
+            } else {
+                const u32 mine = (valid && !ex ? w0 : 0) | ((ex ? (flag ? w1 : (u32)W) : 0) << 16);
+                const u32 incl = lanes_scan<L>(t.mask, t.lane, mine);
+                const u32 total = lanes_get<L>(t.mask, incl, L - 1);
+                before_m = (incl - mine) & 0xffff;
+                before_x = (incl - mine) >> 16;
+                total_m = total & 0xffff;
+                total_x = total >> 16;
+            }
+            if (valid) {
+                Word v;
+                if (!ex) v = restore<W>(read_word<W>(bits, mo + before_m, w0), col, 0);
+                else if (flag) v = restore<W>(read_word<W>(bits, xo + before_x, w1), col, 1);
+                else v = read_word<W>(bits, xo + before_x, W);
+                store_word<W>(p, dst + (j - src), v);
+            }
+            mo += total_m;
+            xo += total_x;
+            if constexpr (!ONE) {
+                cw += step_w;
+                if (cw >= P) cw -= P;
+            }
+        }
+    }
+}
+
 // Decode words [src, src + len) of `unit` to output words [dst, dst + len);
 // returns a status code (team-uniform).
 template <int W, int L, int G>
@@ -501,52 +579,12 @@ IBP_DEV u32 decode_coded(const Params& p, const Team<L, G>& t, u64 unit, u32 src
     const u32 lo = a > src ? a : src;
     const u32 hi = b < src + len ? b : src + len;
     if (lo >= hi) return ST_OK;
-    u64 rank = K.before + PK.mine;
-    u64 mo = mstart + (u64)(lo / P) * p.ptot + IBP_LD(&cols[lo % P].off0) - (E0.before + PE0.mine);
-    u64 xo = xstart + X.before + PX.mine;
+    const u64 rank = K.before + PK.mine;
+    const u64 mo = mstart + (u64)(lo / P) * p.ptot + IBP_LD(&cols[lo % P].off0) - (E0.before + PE0.mine);
+    const u64 xo = xstart + X.before + PX.mine;
     x.cursor = (u32)rank;
-    u32 cw = (lo + t.lane) % P;
-    const u32 step_w = L % P;
-    for (u32 s0 = lo; s0 < hi; s0 += chunk) {
-        u32 m = exception_masks(x, bits, t, smask, s0, hi);
-        u32 flags = 0;
-        if (p.fbits) {
-            u32 n = __popc(m);
-            u32 incl = lanes_scan<L>(t.mask, t.lane, n);
-            u64 r = rank + incl - n;
-            rank += lanes_get<L>(t.mask, incl, L - 1);
-            flags = n ? bits.read32(fstart + r, n) : 0;
-        }
-        for (u32 sub = 0; sub < 32; sub++) {
-            const u32 j0 = s0 + sub * L;
-            if (j0 >= hi) break;
-            const u32 g = (sub * L) >> 5, bit = ((sub * L) & 31) + t.lane;
-            const u32 gm = lanes_get<L>(t.mask, m, g);
-            const u32 gf = lanes_get<L>(t.mask, flags, g);
-            const u32 j = j0 + t.lane;
-            const bool valid = j < hi;
-            const bool ex = valid && ((gm >> bit) & 1);
-            const bool flag = ex && ((gf >> __popc(gm & low_bits32(bit))) & 1);
-            const Column<Word>& col = cols[cw];
-            const u32 sw = IBP_LD(&col.shift_width);
-            const u32 w0 = width_of(sw, 0), w1 = width_of(sw, 1);
-            const u32 mine = (valid && !ex ? w0 : 0) | ((ex ? (flag ? w1 : (u32)W) : 0) << 16);
-            const u32 incl = lanes_scan<L>(t.mask, t.lane, mine);
-            const u32 before = incl - mine;
-            const u32 total = lanes_get<L>(t.mask, incl, L - 1);
-            if (valid) {
-                Word v;
-                if (!ex) v = restore<W>(read_word<W>(bits, mo + (before & 0xffff), w0), col, 0);
-                else if (flag) v = restore<W>(read_word<W>(bits, xo + (before >> 16), w1), col, 1);
-                else v = read_word<W>(bits, xo + (before >> 16), W);
-                store_word<W>(p, dst + (j - src), v);
-            }
-            mo += total & 0xffff;
-            xo += total >> 16;
-            cw += step_w;
-            if (cw >= P) cw -= P;
-        }
-    }
+    if (P == 1) decode_words<W, L, G, true>(p, t, bits, x, smask, cols, lo, hi, rank, mo, xo, fstart, src, dst);
+    else decode_words<W, L, G, false>(p, t, bits, x, smask, cols, lo, hi, rank, mo, xo, fstart, src, dst);
     return ST_OK;
 }
 
