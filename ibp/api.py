@@ -27,6 +27,8 @@ def compress(x, *, model=None, word_bits=None, layout="packed", unit_rows=None):
     Rows are the first axis: a 2-d+ tensor has ``shape[0]`` rows, a 1-d
     tensor one row per element, a 0-d tensor a single row.  Non-contiguous
     inputs are read through a contiguous copy; ``x`` itself is never changed.
+    Big-endian numpy arrays are stored by value: they decompress to the same
+    values in native byte order (``ct.dtype`` is the native dtype).
 
     model:     a Model from ``analyze``; learned from ``x`` when None.
     word_bits: force 8, 16, 32 or 64-bit words (default: the best measured).
@@ -73,13 +75,14 @@ def decompress(ct, *, index=None, out=None, device=None, path="auto"):
             from the end), decoded in the same pass: the result equals
             ``x[index]``.  Out-of-range rows raise IndexError.
     out:    a caller's buffer of the result's dtype and shape to write into.
-    device: None or "cpu" decodes here; "cuda" (or a CUDA device) decodes on
+    device: None or a CPU device ("cpu", "cpu:0", torch.device("cpu"))
+            decodes here; "cuda" (or a CUDA device) decodes on
             the GPU, on torch's current stream, and returns a CUDA tensor.
     path:   on the GPU, "auto" or force "zero-copy" / "stream" (see ibp.cuda).
     """
     if not isinstance(ct, CompressedTensor):
         raise TypeError(f"decompress takes a CompressedTensor, not {type(ct).__name__}")
-    if device is not None and str(device) != "cpu":
+    if device is not None and str(device).partition(":")[0] != "cpu":
         from . import cuda
         return cuda.decompress(ct, index=index, out=out, device=device, path=path)
     if path != "auto":
@@ -120,7 +123,9 @@ def save(obj, path, *, metadata=None):
 def load(path, *, mmap=False, verify=True):
     """Read an ibp file: a CompressedTensor if it holds a single unnamed
     tensor, else a dict of name -> CompressedTensor.  ``mmap=True`` maps the
-    file instead of reading it; ``verify`` checks every section's CRC."""
+    file instead of reading it; ``verify`` checks every section's CRC and,
+    for the slotted layout, every unit's encoding (reading the whole file,
+    every page of a memory map, once here)."""
     tensors = load_file(path, mmap_mode=mmap, verify=verify)
     if list(tensors) == [None]:
         return tensors[None]

@@ -9,6 +9,7 @@ memory map stays a memory map) and are read-only.
 import json
 import mmap
 import os
+import secrets
 import struct
 import zlib
 
@@ -94,10 +95,14 @@ def dumps(tensors, metadata=None):
 
 
 def save_file(path, tensors, metadata=None):
-    """Write atomically: a crash leaves either the old file or the new one."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Write atomically: a crash leaves either the old file or the new one.
+
+    The temporary file has a name no other writer (thread or process) can
+    pick, so concurrent saves to one path each replace it with a whole file."""
+    path = os.fspath(path)
+    tmp = f"{path}.{secrets.token_hex(8)}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             _write(f, tensors, metadata)
         os.replace(tmp, path)
     finally:
@@ -131,6 +136,16 @@ def _int(value, what, lo=0, hi=MAX_WORDS):
     return value
 
 
+def _unique_keys(pairs):
+    """A JSON object as a dict, refusing a key given twice (json keeps the last)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise FormatError(f"header repeats the key {dup!r}")
+    return obj
+
+
 def _header(buf):
     if len(buf) < PREAMBLE.size:
         raise FormatError(f"{len(buf)} bytes is too short for an ibp file")
@@ -147,7 +162,9 @@ def _header(buf):
     if zlib.crc32(raw) != hcrc:
         raise FormatError("header checksum mismatch")
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except FormatError:
+        raise
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"header is not valid JSON: {e}") from None
     if not isinstance(header, dict) or set(header) != {"metadata", "tensors"}:
@@ -160,24 +177,35 @@ def _header(buf):
     return meta, entries, _align(PREAMBLE.size + hlen), version
 
 
-def _section(buf, start, spec, want_len, dtype, verify, name, taken):
+def _span(buflen, start, spec, want_len, name):
+    """(offset, length, crc32) of a section, checked against the data's
+    bounds without reading any of its bytes."""
     if not (isinstance(spec, list) and len(spec) == 3):
         raise FormatError(f"section {name} must be [offset, length, crc32]")
-    off = _int(spec[0], f"{name} offset", 0, len(buf))
-    length = _int(spec[1], f"{name} length", 0, len(buf))
+    off = _int(spec[0], f"{name} offset", 0, buflen)
+    length = _int(spec[1], f"{name} length", 0, buflen)
     crc = _int(spec[2], f"{name} crc32", 0, 0xFFFFFFFF)
     if off % ALIGN:
         raise FormatError(f"section {name} is not {ALIGN}-byte aligned")
     if length != want_len:
         raise FormatError(f"section {name} holds {length} bytes, expected {want_len}")
-    if start + off + length > len(buf):
+    if start + off + length > buflen:
         raise FormatError(f"section {name} runs past the end of the data")
-    taken.append((off, off + length, name))
+    return off, length, crc
+
+
+def _array(buf, start, span, dtype, verify, name, own):
+    """A read-only array of a section, CRC-checked when ``verify``.
+
+    ``own`` copies it: the decoder trusts the small sections (model, kinds,
+    row index) once validated, so they must not be left where someone else
+    can rewrite them (a bytearray, a file mapped from disk)."""
+    off, length, crc = span
     view = memoryview(buf)[start + off:start + off + length]
     if verify and zlib.crc32(view) != crc:
         raise FormatError(f"section {name} checksum mismatch")
     arr = np.frombuffer(view, dtype=dtype) if length else np.zeros(0, dtype)
-    if not arr.flags.aligned:
+    if own or not arr.flags.aligned:
         arr = arr.copy()
     arr.flags.writeable = False
     return arr
@@ -198,8 +226,9 @@ def _first_bad_start(block_base, rel, block, payload_bits):
     return -1
 
 
-def _entry(buf, start, entry, verify, taken, version):
-    from .tensor import CompressedTensor
+def _plan_entry(buflen, start, entry, version):
+    """Check one tensor entry's fields and its sections' bounds, reading no
+    section bytes: (fields, geometry, name -> (offset, length, crc32))."""
     if not isinstance(entry, dict):
         raise FormatError("tensor entry must be an object")
     layout = entry.get("layout")
@@ -212,7 +241,7 @@ def _entry(buf, start, entry, verify, taken, version):
     if name is not None and not isinstance(name, str):
         raise FormatError("tensor name must be a string or null")
     dtype = entry["dtype"]
-    if dtype not in ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise FormatError(f"unknown dtype {dtype!r}")
     shape = entry["shape"]
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
@@ -224,75 +253,127 @@ def _entry(buf, start, entry, verify, taken, version):
     U = _int(entry["unit_words"], "unit_words", 1)
     p = _int(entry["period"], "period", 1)
     geom = Geometry(shape, ITEMSIZE[dtype], W, U)
+    if geom.total_words > MAX_WORDS:
+        raise FormatError(f"{geom.total_words} words is more than a file can describe")
     try:
         geom.check()
     except ValueError as e:
         raise FormatError(str(e)) from None
-    if geom.total_words > MAX_WORDS or U > max(geom.total_words, 1) or U % p:
-        raise FormatError(f"unit of {U} words does not fit {geom.total_words} words or period {p}")
+    if U % p:
+        raise FormatError(f"period {p} does not divide the {U}-word units")
     secs = entry["sections"]
     expected = {"lo", "hi", "base", "kinds", "payload"} | ({"index_base", "index_rel"} if layout == "packed" else set())
     if not isinstance(secs, dict) or set(secs) != expected:
         raise FormatError(f"sections must be {sorted(expected)}")
     n = geom.nunits
+    want = {"lo": 2 * p, "hi": 2 * p, "base": 2 * p * W // 8, "kinds": -(-n // 4)}
+    fields = dict(name=name, label="tensor" if name is None else name, dtype=dtype, shape=shape,
+                  framework=entry["framework"], layout=layout, period=p)
+    if layout == "slotted":
+        want["payload"] = (n * geom.slot_words + 1) * 8
+    else:
+        bits = _int(entry["payload_bits"], "payload_bits", 0, 8 * buflen)
+        block = _int(entry["index_block"], "index_block", 1, 1 << 16)
+        rel_bits = entry["index_rel_bits"]
+        if block & (block - 1) or type(rel_bits) is not int or rel_bits not in ((0, 16, 32) if version >= 2 else (16, 32)):
+            raise FormatError("index_block must be a power of two and index_rel_bits 16 or 32 (or 0 from version 2)")
+        if rel_bits == 0 and (block != 1 or n == 0 or bits % n):
+            raise FormatError(f"{fields['label']}: a uniform row index needs index_block 1 and units of equal size")
+        want.update(index_base=0 if rel_bits == 0 else -(-n // block) * 8, index_rel=n * rel_bits // 8,
+                    payload=(-(-bits // 64) + 1) * 8)
+        fields.update(payload_bits=bits, index_block=block, index_rel_bits=rel_bits)
+    spans = {key: _span(buflen, start, secs[key], want[key], f"{fields['label']}/{key}") for key in sorted(want)}
+    return fields, geom, spans
 
-    label = "tensor" if name is None else name
 
-    def sec(key, want, dt):
-        return _section(buf, start, secs[key], want, dt, verify, f"{label}/{key}", taken)
+def _build_entry(buf, start, fields, geom, spans, verify, own):
+    """The CompressedTensor of a planned entry: read, CRC-check and validate
+    its sections' contents."""
+    from .tensor import CompressedTensor
+    label, p, W, n = fields["label"], fields["period"], geom.word_bits, geom.nunits
+
+    def sec(key, dt, small=True):
+        return _array(buf, start, spans[key], dt, verify, f"{label}/{key}", own and small)
 
     try:
-        model = Model(W, sec("lo", 2 * p, np.uint8).reshape(2, p), sec("hi", 2 * p, np.uint8).reshape(2, p),
-                      sec("base", 2 * p * W // 8, f"<u{W // 8}").reshape(2, p).astype(np.uint64))
+        model = Model(W, sec("lo", np.uint8).reshape(2, p), sec("hi", np.uint8).reshape(2, p),
+                      sec("base", f"<u{W // 8}").reshape(2, p).astype(np.uint64))
     except FormatError as e:
         raise FormatError(f"{label}: {e}") from None
-    kinds = sec("kinds", -(-n // 4), np.uint8)
+    kinds = sec("kinds", np.uint8)
     if n % 4 and kinds[-1] >> (2 * (n % 4)):
         raise FormatError(f"{label}: unused kind bits are not zero")
-    if layout == "slotted":
-        payload = sec("payload", (n * geom.slot_words + 1) * 8, "<u8")
+    common = dict(dtype=fields["dtype"], shape=fields["shape"], framework=fields["framework"], geometry=geom,
+                  layout=fields["layout"], model=model, kinds=kinds)
+    payload = sec("payload", "<u8", small=False)
+    if fields["layout"] == "slotted":
         if payload[-1]:
             raise FormatError(f"{label}: the spare payload word is not zero")
-        return CompressedTensor(dtype=dtype, shape=shape, framework=entry["framework"], geometry=geom,
-                                layout=layout, model=model, kinds=kinds, payload=payload)
-    bits = _int(entry["payload_bits"], "payload_bits", 0, 8 * len(buf))
-    block = _int(entry["index_block"], "index_block", 1, 1 << 16)
-    rel_bits = entry["index_rel_bits"]
-    if block & (block - 1) or rel_bits not in ((0, 16, 32) if version >= 2 else (16, 32)):
-        raise FormatError("index_block must be a power of two and index_rel_bits 16 or 32 (or 0 from version 2)")
-    uniform = rel_bits == 0
-    if uniform and (block != 1 or n == 0 or bits % n):
-        raise FormatError(f"{label}: a uniform row index needs index_block 1 and units of equal size")
-    block_base = sec("index_base", 0 if uniform else -(-n // block) * 8, "<u8")
-    rel = sec("index_rel", n * rel_bits // 8, f"<u{max(rel_bits, 16) // 8}")
-    payload = sec("payload", (-(-bits // 64) + 1) * 8, "<u8")
+        ct = CompressedTensor(payload=payload, **common)
+        if verify:
+            _check_slot_padding(ct, label)
+        return ct
+    bits, block, rel_bits = fields["payload_bits"], fields["index_block"], fields["index_rel_bits"]
+    block_base = sec("index_base", "<u8")
+    rel = sec("index_rel", f"<u{max(rel_bits, 16) // 8}")
     if payload[-1] or (bits % 64 and payload[-2] >> np.uint64(bits % 64)):
         raise FormatError(f"{label}: payload padding bits are not zero")
-    bad = -1 if uniform else _first_bad_start(block_base, rel, block, bits)
+    bad = -1 if rel_bits == 0 else _first_bad_start(block_base, rel, block, bits)
     if bad >= 0:
         raise FormatError(f"{label}: row index entry {bad} is out of order or out of range")
-    return CompressedTensor(dtype=dtype, shape=shape, framework=entry["framework"], geometry=geom,
-                            layout=layout, model=model, kinds=kinds, payload=payload, payload_bits=bits,
-                            index=(block, rel_bits, block_base, rel))
+    return CompressedTensor(payload=payload, payload_bits=bits, index=(block, rel_bits, block_base, rel), **common)
+
+
+@njit(cache=True)
+def _first_dirty_slot(payload, sizes, slot_words):
+    """First slotted unit with a set bit after its encoding, or -1."""
+    for u in range(sizes.shape[0]):
+        w0 = u * slot_words
+        used = sizes[u]
+        first = w0 + used // 64
+        if used % 64:
+            if payload[first] >> np.uint64(used % 64):
+                return u
+            first += 1
+        for w in range(first, w0 + slot_words):
+            if payload[w]:
+                return u
+    return -1
+
+
+def _check_slot_padding(ct, label):
+    """docs/format.md section 6: the bits after a slotted unit's encoding are
+    zero (this parses every unit, so only ``verify`` does it)."""
+    from .decode import unit_bits
+    bad = _first_dirty_slot(ct.payload, unit_bits(ct), ct.geometry.slot_words)
+    if bad >= 0:
+        raise FormatError(f"{label}: unit {bad} has non-zero bits after its encoding")
 
 
 def loads(buf, *, verify=True):
-    """Parse a whole file from a bytes-like object: name -> CompressedTensor."""
+    """Parse a whole file from a bytes-like object: name -> CompressedTensor.
+
+    The whole structure (every entry, every section's bounds, overlaps and
+    padding) is checked before any section is read or checksummed."""
     if not isinstance(buf, (bytes, bytearray, memoryview, mmap.mmap)):
         raise TypeError(f"expected bytes, not {type(buf).__name__}")
+    own = not isinstance(buf, bytes) and not (isinstance(buf, memoryview) and buf.readonly
+                                              and isinstance(buf.obj, bytes))
     if isinstance(buf, memoryview):
         buf = buf.cast("B")
     meta, entries, start, version = _header(buf)
-    taken = []
-    out = {}
+    plans, names, taken = [], set(), []
     for entry in entries:
-        ct = _entry(buf, start, entry, verify, taken, version)
-        name = entry["name"]
-        if name in out or (name is None and len(entries) != 1):
+        fields, geom, spans = _plan_entry(len(buf), start, entry, version)
+        name = fields["name"]
+        if name in names or (name is None and len(entries) != 1):
             raise FormatError(f"duplicate or missing tensor name {name!r}")
-        out[name] = ct
+        names.add(name)
+        taken += [(off, off + length, f"{fields['label']}/{key}") for key, (off, length, _) in spans.items()]
+        plans.append((fields, geom, spans))
     _check_filler(buf, start, taken)
-    return out
+    return {fields["name"]: _build_entry(buf, start, fields, geom, spans, verify, own)
+            for fields, geom, spans in plans}
 
 
 def _check_filler(buf, start, taken):

@@ -1,5 +1,7 @@
 """Decoding on the CPU: turn a request (whole tensor or rows by index) into
 unit jobs and run the numba decoder over them."""
+import time
+
 import numba
 import numpy as np
 
@@ -76,8 +78,25 @@ def decode_units(ct, units, out_bytes):
 
 
 def _run(ct, units, src, length, dst, out_bytes):
+    """Decode jobs, again if ``update_rows`` wrote the tensor meanwhile (its
+    write counter is odd while it writes), so every row comes out either as
+    it was before an update or as it is after it."""
     if units.size == 0:
         return
+    while True:
+        seen = ct._writes
+        if seen % 2:
+            time.sleep(0)  # let the writer finish
+            continue
+        status = _decode_jobs(ct, units, src, length, dst, out_bytes)
+        if ct._writes == seen:
+            break
+    if status.any():
+        i = int(np.flatnonzero(status)[0])
+        raise FormatError(f"unit {units[i]}: {codec.ERRORS[int(status[i])]}")
+
+
+def _decode_jobs(ct, units, src, length, dst, out_bytes):
     starts, ends, kinds = unit_spans(ct, units)
     model = ct.model
     t0, t1, fbits, ptot = model.tables
@@ -89,9 +108,7 @@ def _run(ct, units, src, length, dst, out_bytes):
     codec.decode_jobs(work, ct.payload, t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
                       column_of(g, model), ct.layout == "packed", starts, ends, kinds, src, length, dst, out,
                       status, nchunks)
-    if status.any():
-        i = int(np.flatnonzero(status)[0])
-        raise FormatError(f"unit {units[i]}: {codec.ERRORS[int(status[i])]}")
+    return status
 
 
 def unit_bits(ct):

@@ -71,14 +71,14 @@ def torch_dtype(name):
 def as_bytes(x):
     """(flat uint8 view of x's C-order bytes, dtype name, shape, framework).
 
-    Non-contiguous and non-native-endian inputs are copied; x is never
-    modified.
+    Non-contiguous and non-native-endian inputs, and torch's lazy conjugate
+    and negative views, are copied; x is never modified.
     """
     if is_torch(x):
         if x.device.type != "cpu":
             raise ValueError(f"compress takes CPU tensors; this one is on {x.device}")
         name = name_of_torch(x.dtype)
-        t = x.detach().contiguous().reshape(-1)
+        t = x.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
         data = t.view(_torch().uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
         return data, name, tuple(x.shape), "torch"
     if isinstance(x, np.generic):
@@ -111,11 +111,17 @@ def output_view(out, shape, name):
         got_name = str(out.dtype).removeprefix("torch.")
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
+        if out.is_conj() or out.is_neg():
+            raise ValueError("out is a lazy conjugate or negative view, whose bytes are not its values: "
+                             "pass a plain tensor (out.resolve_conj().resolve_neg() is a copy)")
         data = out.reshape(-1).view(_torch().uint8).numpy() if out.numel() else np.zeros(0, np.uint8)
     elif isinstance(out, np.ndarray):
         got_name = out.dtype.name
         if not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError("out must be a writeable C-contiguous array")
+        if not out.dtype.isnative:
+            raise ValueError(f"out has non-native byte order ({out.dtype.str}): decompress writes native-order "
+                             f"values; pass an out of dtype {out.dtype.newbyteorder('=').str}")
         data = out.reshape(-1).view(np.uint8)
     else:
         raise TypeError(f"out must be a numpy array or torch tensor, not {type(out).__name__}")

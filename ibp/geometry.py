@@ -14,6 +14,7 @@ from dataclasses import dataclass
 GROUP_BYTES = 256          # rows shorter than this are grouped into one unit
 FLAT_UNIT_BYTES = 4096     # 0-d and 1-d tensors are cut into units this long
 SPLIT_BYTES = 1 << 16      # rows longer than this are split when they divide
+MAX_UNIT_BYTES = SPLIT_BYTES  # no unit is longer, unless it is one whole row
 
 
 def _row_elems(shape):
@@ -53,7 +54,7 @@ def unit_elems(shape, itemsize, unit_rows=None):
     if row_bytes > SPLIT_BYTES and len(shape) >= 2:
         return _split_piece(row, itemsize, shape[-1])
     if unit_rows is not None:
-        return min(nrows, unit_rows) * row
+        return min(nrows, unit_rows, max(1, MAX_UNIT_BYTES // row_bytes)) * row
     if len(shape) <= 1:
         return min(nrows, max(1, FLAT_UNIT_BYTES // itemsize))
     if row_bytes < GROUP_BYTES:
@@ -72,6 +73,8 @@ class Geometry:
     @classmethod
     def choose(cls, shape, itemsize, word_bits, unit_rows=None):
         wb = word_bits // 8
+        if math.prod(shape) == 0:  # no words: the format's only unit is one word
+            return cls(tuple(shape), itemsize, word_bits, 1)
         return cls(tuple(shape), itemsize, word_bits, unit_elems(shape, itemsize, unit_rows) * itemsize // wb)
 
     @property
@@ -96,13 +99,24 @@ class Geometry:
         return -(-self.unit_words * self.word_bits // 64)
 
     def check(self):
-        """Raise ValueError unless the word width and unit size fit the shape."""
+        """Raise ValueError unless the word width and unit size fit the shape
+        (the reader's rules, docs/format.md section 3, so that the writer
+        never makes what the reader refuses).
+
+        Units are at most MAX_UNIT_BYTES unless one holds exactly one row
+        (which older writers left whole when it did not divide): decoder
+        scratch memory grows with the unit, so a file must not be able to
+        ask for gigabytes of it to decode a few rows."""
         W, U, R = self.word_bits, self.unit_words, self.row_words
         row_bytes = _row_elems(self.shape) * self.itemsize
         if W not in (8, 16, 32, 64) or row_bytes % (W // 8):
             raise ValueError(f"word width {W} does not divide the {row_bytes}-byte rows")
         if U < 1 or (R > 0 and U % R and R % U):
             raise ValueError(f"unit of {U} words neither groups nor splits {R}-word rows")
+        if U > max(self.total_words, 1):
+            raise ValueError(f"unit of {U} words is longer than the tensor's {self.total_words} words")
+        if U * W // 8 > MAX_UNIT_BYTES and U != R:
+            raise ValueError(f"unit of {U * W // 8} bytes is longer than {MAX_UNIT_BYTES} and not one row")
 
 
 def word_widths(shape, itemsize):
@@ -115,9 +129,10 @@ def word_widths(shape, itemsize):
 
 def periods(shape, itemsize, word_bits, unit_words):
     """Candidate model periods (in words): one element, the last dimension,
-    a whole row; only those that divide the unit."""
+    a whole row; only those that divide the unit (one word for an empty
+    tensor, whose only unit is one word)."""
     per_elem = itemsize * 8 // word_bits
     elems = {1}
     if len(shape) >= 2:
         elems |= {shape[-1], _row_elems(shape)}
-    return sorted(e * per_elem for e in elems if e > 0 and unit_words % (e * per_elem) == 0)
+    return sorted(e * per_elem for e in elems if e > 0 and unit_words % (e * per_elem) == 0) or [1]

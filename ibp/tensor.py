@@ -1,11 +1,16 @@
 """CompressedTensor: the one object every part of ibp passes around."""
 import math
+import threading
 
 import numpy as np
 
 from . import dtypes
 from .decode import decode_units, normalize_index, unit_bits
 from .encode import encode_slots, unpack_kinds
+
+# One update_rows at a time, over all tensors: an update reads units before
+# it rewrites them, so two concurrent ones could each undo the other's.
+_UPDATE_LOCK = threading.Lock()
 
 
 class CompressedTensor:
@@ -31,6 +36,7 @@ class CompressedTensor:
         self.index = index
         self._pinned = None          # ibp.memory.HostRegistration while the payload is page-locked
         self._shared = None          # (segment, spans) while the arrays are in shared memory (ibp.memory)
+        self._writes = 0             # odd while update_rows writes: readers retry (see decode._run)
         self._gpu_last_use = None    # ibp.cuda.GpuUses: the GPU's last reads of the host arrays
 
     # -- what it is ---------------------------------------------------------
@@ -50,6 +56,20 @@ class CompressedTensor:
             return dtypes.numpy_dtype(self.dtype_name)
         except TypeError:
             return self.dtype_name
+
+    @property
+    def ndim(self):
+        return len(self._shape)
+
+    def __len__(self):
+        """Rows, as for a numpy array (TypeError for a 0-d tensor)."""
+        if not self._shape:
+            raise TypeError("len() of a 0-d CompressedTensor")
+        return self._shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        """Refuse: numpy would make a 0-d object array of this tensor."""
+        raise TypeError("a CompressedTensor is not an array: call ibp.decompress(ct) to get one")
 
     @property
     def nrows(self):
@@ -147,11 +167,23 @@ class CompressedTensor:
         return memory.reduce(self)
 
     def _replace(self, **changes):
+        """A tensor like this one but for ``changes``.  Arrays update_rows may
+        write in place (writeable kinds and payload) are copied unless given,
+        so an update of either tensor never reaches the other."""
         fields = dict(dtype=self.dtype_name, shape=self._shape, framework=self.framework,
                       geometry=self.geometry, layout=self.layout, model=self.model, kinds=self.kinds,
                       payload=self.payload, payload_bits=self.payload_bits, index=self.index)
+        for key in ("kinds", "payload"):
+            if key not in changes and fields[key].flags.writeable:
+                fields[key] = fields[key].copy()
         fields.update(changes)
         return CompressedTensor(**fields)
+
+    def _wait_for_gpu(self):
+        """Block until the GPU's last read of this tensor's host arrays is done,
+        so update_rows never rewrites memory a kernel is still reading."""
+        if self._gpu_last_use is not None:
+            self._gpu_last_use.synchronize()
 
     # -- in-place updates (slotted layout) ----------------------------------
     def update_rows(self, index, values):
@@ -159,6 +191,10 @@ class CompressedTensor:
 
         Each affected unit is re-encoded into its own slot with the existing
         model.  Repeated indices take the last value, as numpy assignment does.
+        Safe while other threads decode this tensor on the CPU: each reader
+        sees every row either as it was or as it is after the update, never
+        a mix (a reader that overlaps an update decodes again).  Waits for
+        the GPU to finish reading the tensor before it writes.
         """
         if self.layout != "slotted":
             raise ValueError("update_rows needs the slotted layout: compress(..., layout='slotted')")
@@ -172,10 +208,16 @@ class CompressedTensor:
         want = (rows.size,) + self._shape[1:]
         if name != self.dtype_name or tuple(shape) != want:
             raise ValueError(f"values are {name}{list(shape)}, need {self.dtype_name}{list(want)}")
-        if rows.size == 0:
-            return
         g = self.geometry
         W, U, R = g.word_bits, g.unit_words, g.row_words
+        if rows.size == 0 or R == 0:
+            return
+        with _UPDATE_LOCK:
+            self._wait_for_gpu()
+            self._update_units(rows, data, W, U, R)
+
+    def _update_units(self, rows, data, W, U, R):
+        g = self.geometry
         new = data.view(f"<u{W // 8}").reshape(rows.size, R)
         if U >= R:
             per = U // R
@@ -196,11 +238,15 @@ class CompressedTensor:
             self.payload = self.payload.copy()
         if not self.kinds.flags.writeable:
             self.kinds = self.kinds.copy()
-        kinds = encode_slots(np.ascontiguousarray(block).reshape(-1).view(np.uint8), g, self.model,
-                             units, self.payload)
-        shift = ((units & 3) * 2).astype(np.uint8)
-        np.bitwise_and.at(self.kinds, units >> 2, ~(np.uint8(3) << shift))
-        np.bitwise_or.at(self.kinds, units >> 2, kinds << shift)
+        self._writes += 1
+        try:
+            kinds = encode_slots(np.ascontiguousarray(block).reshape(-1).view(np.uint8), g, self.model,
+                                 units, self.payload)
+            shift = ((units & 3) * 2).astype(np.uint8)
+            np.bitwise_and.at(self.kinds, units >> 2, ~(np.uint8(3) << shift))
+            np.bitwise_or.at(self.kinds, units >> 2, kinds << shift)
+        finally:
+            self._writes += 1
 
     def _decode_units(self, units):
         g = self.geometry
