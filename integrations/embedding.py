@@ -62,7 +62,7 @@ class _CompressedTable(nn.Module):
     # -- the table ----------------------------------------------------------
     def _store(self, weight):
         self._wait_for_gpu_reads()
-        table = ibp.compress(weight.detach().cpu(), layout="slotted", word_bits=self.word_bits)
+        table = ibp.compress(weight.detach().cpu(), layout="slotted", word_bits=self.word_bits, unit_rows=1)
         self._table = table.pin_memory() if torch.cuda.is_available() else table
 
     @property

@@ -128,7 +128,7 @@ class CompressedFeatureStore(FeatureStore):
             else:
                 if torch.is_tensor(tensor):
                     tensor = tensor.detach().cpu()
-                ct = ibp.compress(tensor, layout=self.layout)
+                ct = ibp.compress(tensor, layout=self.layout, unit_rows=1)
             if torch.cuda.is_available():
                 ct = ct.pin_memory()
             self._tensors[self._key(attr)] = ct

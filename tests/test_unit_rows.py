@@ -45,3 +45,18 @@ def test_gather_tables_cost_little_ratio_on_real_embeddings():
     assert single.ratio > 0.98 * grouped.ratio
     idx = np.random.default_rng(1).integers(0, len(x), 5000)
     assert ibp.decompress(single, index=idx).tobytes() == x[idx].tobytes()
+
+
+def test_gather_integrations_store_one_row_per_unit():
+    torch = pytest.importorskip("torch")
+    from ibp.integrations.embedding import CompressedEmbedding
+    from ibp.integrations.gnn import CompressedFeatureStore
+    weight = torch.randn(500, 40)
+    emb = CompressedEmbedding.from_pretrained(weight)
+    assert emb.table.geometry.unit_words == emb.table.geometry.row_words
+    store = CompressedFeatureStore()
+    store.put_tensor(weight, group_name="paper", attr_name="x", index=None)
+    ct = store.compressed(group_name="paper", attr_name="x")
+    assert ct.geometry.unit_words == ct.geometry.row_words
+    assert torch.equal(store.get_tensor(group_name="paper", attr_name="x", index=torch.tensor([3, 499])),
+                       weight[[3, 499]])
