@@ -26,6 +26,7 @@ SAMPLE_BYTES = (1 << 14, 1 << 18)  # bytes of units sampled: at least, at most
 SAMPLE_SHARE = 32             # ... and otherwise 1/32 of the tensor
 MIN_PER_COLUMN = 32           # sampled words a column needs to be learned
 MAX_PER_COLUMN = 4096         # sampled words a column is learned from at most
+NARROW_PER_COLUMN = 512       # ... for a width narrower than the element (a cheap second opinion)
 EXCEPTION_PRICES = (3.0, 8.0)  # bits an exception costs: measured best on real data
 PLATEAU = 4                   # stop lengthening a fixed run after this many steps without gain
 
@@ -120,12 +121,12 @@ def _learn_columns(samples, W, prices, lo, hi, base):
             base[e, 1, c] = bs2[0]
 
 
-def learn(samples, word_bits, prices=EXCEPTION_PRICES):
+def learn(samples, word_bits, prices=EXCEPTION_PRICES, per_column=MAX_PER_COLUMN):
     """One model per exception price for ``samples``, a ``[n, period]``
-    array of words (rows beyond MAX_PER_COLUMN are thinned evenly)."""
+    array of words (rows beyond ``per_column`` are thinned evenly)."""
     n, p = samples.shape
-    if n > MAX_PER_COLUMN:
-        samples = samples[::-(-n // MAX_PER_COLUMN)]
+    if n > per_column:
+        samples = samples[::-(-n // per_column)]
     prices = np.asarray(prices, np.float64)
     lo = np.zeros((prices.size, 2, p), np.uint8)
     hi = np.zeros((prices.size, 2, p), np.uint8)
@@ -160,8 +161,10 @@ def _sample_units(data, geom, rng):
 
 def candidates(shape, itemsize, word_bits=None):
     """(word width, period) pairs to try, best guess first.  On real data
-    the element's own width wins, with any period; half of it only when the
-    low half is padding (bf16 values stored as float32): see ``_try_half``."""
+    the element's own width wins, with any period; narrower widths, each with
+    its per-element period, win where values are small integers stored wide
+    (a float64 table of pixel intensities: 16-bit words); half of the width
+    when the low half is padding (bf16 stored as float32) is ``_try_half``."""
     fit = fitting_widths(shape, itemsize)
     if word_bits:
         fit = [word_bits] if word_bits in fit else []
@@ -169,7 +172,11 @@ def candidates(shape, itemsize, word_bits=None):
         raise ValueError(f"no word width fits shape {shape} with {itemsize}-byte elements"
                          + (f" (asked for {word_bits})" if word_bits else ""))
     W = fit[-1]
-    return [(W, p) for p in periods(shape, itemsize, W, Geometry.choose(shape, itemsize, W).unit_words)]
+    out = [(W, p) for p in periods(shape, itemsize, W, Geometry.choose(shape, itemsize, W).unit_words)]
+    for w in reversed(fit[:-1]):
+        per_elem = periods(shape, itemsize, w, Geometry.choose(shape, itemsize, w).unit_words)[0]
+        out.append((w, per_elem))
+    return out
 
 
 def _try_half(model, itemsize):
@@ -188,7 +195,9 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
     """Learn the best model for a tensor given as its flat uint8 bytes.
 
     Candidates learn from half of the sampled units and are scored on the
-    other half, so a model with many columns cannot win by overfitting.
+    other half, so a model with many columns cannot win by overfitting.  A
+    tensor the sample holds whole is learned and scored on all of it: the
+    score is then its exact encoded size, so the smallest candidate wins.
     """
     cands = candidates(shape, itemsize, word_bits)
     if data.size == 0:
@@ -196,23 +205,30 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
     best = None
     samples = {}
     tried_half = bool(word_bits)
+    half = []
     while cands:
         W, p = cands.pop(0)
         geom = Geometry.choose(shape, itemsize, W)
         if W not in samples:
             units = _sample_units(data, geom, np.random.default_rng(0)).view(f"<u{W // 8}")
             units = units.reshape(-1, geom.unit_words)
-            samples[W] = (units[::2].reshape(-1), units[1::2].reshape(-1) if len(units) > 1 else units.reshape(-1))
+            whole = len(units) == data.size // (geom.unit_words * W // 8)  # every full unit sampled
+            if whole or len(units) == 1:
+                samples[W] = (units.reshape(-1), units.reshape(-1))
+            else:
+                samples[W] = (units[::2].reshape(-1), units[1::2].reshape(-1))
         train, test = samples[W]
         if p > max(1, itemsize * 8 // W) and train.size // p < MIN_PER_COLUMN:
             continue  # too few samples per column; the per-element period is always tried
         scale = geom.nunits / (test.size // geom.unit_words)
-        for model in learn(train.reshape(-1, p), W):
+        narrow = W < 8 * itemsize and (W, p) not in half
+        for model in learn(train.reshape(-1, p), W, per_column=NARROW_PER_COLUMN if narrow else MAX_PER_COLUMN):
             cost = encoded_bits(test, model, geom.unit_words) * scale + model_bits(model)
             if best is None or cost < best[0]:
                 best = (cost, model)
             if not tried_half:
-                cands += _try_half(model, itemsize)
+                half = _try_half(model, itemsize)
+                cands = half + [c for c in cands if c not in half]
                 tried_half = True
     return best[1]
 

@@ -1,0 +1,125 @@
+"""ibp never moves more bytes than the reference algorithm (bench/reference.py,
+the better of its int32 and int64 words) on structured tensors of every
+class and dtype, and on the real tables the repository has.
+
+Both sides count the bytes needed to decode (``CompressedTensor.nbytes``:
+model, unit kinds, row index, payload; the reference's rows, row flags, mask
+and value), not the file's JSON header, which a tiny tensor would be all of.
+"""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import ibp
+import ibp.datasets
+from ibp.bench import reference as R
+
+DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+def _per_column_small_ints(rng, rows, cols):
+    """Pixel-intensity-like table: integers 0..16 with per-column weights, about half zeros."""
+    p = rng.dirichlet(np.full(17, 0.3), size=cols)
+    p[:, 0] += 1.0
+    p /= p.sum(axis=1, keepdims=True)
+    return np.stack([rng.choice(17, rows, p=p[j]) for j in range(cols)], axis=1)
+
+
+def _values(kind, rng, shape):
+    rows, cols = shape[0], int(np.prod(shape[1:]))
+    if kind == "small_ints":
+        v = _per_column_small_ints(rng, rows, cols)
+    elif kind == "normal":  # trained weights, K/V: per-column scales
+        v = rng.standard_normal((rows, cols)) * rng.uniform(0.01, 2.0, cols)
+    elif kind == "sparse":
+        v = np.where(rng.random((rows, cols)) < 0.05, rng.integers(1, 9, (rows, cols)), 0)
+    elif kind == "low_cardinality":
+        v = rng.choice(rng.standard_normal(int(rng.integers(2, 6))) * 4, (rows, cols))
+    else:  # noise
+        v = rng.standard_normal((rows, cols)) * 1e6
+    return v.reshape(shape)
+
+
+def _tensor(kind, dtype, seed, shape):
+    rng = np.random.default_rng(seed)
+    v = _values(kind, rng, shape)
+    if dtype == "bfloat16":
+        torch = pytest.importorskip("torch")
+        return torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16)
+    if dtype == "bool":
+        return v != 0
+    if np.dtype(dtype).kind in "iu":
+        info = np.iinfo(dtype)
+        return np.clip(np.round(v), info.min, info.max).astype(dtype)
+    return v.astype(dtype)
+
+
+def _assert_not_larger(x):
+    ct = ibp.compress(x)
+    ref = R.compress(x)
+    assert ct.nbytes <= ref.nbytes, (ct.model, ct.nbytes, ref.nbytes, ref.candidates)
+    back = ibp.decompress(ct)
+    if isinstance(x, np.ndarray):
+        assert back.tobytes() == x.tobytes()
+
+
+shapes = st.one_of(
+    st.tuples(st.integers(20, 300), st.sampled_from([8, 16, 50, 64])),  # tables, rows of weights
+    st.tuples(st.integers(2, 6), st.integers(8, 40), st.sampled_from([16, 64])),  # K/V blocks
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["small_ints", "normal", "sparse", "noise"]),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2 ** 32 - 1), shape=shapes)
+def test_never_larger_than_the_reference(kind, dtype, seed, shape):
+    _assert_not_larger(_tensor(kind, dtype, seed, shape))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_small_integer_table(dtype):
+    # the class that once came out 1.9x larger: 1797 x 64 float64 pixel intensities
+    x = _per_column_small_ints(np.random.default_rng(1), 1797, 64).astype(dtype)
+    ct = ibp.compress(x)
+    assert ct.nbytes <= R.compress(x).nbytes
+    assert ibp.decompress(ct).tobytes() == x.tobytes()
+
+
+def test_fp16_keys_and_values():
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((4, 8, 200, 64)) * rng.uniform(0.2, 3.0, 64)).astype(np.float16)
+    _assert_not_larger(x)
+
+
+def test_cora():
+    _assert_not_larger(ibp.datasets.load("cora")["features"])
+
+
+@pytest.mark.parametrize("name", ["minilm-fp32", "glove-50d"])
+def test_installed_real_tables(name):
+    if name not in ibp.datasets.available():
+        pytest.skip(f"{name}'s package is not installed")
+    tensors = ibp.datasets.load(name)
+    picks = sorted(tensors, key=lambda k: -int(np.prod(tuple(tensors[k].shape))))[:3]
+    for k in picks:
+        t = tensors[k]
+        _assert_not_larger(t[:2000] if t.shape[0] > 2000 else t)
+
+
+# Known gaps (strict: each fails the suite once it is fixed, so the test moves up).
+@pytest.mark.xfail(strict=True, reason="a one-run level cannot fix bits on both sides of the bits where two "
+                   "values differ; the reference's arbitrary masks can")
+def test_two_value_fp16_table():
+    x = np.where(np.random.default_rng(3).random((244, 64)) < 0.5, 5.19, 5.73).astype(np.float16)
+    _assert_not_larger(x)
+
+
+@pytest.mark.xfail(strict=True, reason="the last unit is zero-padded to a whole unit: 12 rows of 24 bytes make "
+                   "two 11-row units (ibp/geometry.py)")
+def test_small_table_with_a_padded_last_unit():
+    _assert_not_larger(np.random.default_rng(4).standard_normal((12, 6)).astype(np.float32))
+
+
+@pytest.mark.xfail(strict=True, reason="fixed cost of two model levels and a 64-bit payload word")
+def test_one_element():
+    _assert_not_larger(np.array([[3.0]]))
