@@ -9,7 +9,10 @@ torch tensors; outputs are numpy arrays with the same bytes, dtype and shape.
 Everything runs on one thread: the byte codecs are asked for one, and
 ``single_threaded()`` pins numba (ibp and the reference) to one.
 
-The byte codecs' packages (zstandard, lz4, blosc2) are optional: a codec
+``inputs(xs)`` gives the tensors one timed pass compresses (ZipNN
+overwrites its input, so it gets fresh copies, made outside the timer).
+
+The byte codecs' packages (zstandard, lz4, blosc2, zipnn) are optional: a codec
 whose package is missing is left out of ``all_codecs()``, so the benchmark
 and its tests still run on a machine without them (the GPU machine).
 """
@@ -63,6 +66,9 @@ class Codec:
 
     def prepare(self, x):
         pass
+
+    def inputs(self, xs):
+        return xs
 
     def details(self, objs):
         return {}
@@ -155,6 +161,37 @@ class Blosc2(_ByteCodec):
         return sum(len(c) for c in chunks)
 
 
+class ZipNN(_ByteCodec):
+    """ZipNN (Hershcovitch et al.): byte grouping of floats then Huffman/zstd;
+    it works in place on a bytearray, so each pass gets fresh copies."""
+    name = "zipnn"
+    module = "zipnn"
+    DTYPES = {4: "float32", 2: "bfloat16"}
+
+    def __init__(self):
+        import zipnn
+        self._zipnn = zipnn
+        self._coders = {}
+
+    def _coder(self, dtype):
+        key = "float16" if dtype == np.float16 else self.DTYPES.get(dtype.itemsize, "float32")
+        if key not in self._coders:
+            self._coders[key] = self._zipnn.ZipNN(bytearray_dtype=key, threads=1)
+        return self._coders[key]
+
+    def inputs(self, xs):
+        return [(bytearray(raw_bytes(x).tobytes()), as_numpy(x).dtype, as_numpy(x).shape) for x in xs]
+
+    def compress(self, x):
+        data, dtype, shape = x if isinstance(x, tuple) else self.inputs([x])[0]
+        return self._coder(dtype).compress(data), dtype, shape
+
+    def decompress(self, obj):
+        packed, dtype, shape = obj
+        out = self._coder(dtype).decompress(packed)
+        return np.frombuffer(out, np.uint8).view(dtype).reshape(shape)
+
+
 class Ibp(Codec):
     """ibp, learning the model from each tensor; size = the whole ibp file."""
     name = "ibp"
@@ -218,7 +255,7 @@ class Reference(Codec):
                 "raw_tensors": sum(rt.word_bits is None for rt in rts)}
 
 
-BYTE_CODECS = ((Zstd, (3,)), (Zstd, (19,)), (Lz4, ()), (Blosc2, ()))   # (class, arguments), table order
+BYTE_CODECS = ((Zstd, (3,)), (Zstd, (19,)), (Lz4, ()), (Blosc2, ()), (ZipNN, ()))   # (class, arguments), table order
 MISSING = tuple(dict.fromkeys(cls.module for cls, _ in BYTE_CODECS if not installed(cls.module)))
 
 

@@ -12,6 +12,7 @@ thread), and whether every round trip was bit-exact.
 import argparse
 from datetime import datetime, timezone
 import gc
+import importlib.metadata
 import json
 import math
 import os
@@ -82,10 +83,10 @@ def machine():
     except (OSError, StopIteration):
         pass
     versions = {"python": platform.python_version(), "ibp": ibp.__version__}
-    for module in ("numpy", "numba", "torch", "zstandard", "lz4", "blosc2"):
+    for module in ("numpy", "numba", "torch", "zstandard", "lz4", "blosc2", "zipnn"):
         try:
-            versions[module] = __import__(module).__version__
-        except ImportError:
+            versions[module] = importlib.metadata.version(module)
+        except importlib.metadata.PackageNotFoundError:
             versions[module] = None
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "versions": versions,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -93,14 +94,16 @@ def machine():
 
 # -- measuring ---------------------------------------------------------------
 
-def _best_time(fn, repeats):
-    """(fastest wall time of ``fn()``, its last result)."""
+def _best_time(fn, repeats, setup=lambda: None):
+    """(fastest wall time of ``fn(setup())``, its last result); ``setup``
+    runs outside the timer."""
     best, result = math.inf, None
     for _ in range(repeats):
         result = None
+        arg = setup()
         gc.collect()
         t = time.perf_counter()
-        result = fn()
+        result = fn(arg)
         best = min(best, time.perf_counter() - t)
     return best, result
 
@@ -120,10 +123,10 @@ def bench_dataset(tensors, repeats=3, log=None):
         for x in xs:
             codec.prepare(x)
         if codec.jit:  # compile (or load from cache) the numba kernels untimed
-            for x in xs:
+            for x in codec.inputs(xs):
                 codec.decompress(codec.compress(x))
-        t_c, objs = _best_time(lambda: [codec.compress(x) for x in xs], repeats)
-        t_d, ys = _best_time(lambda: [codec.decompress(o) for o in objs], repeats)
+        t_c, objs = _best_time(lambda ins: [codec.compress(x) for x in ins], repeats, lambda: codec.inputs(xs))
+        t_d, ys = _best_time(lambda _: [codec.decompress(o) for o in objs], repeats)
         size = sum(codec.size(o) for o in objs)
         entry = {"bytes": size, "ratio": round(raw / size, 4) if size else None,
                  "compress_mb_s": round(raw / 1e6 / t_c, 2), "decompress_mb_s": round(raw / 1e6 / t_d, 2),
