@@ -545,7 +545,7 @@ def test_launcher_reports_errors_on_the_cpu(cpu_as_gpu):
 def wide_words(x):
     """float16 ``x`` as 64-bit words, which files may hold (compress picks W <= 16)."""
     from ibp.geometry import Geometry
-    ct = ibp.compress(x.view(np.uint64))
+    ct = ibp.compress(x.view(np.uint64), word_bits=64)
     return ct._replace(dtype="float16", shape=x.shape, geometry=Geometry(x.shape, 2, 64, ct.geometry.unit_words))
 
 
