@@ -27,6 +27,8 @@ SAMPLE_SHARE = 32             # ... and otherwise 1/32 of the tensor
 MIN_PER_COLUMN = 32           # sampled words a column needs to be learned
 MAX_PER_COLUMN = 4096         # sampled words a column is learned from at most
 NARROW_PER_COLUMN = 512       # ... for a width narrower than the element (a cheap second opinion)
+STRANDED_AGREEMENT = 0.7      # a bit this share of sampled words agree on could be fixed (the reference's lowest threshold) ...
+STRANDED_MIN = 2.0            # ... and this many such bits per word outside the fixed run ask for narrower words
 EXCEPTION_PRICES = (3.0, 8.0)  # bits an exception costs: measured best on real data
 PLATEAU = 4                   # stop lengthening a fixed run after this many steps without gain
 
@@ -161,10 +163,10 @@ def _sample_units(data, geom, rng):
 
 def candidates(shape, itemsize, word_bits=None):
     """(word width, period) pairs to try, best guess first.  On real data
-    the element's own width wins, with any period; narrower widths, each with
-    its per-element period, win where values are small integers stored wide
-    (a float64 table of pixel intensities: 16-bit words); half of the width
-    when the low half is padding (bf16 stored as float32) is ``_try_half``."""
+    the element's own width wins, with any period; half of it only when the
+    low half is padding (bf16 values stored as float32): see ``_try_half``;
+    narrower widths when fixed bits lie outside the one run a level can fix:
+    see ``_try_narrower``."""
     fit = fitting_widths(shape, itemsize)
     if word_bits:
         fit = [word_bits] if word_bits in fit else []
@@ -172,11 +174,31 @@ def candidates(shape, itemsize, word_bits=None):
         raise ValueError(f"no word width fits shape {shape} with {itemsize}-byte elements"
                          + (f" (asked for {word_bits})" if word_bits else ""))
     W = fit[-1]
-    out = [(W, p) for p in periods(shape, itemsize, W, Geometry.choose(shape, itemsize, W).unit_words)]
-    for w in reversed(fit[:-1]):
-        per_elem = periods(shape, itemsize, w, Geometry.choose(shape, itemsize, w).unit_words)[0]
-        out.append((w, per_elem))
-    return out
+    return [(W, p) for p in periods(shape, itemsize, W, Geometry.choose(shape, itemsize, W).unit_words)]
+
+
+def _stranded_bits(words, model):
+    """Mean number of bits per word, outside the primary level's fixed run,
+    that at least STRANDED_AGREEMENT of the sampled words of their column
+    agree on: bits a narrower word (with more columns) could also fix."""
+    W, p = model.word_bits, model.period
+    cols = words.reshape(-1, p)
+    bits = np.arange(W, dtype=np.uint64)
+    ones = np.stack([((cols[:, c, None].astype(np.uint64) >> bits) & ONE).mean(axis=0) for c in range(p)])
+    agree = np.maximum(ones, 1.0 - ones) >= STRANDED_AGREEMENT
+    inside = (bits[None, :] >= model.lo[0][:, None]) & (bits[None, :] < model.hi[0][:, None])
+    return float((agree & ~inside).sum(axis=1).mean())
+
+
+def _try_narrower(shape, itemsize, model, words):
+    """Every narrower width, each with one column per element part, when the
+    full-width model leaves agreeing bits unfixed (small integers stored as
+    float64: the exponent bits that zero and the other values share)."""
+    if _stranded_bits(words, model) < STRANDED_MIN:
+        return []
+    fit = fitting_widths(shape, itemsize)
+    return [(w, periods(shape, itemsize, w, Geometry.choose(shape, itemsize, w).unit_words)[0])
+            for w in reversed(fit) if w < model.word_bits]
 
 
 def _try_half(model, itemsize):
@@ -205,7 +227,8 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
     best = None
     samples = {}
     tried_half = bool(word_bits)
-    half = []
+    tried_narrower = False
+    half, narrower = [], []
     while cands:
         W, p = cands.pop(0)
         geom = Geometry.choose(shape, itemsize, W)
@@ -221,7 +244,7 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
         if p > max(1, itemsize * 8 // W) and train.size // p < MIN_PER_COLUMN:
             continue  # too few samples per column; the per-element period is always tried
         scale = geom.nunits / (test.size // geom.unit_words)
-        narrow = W < 8 * itemsize and (W, p) not in half
+        narrow = (W, p) in narrower
         for model in learn(train.reshape(-1, p), W, per_column=NARROW_PER_COLUMN if narrow else MAX_PER_COLUMN):
             cost = encoded_bits(test, model, geom.unit_words) * scale + model_bits(model)
             if best is None or cost < best[0]:
@@ -230,6 +253,10 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
                 half = _try_half(model, itemsize)
                 cands = half + [c for c in cands if c not in half]
                 tried_half = True
+        if not tried_narrower and not word_bits:
+            narrower = [c for c in _try_narrower(shape, itemsize, best[1], train) if c not in half]
+            cands += narrower
+            tried_narrower = True
     return best[1]
 
 
