@@ -1,0 +1,98 @@
+"""Correctness smoke of every GPU path against the CPU decoder, for the GPU
+run (bench/device/run): each word width x layout x path (zero-copy gather,
+stream, device-resident, pinned and unpinned sources) on a small tensor,
+bit for bit, every output poisoned first.  ``--shapes`` forces each kernel
+team shape of ibp.cuda.SHAPES once instead (the compute-sanitizer run).
+``--dry-run`` builds the cases and their CPU results only (no GPU).
+
+    PYTHONPATH=. python3 bench/device/smoke.py [--shapes] [--dry-run]
+"""
+import argparse
+import sys
+
+import numpy as np
+
+import ibp
+from ibp import cuda
+
+WORD_BITS = (8, 16, 32, 64)
+LAYOUTS = ("packed", "slotted")
+
+
+def sample(rng, rows, cols):
+    """float64 rows sharing most bits, a tenth of the words random bit patterns."""
+    base = 1.5 + rng.standard_normal((rows, cols)) * 0.01
+    bits = rng.integers(0, 1 << 63, (rows, cols)).view(np.float64)
+    return np.where(rng.random((rows, cols)) < 0.1, bits, base)
+
+
+def cases(rows, cols):
+    """[(label, ct, index, expect_whole, expect_rows)] for every word width x layout."""
+    rng = np.random.default_rng(0)
+    x = sample(rng, rows, cols)
+    index = rng.integers(-rows, rows, 97)
+    out = []
+    for W in WORD_BITS:
+        for layout in LAYOUTS:
+            ct = ibp.compress(x, word_bits=W, layout=layout)
+            expect, expect_rows = ibp.decompress(ct), ibp.decompress(ct, index=index)
+            if expect.tobytes() != x.tobytes() or expect_rows.tobytes() != x[index].tobytes():
+                raise RuntimeError(f"CPU round trip differs (W={W}, {layout})")
+            out.append((f"W={W} {layout}", ct, index, expect, expect_rows))
+    return out
+
+
+def run_paths(torch, ct, index, expect, expect_rows):
+    """path label -> True when the GPU result equals the CPU's."""
+    pinned, resident = ct.pin_memory(), cuda.to_device(ct)
+    gpu_index = torch.from_numpy(index).cuda()
+    whole = {"pinned zero-copy": dict(ct=pinned, path="zero-copy"), "pinned stream": dict(ct=pinned, path="stream"),
+             "unpinned stream": dict(ct=ct, path="stream"), "unpinned auto": dict(ct=ct),
+             "device-resident": dict(ct=resident)}
+    rows = {"gather pinned zero-copy": pinned, "gather device-resident": resident, "gather unpinned": ct}
+    got = {}
+    for label, kw in whole.items():
+        out = torch.empty(expect.shape, dtype=torch.float64, device="cuda")
+        out.view(torch.uint8).fill_(0xFF)
+        cuda.decompress(out=out, sync=True, **kw)
+        got[label] = out.cpu().numpy().tobytes() == expect.tobytes()
+    for label, source in rows.items():
+        out = torch.empty(expect_rows.shape, dtype=torch.float64, device="cuda")
+        out.view(torch.uint8).fill_(0xFF)
+        cuda.decompress(source, index=gpu_index, out=out, sync=True)
+        got[label] = out.cpu().numpy().tobytes() == expect_rows.tobytes()
+    return got
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", action="store_true", help="force each kernel team shape once (sanitizer run)")
+    p.add_argument("--dry-run", action="store_true", help="build the cases only, no GPU")
+    args = p.parse_args(argv)
+    # small under the sanitizer (every access is checked), larger otherwise so streams use several chunks
+    todo = cases(40, 24) if args.shapes else cases(3000, 40)
+    shapes = cuda.SHAPES if args.shapes else (None,)
+    print(f"smoke: {len(todo)} cases x {len(shapes)} team shapes")
+    if args.dry_run:
+        return 0
+    import torch
+    if args.shapes:
+        cuda.CHUNK_BYTES, cuda.STREAM_MIN_BYTES = 4096, 0
+    else:
+        cuda.CHUNK_BYTES = 64 << 10               # several chunks, so the ring of device buffers wraps
+    failed = 0
+    choose = cuda.team_shape
+    for shape in shapes:
+        cuda.team_shape = choose if shape is None else (lambda unit_words, job_words, s=shape: s)
+        for label, ct, index, expect, expect_rows in todo:
+            for path, ok in run_paths(torch, ct, index, expect, expect_rows).items():
+                failed += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} {label} {path}" + (f" shape={shape}" if shape else ""))
+    cuda.team_shape = choose
+    cuda.check()
+    print(f"smoke: {failed} failures")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
