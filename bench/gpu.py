@@ -161,8 +161,8 @@ def pack_load(pack, name):
     with np.load(os.path.join(pack, f"{source}.npz")) as z:
         data = {k: z[k] for k in z.files}
     for key, meta in manifest[source].items():
-        a = data[key]
-        if (list(a.shape), str(a.dtype)) != (meta["shape"], meta["dtype"]) or \
+        a = data.get(key)
+        if a is None or (list(a.shape), str(a.dtype)) != (meta["shape"], meta["dtype"]) or \
                 hashlib.sha256(a.tobytes()).hexdigest() != meta["sha256"]:
             raise ValueError(f"pack {pack}: {source}/{key} differs from its manifest")
     if name == "minilm-bf16":
@@ -510,14 +510,16 @@ def main(argv=None):
     parser.add_argument("--data", help="benchmark the largest tensor of this file instead")
     parser.add_argument("--pack", help="tables missing here come from this pack (bench/device/pack)")
     parser.add_argument("--dry-run", action="store_true", help="load and check the tables, no GPU")
+    parser.add_argument("--results", default=RESULTS, help="folder for gpu-<device>.json, .md and .png")
     args = parser.parse_args(argv)
     if args.dry_run:
         dry_run(args.datasets, args.pack, args.mb)
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py needs a CUDA GPU")
-    results = run(args.datasets, args.data, args.reps, print, args.mb, args.rows, args.pack, save_results)
-    stem = save_results(results)
+    save = lambda results: save_results(results, args.results)  # noqa: E731
+    results = run(args.datasets, args.data, args.reps, print, args.mb, args.rows, args.pack, save)
+    stem = save(results)
     print(format_table(results))
     print(f"wrote {stem}.json, .md and .png")
 

@@ -28,6 +28,19 @@ def test_targets_compare_each_bar():
     assert "bulk > best nvCOMP" not in gpu.targets(entry(1.2, 50, 56, 40, 700, 20, 19, None))
 
 
+def test_every_bar_is_capped_at_the_device_copy_rate():
+    """Cora's 0.9 x ratio x PCIe is above what HBM moves: the bar becomes 0.8 x the device copy rate."""
+    e = entry(185.9, 50.0, 900.0, 800.0, 2000.0, 20.0, 900.0, 3000.0)
+    t = gpu.targets(e, d2d_GBps=1500.0)
+    assert t["bulk >= 0.9 x ratio x pinned copy"] == {"measured": 900.0, "target": 1200.0, "met": False}
+    assert t["gather >= 0.8 x ratio x UVA gather"]["target"] == 1200.0
+    assert t["bulk > best nvCOMP"]["target"] == 1200.0
+    assert t["device decode >= 500 GB/s"]["target"] == 500.0          # under the cap: unchanged
+    assert gpu.targets(e, d2d_GBps=100.0)["device decode >= 500 GB/s"] == {"measured": 2000.0, "target": 80.0,
+                                                                          "met": True}
+    assert gpu.capped(54.0, None) == 54.0
+
+
 def test_table_says_what_the_json_says():
     results = {"device": {"name": "Test GPU"}, "ceilings": {"h2d_pinned_GBps": 51.25, "d2d_copy_GBps": 1500.0},
                "tables": {"cora": entry(185.9, 50.0, 900.0, 800.0, 2000.0, 20.0, 900.0, 100.0),
