@@ -165,3 +165,14 @@ def test_mmapped_file_gathers_read_only_the_rows_asked_for(tmp_path):
     assert got.tobytes() == want
     allowed = asked * 64 * 1024 + (2 << 20)           # a fault-around window per row read, and slack
     assert size > 5 * allowed and grown < allowed, (grown, allowed, size)
+
+
+def test_gnn_shared_cora_example_trains_every_rank_on_the_one_table():
+    pytest.importorskip("torch_geometric")
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "gnn_shared_cora.py")
+    r = subprocess.run([sys.executable, script, "--ranks", "2", "--epochs", "1"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("table shared True") == 2 and "identical parameters on every rank: True" in r.stdout
