@@ -176,3 +176,23 @@ def test_gnn_shared_cora_example_trains_every_rank_on_the_one_table():
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("table shared True") == 2 and "identical parameters on every rank: True" in r.stdout
+
+
+def _gather_on_gpu(rank, ct, index, want, results):
+    """Pin the received shared table where it lies and gather zero-copy on the GPU."""
+    pinned = ct.pin_memory()
+    rows = torch.as_tensor(index, device="cuda")
+    got = ibp.decompress(pinned, index=rows, device="cuda", path="zero-copy").cpu().numpy().tobytes()
+    results.put((rank, pinned is ct and pinned.is_pinned() and ct.is_shared(), got == want))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_two_processes_on_one_gpu_gather_from_one_pinned_shared_copy():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((50000, 96)).astype(np.float32)
+    ct = ibp.compress(x, unit_rows=1).share_memory_()
+    index = rng.integers(0, x.shape[0], 10000)
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_gather_on_gpu, args=(ct, index, x[index].tobytes(), results), nprocs=2, join=True)
+    assert sorted(results.get() for _ in range(2)) == [(0, True, True), (1, True, True)]
