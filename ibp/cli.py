@@ -2,8 +2,9 @@
 files, and run the benchmark.
 
     ibp compress IN [OUT]      .npy .npz .safetensors .pt/.pth/.bin  ->  .ibp
+                               a model directory  ->  its compressed twin
     ibp decompress IN [OUT]    .ibp  ->  the format that went in (or OUT's)
-    ibp info FILE              what an ibp file holds and how well it packed
+    ibp info FILE|DIR          what an ibp file holds and how well it packed
     ibp bench                  compression ratio and speed on real data
 
 What a tensor file keeps besides its tensors (the safetensors metadata, an
@@ -12,19 +13,28 @@ checkpoint's nesting and plain values) goes into the ibp file's metadata
 under the key ``ibp.source``, so ``decompress`` writes back the tensors bit
 for bit and the file the way it came.  A user's mistake ends with one line on
 stderr and exit status 1, never a traceback.
+
+An input is never overwritten (not through a hard link or a symlink either,
+not even with --force); outputs are written to a temporary name next to them
+and renamed into place, so a failure leaves no half-written file.  Files are
+recognised by their first bytes, and safetensors files and model
+directories (ibp.checkpoints) are converted one tensor at a time.
 """
 import argparse
+import contextlib
 import importlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import zipfile
 from collections.abc import Mapping
 
 import numpy as np
 
 import ibp
-from . import datasets
+from . import checkpoints, datasets, stream
 from .errors import FormatError
 
 FORMATS = {".npy": "npy", ".npz": "npz", ".safetensors": "safetensors",
@@ -46,6 +56,43 @@ def format_of(path):
     return FORMATS.get(os.path.splitext(path)[1].lower())
 
 
+CONTENT = {"ibp": "an ibp file", "npy": "an .npy array", "npz": "an .npz archive",
+           "safetensors": "a safetensors file", "torch": "a torch checkpoint", "zip": "a damaged zip archive"}
+
+
+def sniff(path):
+    """The format of a file by its first bytes (a key of CONTENT), or None."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(ibp.container.MAGIC):
+        return "ibp"
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "zip"
+        return "torch" if any(n.endswith("data.pkl") for n in names) else "npz"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # a legacy torch pickle
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= 100 << 20:
+        return "safetensors"
+    return None
+
+
+def _input_file(path, what="input"):
+    """Check that ``path`` is a readable regular file, with a message that
+    names the problem."""
+    if not os.path.exists(path):
+        raise CliError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise CliError(f"{path}: a directory, not a file")
+    if not os.path.isfile(path):
+        raise CliError(f"{path}: not a regular file")
+
+
 def _label(name):
     return "the tensor" if name is None else f"tensor {name!r}"
 
@@ -62,8 +109,7 @@ def read_tensors(path, fmt):
     """(tensors, source): name -> array or tensor (the single name None for a
     lone tensor), and a JSON-able description of what else the file keeps."""
     readers = {"npy": _read_npy, "npz": _read_npz, "safetensors": _read_safetensors, "torch": _read_torch}
-    if not os.path.isfile(path):
-        raise CliError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
+    _input_file(path)
     try:
         return readers[fmt](path)
     except CliError as e:
@@ -238,28 +284,63 @@ def _write_torch(f, tensors, source):
 WRITERS = {"npy": _write_npy, "npz": _write_npz, "safetensors": _write_safetensors, "torch": _write_torch}
 
 
-def write_tensors(path, fmt, tensors, source):
-    """Write atomically: a failure leaves no half-written file behind."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            WRITERS[fmt](f, tensors, source)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 # -- ibp files ----------------------------------------------------------------
+
+def _not_ibp(path):
+    """Why ``path`` is not an ibp file to read, or None if its bytes say it is."""
+    _input_file(path)
+    kind = sniff(path)
+    if kind == "ibp":
+        return None
+    if kind is not None:
+        return f"{path}: not an ibp file, it holds {CONTENT[kind]} (compress it instead)"
+    return f"{path}: not an ibp file (it does not start with the ibp magic bytes)"
+
+
+def _ibp_error(path, e):
+    """The one-line cause of a FormatError from ``path``: a truncated file
+    says so rather than naming the field that ran past its end."""
+    size = os.path.getsize(path)
+    try:
+        with stream.Reader(path) as r:
+            need = r.expected_size()
+    except FormatError:
+        need = None
+    except Exception:
+        need = None
+    if need is not None and need > size:
+        return CliError(f"{path}: truncated: {size} bytes of the {need} its header describes")
+    if "runs past the end" in str(e) or "too short" in str(e):
+        return CliError(f"{path}: truncated ({size} bytes): {e}")
+    return CliError(f"{path}: not a valid ibp file: {e}")
+
+
+def open_ibp(path):
+    """A stream.Reader of an ibp file whose size matches its header."""
+    problem = _not_ibp(path)
+    if problem:
+        raise CliError(problem)
+    try:
+        r = stream.Reader(path)
+    except FormatError as e:
+        raise _ibp_error(path, e) from None
+    need = r.expected_size()
+    if need != r.size:
+        r.close()
+        raise CliError(f"{path}: truncated: {r.size} bytes of the {need} its header describes" if need > r.size
+                       else f"{path}: not a valid ibp file: {r.size - need} bytes after its last section")
+    return r
+
 
 def load_ibp(path):
     """(CompressedTensor or dict of them, metadata, format version)."""
-    if not os.path.isfile(path):
-        raise CliError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
+    problem = _not_ibp(path)
+    if problem:
+        raise CliError(problem)
     try:
         obj = ibp.load(path, mmap=True)
     except FormatError as e:
-        raise CliError(f"{path}: not a valid ibp file: {e}") from None
+        raise _ibp_error(path, e) from None
     return obj, ibp.load_metadata(path), ibp.container.VERSION
 
 
@@ -284,39 +365,91 @@ def _fmt_bytes(n):
         n /= 1000
 
 
-def _progress(sizes, desc):
-    """A byte-counting tqdm bar on stderr (only on a terminal): at once for
-    several tensors, after a second for one."""
+def _progress(total, desc):
+    """A byte-counting tqdm bar on stderr, only on a terminal and after a
+    second; a no-op without tqdm.  Returns (update(nbytes), close())."""
     try:
         from tqdm import tqdm
     except ImportError:
-        return None
-    return tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=desc, disable=None,
-                delay=0 if len(sizes) > 1 else 1, leave=False, file=sys.stderr)
-
-
-def _each_with_progress(items, sizes, desc):
-    bar = _progress(sizes, desc)
-    try:
-        for item, size in zip(items, sizes):
-            yield item
-            if bar is not None:
-                bar.update(size)
-    finally:
-        if bar is not None:
-            bar.close()
+        return (lambda n: None), (lambda: None)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None, delay=1, leave=False,
+               file=sys.stderr)
+    return bar.update, bar.close
 
 
 def _nbytes(t):
     return int(t.nbytes) if isinstance(t, np.ndarray) else t.numel() * t.element_size()
 
 
-def _check_output(path, force):
-    if os.path.exists(path) and not force:
-        raise CliError(f"{path} exists: pass --force to overwrite it")
-    parent = os.path.dirname(os.path.abspath(path))
+def _same(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _check_output(output, inputs, force, directory=False):
+    """Refuse an output that is an input (the same path, a hard link or a
+    symlink to it: even with --force), that exists without --force, or
+    whose directory is missing or not writable: before any work is done."""
+    for source in inputs:
+        if _same(output, source) or (os.path.isdir(source) and _inside(output, source)) or \
+                (os.path.isdir(output) and _inside(source, output)):
+            raise CliError(f"{output} is the input {source} (or holds it, or lies inside it): "
+                           "ibp never overwrites its input, even with --force")
+    if os.path.lexists(output):
+        if not force:
+            raise CliError(f"{output} exists: pass --force to overwrite it")
+        if os.path.isdir(output) and not directory:
+            raise CliError(f"{output} is a directory: name a file to write")
+    parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent):
         raise CliError(f"{parent}: no such directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"{parent}: no permission to write there")
+
+
+@contextlib.contextmanager
+def _atomic(output, directory=False):
+    """Yield a new temporary file or directory next to ``output``; rename it
+    to ``output`` when the block succeeds, remove it when it fails.  The
+    temporary name never appears in a message: errors name ``output``."""
+    parent = os.path.dirname(os.path.abspath(output))
+    prefix = f".{os.path.basename(output)}."
+    try:
+        tmp = tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".tmp") if directory else \
+            tempfile.mkstemp(dir=parent, prefix=prefix, suffix=".tmp")
+    except OSError as e:
+        raise CliError(f"{output}: cannot write there: {e.strerror}") from None
+    if not directory:
+        os.close(tmp[0])
+        tmp = tmp[1]
+    try:
+        try:
+            yield tmp
+            if directory and os.path.isdir(output):
+                old = tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".old")
+                os.replace(output, os.path.join(old, "x"))
+                os.replace(tmp, output)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                if os.path.lexists(output) and os.path.isdir(output):
+                    raise CliError(f"{output} is a directory: name a file to write")
+                os.replace(tmp, output)
+        except OSError as e:
+            if e.filename is not None and os.path.abspath(str(e.filename)).startswith(os.path.join(parent, prefix)):
+                raise CliError(f"{output}: cannot write it: {e.strerror}") from None
+            raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            os.remove(tmp)
 
 
 # -- models -------------------------------------------------------------------
@@ -357,70 +490,182 @@ def _model_for(models, name, source):
 
 # -- commands -----------------------------------------------------------------
 
+def _plural(n, word):
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def _input_format(path):
+    """The tensor format of an input file: its extension's, checked against
+    its first bytes (its bytes' alone when the extension says nothing)."""
+    _input_file(path)
+    by_name, by_content = format_of(path), sniff(path)
+    if by_content == "ibp":
+        raise CliError(f"{path}: already compressed (an ibp file): decompress it instead")
+    if by_name is None and by_content is None:
+        ext = os.path.splitext(path)[1] or "no extension"
+        raise CliError(f"{path}: unsupported input format ({ext}); ibp compresses "
+                       f"{', '.join(FORMATS)} files and model directories")
+    if by_content == "zip" and by_name in ("npz", "torch"):
+        by_content = by_name  # a damaged archive: its reader says what is wrong
+    if by_name is not None and by_content is not None and by_name != by_content:
+        raise CliError(f"{path}: holds {CONTENT[by_content]}, not what its extension "
+                       f"{os.path.splitext(path)[1]} says: rename it")
+    if by_name is not None and by_content is None and os.path.getsize(path) >= 16:
+        raise CliError(f"{path}: not {CONTENT[by_name]} (its first bytes are not of that format)")
+    if by_content == "zip":
+        raise CliError(f"{path}: a damaged zip archive (truncated?)")
+    return by_name or by_content
+
+
 def cmd_compress(args):
-    fmt = format_of(args.input)
-    if fmt is None:
-        ext = os.path.splitext(args.input)[1] or "no extension"
-        raise CliError(f"{args.input}: unsupported input format ({ext}); ibp compresses "
-                       f"{', '.join(FORMATS)} files")
+    if os.path.isdir(args.input):
+        return _compress_dir(args)
+    fmt = _input_format(args.input)
     output = args.output or args.input + ".ibp"
-    _check_output(output, args.force)
+    _check_output(output, [args.input] + ([args.model_from] if args.model_from else []), args.force)
     models = load_models(args.model_from, args.word_bits) if args.model_from else None
-    tensors, source = read_tensors(args.input, fmt)
-    names = list(tensors)
-    compressed = {}
-    for name in _each_with_progress(names, [_nbytes(tensors[n]) for n in names], "compress"):
-        try:
-            compressed[name] = ibp.compress(tensors[name], model=_model_for(models, name, args.model_from),
-                                            word_bits=args.word_bits, layout=args.layout)
-        except (TypeError, ValueError) as e:
-            raise CliError(f"{args.input}: {_label(name)}: {e}") from None
-    obj = compressed[None] if None in compressed else compressed
-    ibp.save(obj, output, metadata={SOURCE_KEY: json.dumps(source)})
-    raw = sum(ct.raw_nbytes for ct in compressed.values())
-    size = os.path.getsize(output)
-    print(f"{args.input} -> {output}: {len(compressed)} tensor{'s' * (len(compressed) != 1)}, "
+    options = dict(word_bits=args.word_bits, layout=args.layout)
+    with _atomic(output) as tmp:
+        if fmt == "safetensors" and models is None:
+            update, close = _progress(checkpoints.raw_nbytes(args.input), "compress")
+            try:
+                with open(tmp, "wb") as f:
+                    count, raw = checkpoints.compress_safetensors(args.input, f, scratch_dir=os.path.dirname(tmp),
+                                                                  progress=update, **options)
+            except checkpoints.CheckpointError as e:
+                raise CliError(str(e)) from None
+            except (OSError, ValueError) as e:
+                raise CliError(f"{args.input}: cannot read it as safetensors: {e}") from None
+            finally:
+                close()
+        else:
+            count, raw = _compress_tensors(args, fmt, tmp, models, options)
+        size = os.path.getsize(tmp)
+    print(f"{args.input} -> {output}: {_plural(count, 'tensor')}, "
           f"{_fmt_bytes(raw)} -> {_fmt_bytes(size)} ({raw / max(size, 1):.2f}x)")
     return 0
 
 
-def _default_format(tensors):
-    frameworks = {ct.framework for ct in tensors.values()}
+def _compress_tensors(args, fmt, tmp, models, options):
+    """Compress a file read whole (npy, npz, torch) into the ibp file ``tmp``."""
+    tensors, source = read_tensors(args.input, fmt)
+    names = list(tensors)
+    update, close = _progress(sum(_nbytes(t) for t in tensors.values()), "compress")
+    raw = 0
+    try:
+        with stream.Writer(os.path.dirname(tmp)) as w:
+            for name in names:
+                try:
+                    ct = ibp.compress(tensors[name], model=_model_for(models, name, args.model_from), **options)
+                except (TypeError, ValueError) as e:
+                    raise CliError(f"{args.input}: {_label(name)}: {e}") from None
+                w.add(name, ct)
+                raw += ct.raw_nbytes
+                update(ct.raw_nbytes)
+            with open(tmp, "wb") as f:
+                w.finish(f, {SOURCE_KEY: json.dumps(source)})
+    finally:
+        close()
+    return len(names), raw
+
+
+def _compress_dir(args):
+    if args.model_from:
+        raise CliError("--model-from takes single files, not model directories")
+    output = args.output or args.input.rstrip(os.sep) + "-ibp"
+    _check_output(output, [args.input], args.force, directory=True)
+    update, close = _progress(checkpoints.raw_nbytes(args.input), "compress")
+    try:
+        with _atomic(output, directory=True) as tmp:
+            files, count, raw = checkpoints.compress_dir(args.input, tmp, progress=update,
+                                                         word_bits=args.word_bits, layout=args.layout)
+            size = _dir_weight_bytes(tmp, checkpoints.IBP_SUFFIX)
+    except checkpoints.CheckpointError as e:
+        raise CliError(str(e)) from None
+    finally:
+        close()
+    print(f"{args.input} -> {output}: {_plural(files, 'weight file')}, {_plural(count, 'tensor')}, "
+          f"{_fmt_bytes(raw)} -> {_fmt_bytes(size)} ({raw / max(size, 1):.2f}x)")
+    return 0
+
+
+def _dir_weight_bytes(path, suffix):
+    return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n.endswith(suffix))
+
+
+def _default_format(entries):
+    frameworks = {e.get("framework") for e in entries.values()}
     if frameworks == {"numpy"}:
-        return "npy" if None in tensors else "npz"
+        return "npy" if None in entries else "npz"
     return "torch"
 
 
 def cmd_decompress(args):
-    obj, metadata, _ = load_ibp(args.input)
-    cts = _as_mapping(obj)
-    source = _source_of(metadata, args.input)
-    recorded = source.get("format")
-    if recorded not in EXTENSION:
-        recorded = _default_format(cts)
-    if args.output:
-        output = args.output
-        fmt = format_of(output) or recorded
-    else:
-        stem = args.input[:-4] if args.input.lower().endswith(".ibp") else args.input
-        fmt = recorded
-        output = stem if format_of(stem) == fmt else stem + EXTENSION[fmt]
-    _check_output(output, args.force)
-    names = list(cts)
-    tensors = {}
-    for name in _each_with_progress(names, [cts[n].raw_nbytes for n in names], "decompress"):
+    if os.path.isdir(args.input):
+        return _decompress_dir(args)
+    with open_ibp(args.input) as reader:
         try:
-            tensors[name] = ibp.decompress(cts[name])
+            source = checkpoints.source_of(reader)
         except FormatError as e:
-            raise CliError(f"{args.input}: {_label(name)} is corrupted: {e}") from None
+            raise CliError(f"{args.input}: {e}") from None
+        recorded = source.get("format")
+        if recorded not in EXTENSION:
+            recorded = _default_format(reader.entries)
+        if args.output:
+            output = args.output
+            fmt = format_of(output) or recorded
+        else:
+            stem = args.input[:-4] if args.input.lower().endswith(".ibp") else args.input
+            fmt = recorded
+            output = stem if format_of(stem) == fmt else stem + EXTENSION[fmt]
+        _check_output(output, [args.input], args.force)
+        raw = checkpoints.raw_nbytes_of(reader)
+        update, close = _progress(raw, "decompress")
+        try:
+            with _atomic(output) as tmp:
+                if fmt == "safetensors":
+                    with open(tmp, "wb") as f:
+                        checkpoints.decompress_to_safetensors(reader, f, progress=update)
+                else:
+                    tensors = {}
+                    for name in reader:
+                        tensors[name] = ibp.decompress(reader.tensor(name))
+                        update(_nbytes(tensors[name]))
+                    with open(tmp, "wb") as f:
+                        WRITERS[fmt](f, tensors, source)
+        except checkpoints.CheckpointError as e:
+            raise CliError(f"{output}: {e}") from None
+        except FormatError as e:
+            raise CliError(f"{args.input}: not a valid ibp file (corrupted): {e}") from None
         except TypeError as e:  # a dtype this Python cannot represent
-            raise CliError(f"{args.input}: {_label(name)}: {e}") from None
+            raise CliError(f"{args.input}: {e}") from None
+        except CliError:
+            raise
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CliError(f"{output}: cannot write it as {fmt}: {e}") from None
+        finally:
+            close()
+        count = len(reader.entries)
+    print(f"{args.input} -> {output} ({fmt}): {_plural(count, 'tensor')}, {_fmt_bytes(raw)}")
+    return 0
+
+
+def _decompress_dir(args):
+    if not checkpoints.is_compressed_dir(args.input):
+        raise CliError(f"{args.input}: not a compressed model directory (no .ibp weights in it)")
+    default = args.input.rstrip(os.sep)
+    output = args.output or (default[:-4] if default.endswith("-ibp") else default + "-restored")
+    _check_output(output, [args.input], args.force, directory=True)
+    update, close = _progress(checkpoints.raw_nbytes(args.input), "decompress")
     try:
-        write_tensors(output, fmt, tensors, source)
-    except (OSError, ValueError, TypeError, RuntimeError) as e:
-        raise CliError(f"{output}: cannot write it as {fmt}: {e}") from None
-    print(f"{args.input} -> {output} ({fmt}): {len(tensors)} tensor{'s' * (len(tensors) != 1)}, "
-          f"{_fmt_bytes(sum(ct.raw_nbytes for ct in cts.values()))}")
+        with _atomic(output, directory=True) as tmp:
+            files, count, raw = checkpoints.decompress_dir(args.input, tmp, progress=update)
+    except checkpoints.CheckpointError as e:
+        raise CliError(str(e)) from None
+    finally:
+        close()
+    print(f"{args.input} -> {output}: {_plural(files, 'weight file')}, {_plural(count, 'tensor')}, "
+          f"{_fmt_bytes(raw)}")
     return 0
 
 
@@ -442,7 +687,46 @@ def _table(rows, header):
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows)
 
 
+def _info_dir(args):
+    """``info`` of a compressed model directory: each weight file's totals."""
+    if not checkpoints.is_compressed_dir(args.input):
+        raise CliError(f"{args.input}: not a compressed model directory (no .ibp weights in it)")
+    files = {}
+    for name in sorted(os.listdir(args.input)):
+        path = os.path.join(args.input, name)
+        if not name.endswith(checkpoints.IBP_SUFFIX):
+            continue
+        with open_ibp(path) as r:
+            try:
+                tensors = {n: describe(r.tensor(n)) for n in r}
+            except FormatError as e:
+                raise CliError(f"{path}: not a valid ibp file: {e}") from None
+        raw = sum(t["raw_nbytes"] for t in tensors.values())
+        packed = sum(t["nbytes"] for t in tensors.values())
+        files[name] = {"file_bytes": os.path.getsize(path), "raw_nbytes": raw, "nbytes": packed,
+                       "ratio": raw / packed if packed else None, "tensors": tensors}
+    raw = sum(f["raw_nbytes"] for f in files.values())
+    packed = sum(f["nbytes"] for f in files.values())
+    others = sorted(n for n in os.listdir(args.input) if n not in files)
+    report = {"directory": args.input, "format_version": ibp.container.VERSION, "raw_nbytes": raw,
+              "nbytes": packed, "ratio": raw / packed if packed else None, "files": files, "other_files": others}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    count = sum(len(f["tensors"]) for f in files.values())
+    print(f"{args.input}: compressed model directory, {_plural(len(files), 'weight file')}, "
+          f"{_plural(count, 'tensor')}, {_plural(len(others), 'other file')}")
+    if packed:
+        print(f"total: {_fmt_bytes(raw)} raw -> {_fmt_bytes(packed)} to decode ({report['ratio']:.3f}x)")
+    rows = [[n, len(f["tensors"]), _fmt_bytes(f["raw_nbytes"]), _fmt_bytes(f["file_bytes"]),
+             f"{f['ratio']:.3f}" if f["ratio"] else "-"] for n, f in files.items()]
+    print(_table(rows, ["file", "tensors", "raw", "on disk", "ratio"]))
+    return 0
+
+
 def cmd_info(args):
+    if os.path.isdir(args.input):
+        return _info_dir(args)
     obj, metadata, version = load_ibp(args.input)
     cts = _as_mapping(obj)
     source = _source_of(metadata, args.input)
@@ -486,13 +770,16 @@ def _jsonable(value):
 
 BENCH_DATA = (".npy", ".npz", ".safetensors", ".pt", ".pth")
 QUICK_SKIPS = ("minilm-kv", "glove-50d")  # the slowest to load and to run
+BENCH_DURATION = ("ibp bench: every dataset, 3 repeats: about 10 minutes on 2 cores "
+                  "(--quick: about 2 minutes)")
+BENCH_DURATION_QUICK = "ibp bench --quick: about 2 minutes on 2 cores"
 
 
 def cmd_bench(args):
     try:
         from .bench import plot, ratio
     except ImportError as e:
-        raise CliError(f"the benchmark needs the bench extra (pip install 'ibp[bench]'): {e}") from None
+        raise CliError(f"the benchmark needs the bench extra (pip install -e \".[bench]\" in a clone): {e}") from None
     if args.data and args.datasets:
         raise CliError("pass either --data or --datasets, not both")
     if args.data:
@@ -506,7 +793,14 @@ def cmd_bench(args):
     repeats = 1 if args.quick else args.repeats
     if repeats < 1:
         raise CliError(f"--repeats must be at least 1, got {repeats}")
+    existing = [n for n in ("ratio.json", "ratio.md", "ratio.png", "gpu.json", "gpu.md")
+                if os.path.exists(os.path.join(args.out, n))]
+    if existing and not args.force:
+        raise CliError(f"{args.out} already holds results ({', '.join(existing)}): pass -f to overwrite them, "
+                       "or --out DIR")
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if not args.quiet else None
+    if log is not None and not args.data:
+        log(BENCH_DURATION_QUICK if args.quick else BENCH_DURATION)
     try:
         results = ratio.run(names=names, data=args.data, repeats=repeats, log=log)
     except (ValueError, OSError) as e:
@@ -559,11 +853,13 @@ def build_parser():
     p.add_argument("--version", action="version", version=f"ibp {ibp.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("compress", help="tensor file -> .ibp",
+    c = sub.add_parser("compress", help="tensor file -> .ibp, model directory -> compressed directory",
                        description="Compress every tensor of an .npy, .npz, .safetensors or torch "
-                                   "(.pt/.pth/.bin) file into one .ibp file.")
+                                   "(.pt/.pth/.bin) file into one .ibp file; or a model directory "
+                                   "(safetensors weights, one file or shards with their index) into a "
+                                   "directory with the same other files and .ibp weights.")
     c.add_argument("input", metavar="IN")
-    c.add_argument("output", metavar="OUT", nargs="?", help="default: IN.ibp")
+    c.add_argument("output", metavar="OUT", nargs="?", help="default: IN.ibp (a directory: IN-ibp)")
     c.add_argument("--word-bits", type=int, choices=(8, 16, 32, 64),
                    help="force this word width (default: the best measured per tensor)")
     c.add_argument("--layout", choices=("packed", "slotted"), default="packed",
@@ -574,23 +870,26 @@ def build_parser():
     c.add_argument("-f", "--force", action="store_true", help="overwrite OUT")
     c.set_defaults(func=cmd_compress)
 
-    d = sub.add_parser("decompress", help=".ibp -> tensor file",
+    d = sub.add_parser("decompress", help=".ibp -> tensor file, compressed directory -> model directory",
                        description="Restore the tensors of an .ibp file, bit for bit, in the format "
-                                   "of OUT's extension, else the format they came from.")
+                                   "of OUT's extension, else the format they came from; or a compressed "
+                                   "model directory with safetensors weights.")
     d.add_argument("input", metavar="IN")
     d.add_argument("output", metavar="OUT", nargs="?",
-                   help="default: IN without .ibp, in the recorded format")
+                   help="default: IN without .ibp, in the recorded format (a directory: IN without -ibp)")
     d.add_argument("-f", "--force", action="store_true", help="overwrite OUT")
     d.set_defaults(func=cmd_decompress)
 
-    i = sub.add_parser("info", help="describe an .ibp file")
-    i.add_argument("input", metavar="FILE")
+    i = sub.add_parser("info", help="describe an .ibp file or a compressed model directory")
+    i.add_argument("input", metavar="FILE|DIR")
     i.add_argument("--json", action="store_true", help="print the facts as JSON")
     i.set_defaults(func=cmd_info)
 
-    b = sub.add_parser("bench", help="compression ratio and speed on real data",
+    b = sub.add_parser("bench", help="compression ratio and speed on real data (about 10 minutes; --quick 2)",
                        description="Benchmark ibp against the reference algorithm and general-purpose "
-                                   "codecs on the real datasets (or on --data), then write JSON and a plot.")
+                                   "codecs on the real datasets (or on --data), then write JSON and a plot. "
+                                   "Every dataset with 3 repeats takes about 10 minutes on 2 cores; --quick "
+                                   "about 2. Results already in --out are kept unless -f.")
     b.add_argument("--data", metavar="PATH", help="benchmark the tensors of this file instead of the datasets")
     b.add_argument("--datasets", nargs="+", metavar="NAME", choices=datasets.DATASETS,
                    help="only these of ibp.datasets (default: every one installed)")
@@ -599,6 +898,7 @@ def build_parser():
     b.add_argument("--quick", action="store_true",
                    help=f"one repeat, and without --data/--datasets skip {' and '.join(QUICK_SKIPS)}")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    b.add_argument("-f", "--force", action="store_true", help="overwrite results already in --out")
     b.set_defaults(func=cmd_bench)
     return p
 
@@ -607,7 +907,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CliError as e:
+    except (CliError, checkpoints.CheckpointError) as e:
         message = str(e)
     except OSError as e:
         message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)

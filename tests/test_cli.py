@@ -298,23 +298,25 @@ def test_unknown_extensions(tmp_path, cora_ibp):
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     assert "unsupported input format (.txt)" in fails("compress", text, tmp_path / "n.ibp")
-    assert "unsupported input format" in fails("compress", cora_ibp, tmp_path / "twice.ibp")
-    assert "not a valid ibp file" in fails("info", text)
+    assert "already compressed" in fails("compress", cora_ibp, tmp_path / "twice.ibp")
+    assert "not an ibp file" in fails("info", text)
 
 
 def test_corrupted_and_truncated_ibp(tmp_path, cora_ibp):
     size = cora_ibp.stat().st_size
-    cases = {"payload": size - 200, "header": 40, "magic": 2}
-    for what, position in cases.items():
+    cases = {"payload": (size - 200, "not a valid ibp file"), "header": (40, "not a valid ibp file"),
+             "magic": (2, "not an ibp file")}
+    for what, (position, cause) in cases.items():
         bad = tmp_path / f"{what}.ibp"
         corrupt(cora_ibp, bad, position)
-        assert "not a valid ibp file" in fails("info", bad)
-        assert "not a valid ibp file" in fails("decompress", bad, tmp_path / "out.npy")
+        assert cause in fails("info", bad)
+        assert cause in fails("decompress", bad, tmp_path / "out.npy")
     for keep in (0, 10, 100, size // 2, size - 1):
         cut = tmp_path / f"cut{keep}.ibp"
         cut.write_bytes(cora_ibp.read_bytes()[:keep])
-        assert "not a valid ibp file" in fails("decompress", cut, tmp_path / "out.npy")
-        assert "not a valid ibp file" in fails("info", cut)
+        cause = "not an ibp file" if keep < 8 else "truncated"
+        assert cause in fails("decompress", cut, tmp_path / "out.npy")
+        assert cause in fails("info", cut)
     assert not (tmp_path / "out.npy").exists()
 
 
@@ -323,7 +325,8 @@ def test_corrupted_tensor_files(files, tmp_path):
         src = files[kind]
         cut = tmp_path / ("cut" + src.suffix)
         cut.write_bytes(src.read_bytes()[:500])
-        assert f"cannot read it as {'torch' if kind == 'pt' else kind}" in fails("compress", cut, tmp_path / "c.ibp")
+        cause = "truncated" if kind == "safetensors" else f"cannot read it as {'torch' if kind == 'pt' else kind}"
+        assert cause in fails("compress", cut, tmp_path / "c.ibp")
     npz_named_npy = tmp_path / "archive.npy"
     npz_named_npy.write_bytes(files["npz"].read_bytes())
     assert "npz archive" in fails("compress", npz_named_npy, tmp_path / "c.ibp")
@@ -362,6 +365,61 @@ def test_python_dash_m_exits_with_status_and_one_line(tmp_path, cora_ibp):
     assert "checksum" in r.stderr
     r = subprocess.run([sys.executable, "-m", "ibp", "info", str(cora_ibp)], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "format version 2" in r.stdout
+
+
+def test_an_input_is_never_overwritten(files, tmp_path, cora_ibp):
+    src = tmp_path / "m.safetensors"
+    src.write_bytes(files["safetensors"].read_bytes())
+    want = src.read_bytes()
+    os.link(src, tmp_path / "hard.ibp")
+    os.symlink(src, tmp_path / "soft.ibp")
+    for out in (src, tmp_path / "hard.ibp", tmp_path / "soft.ibp"):
+        assert "never overwrites its input" in fails("compress", src, out, "-f")
+    renamed = tmp_path / "r2.safetensors"  # an ibp file under a tensor file's name
+    renamed.write_bytes(cora_ibp.read_bytes())
+    assert "already compressed" in fails("compress", renamed, tmp_path / "x.ibp")
+    ok("compress", src, tmp_path / "m.ibp")
+    renamed.write_bytes((tmp_path / "m.ibp").read_bytes())
+    assert "never overwrites its input" in fails("decompress", renamed, "-f")  # default OUT is IN itself
+    os.link(tmp_path / "m.ibp", tmp_path / "m2.safetensors")
+    assert "never overwrites its input" in fails("decompress", tmp_path / "m.ibp", tmp_path / "m2.safetensors", "-f")
+    assert src.read_bytes() == want and renamed.read_bytes() == (tmp_path / "m.ibp").read_bytes()
+
+
+def test_errors_name_their_cause(files, tmp_path, cora_ibp):
+    data = cora_ibp.read_bytes()
+    cut = tmp_path / "cut.ibp"
+    cut.write_bytes(data[:len(data) // 2])
+    assert "truncated" in fails("info", cut)
+    assert "truncated" in fails("decompress", cut, tmp_path / "o.npy")
+    text = tmp_path / "notes.pt"
+    text.write_text("hello, this is not a checkpoint")
+    assert "not a torch checkpoint" in fails("compress", text, tmp_path / "t.ibp")
+    assert "not an ibp file, it holds an .npy array" in fails("decompress", files["npy"], tmp_path / "o.npy")
+    npz = tmp_path / "z.safetensors"
+    npz.write_bytes(files["npz"].read_bytes())
+    assert "holds an .npz archive" in fails("compress", npz, tmp_path / "z.ibp")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "not a compressed model directory" in fails("decompress", empty, tmp_path / "back")
+    assert "not a compressed model directory" in fails("info", empty)
+    assert "without .safetensors weights" in fails("compress", empty, tmp_path / "e-ibp")
+    assert not (tmp_path / "e-ibp").exists() and not (tmp_path / "o.npy").exists()
+
+
+def test_output_is_checked_before_the_work_and_written_atomically(files, tmp_path):
+    (tmp_path / "adir").mkdir()
+    assert "is a directory" in fails("compress", files["npy"], tmp_path / "adir", "-f")
+    assert "no such directory" in fails("compress", files["npy"], tmp_path / "nofile.npy" / "x.ibp")
+    # a failure halfway (an .npz cannot hold bfloat16) leaves nothing behind, and no temporary name leaks
+    ok("compress", files["pt"], tmp_path / "bf.ibp")
+    line = fails("decompress", tmp_path / "bf.ibp", tmp_path / "bf.npz")
+    assert "cannot hold" in line and ".tmp" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "bf.ibp"]
+    # a file written in place keeps the old one until the new one is complete
+    (tmp_path / "old.npy").write_bytes(b"old")
+    ok("decompress", tmp_path / "bf.ibp", tmp_path / "old.pt")
+    assert (tmp_path / "old.npy").read_bytes() == b"old"
 
 
 # -- bench ---------------------------------------------------------------------

