@@ -441,6 +441,9 @@ def test_bench_on_a_small_file(tmp_path):
     assert (out_dir / "ratio.md").read_text().strip() == ratio.format_table(results).strip()
     assert (out_dir / "ratio.png").read_bytes()[:4] == b"\x89PNG"
     assert str(out_dir / "ratio.json") in out
+    written = (out_dir / "ratio.json").read_bytes()
+    assert "pass -f" in fails("bench", "--data", data, "--out", out_dir, "--quick", "--quiet")
+    assert (out_dir / "ratio.json").read_bytes() == written
 
 
 def test_bench_mistakes(tmp_path):
