@@ -5,6 +5,7 @@ bit ``i % 64`` of word ``i // 64`` (LSB first).  Every shift here stays below
 64: LLVM treats larger shifts as poison.
 """
 import os
+import sys
 import threading
 import types as pytypes
 
@@ -121,6 +122,28 @@ class Kernel:
 
     def __call__(self, work, *args):
         if work < PARALLEL_MIN_WORDS or numba.get_num_threads() == 1:
+            _announce_compile(self.serial)
             return self.serial(*args)
+        _announce_compile(self.parallel)
         with _LAUNCH:
             return self.parallel(*args)
+
+
+_announced = threading.Event()
+
+
+def _announce_compile(dispatcher):
+    """One line on stderr before numba compiles a kernel that its disk cache
+    lacks: the first use of ibp takes tens of seconds, and a silent pause
+    that long looks like a hang.  Said once per process, on a terminal only
+    (like progress bars), so logs and parsed error output stay as they are."""
+    if dispatcher.signatures or _announced.is_set() or not sys.stderr.isatty():
+        return
+    try:
+        cached = bool(dispatcher._cache._cache_file._load_index())
+    except (AttributeError, OSError, ValueError):   # numba's cache internals differ: stay quiet
+        return
+    if not cached:
+        _announced.set()
+        print("ibp: compiling the CPU codec with numba (once, up to a minute; later runs load it from the cache)",
+              file=sys.stderr, flush=True)
