@@ -6,8 +6,10 @@
   CompressedEmbeddingBag, drop-in for torch.nn.Embedding / EmbeddingBag.
 * ``ibp.integrations.gnn``: CompressedFeatureStore for torch_geometric's
   NeighborLoader, and ``gather`` for DGL-style feature fetches.
-* ``ibp.integrations.llm``: ``offload`` of model weights and
-  CompressedKVCache for transformers ``generate()``.
+* ``ibp.integrations.llm``: ``offload`` of model weights (it also
+  re-exports the KV cache).
+* ``ibp.integrations.kv_cache``: CompressedKVCache for transformers
+  ``generate()``.
 
 Each module imports only what it integrates with (torch, torch_geometric,
 transformers), so importing one never requires the others.
