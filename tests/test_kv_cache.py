@@ -6,6 +6,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+import ibp  # noqa: E402
 from ibp.integrations.kv_cache import CompressedKVCache, CompressedKVLayer, cache_kwargs  # noqa: E402
 from ibp.integrations.llm import offload  # noqa: E402
 
@@ -29,42 +30,140 @@ def generate(model, ids, **kwargs):
                           do_sample=False, **kwargs)
 
 
+@pytest.fixture
+def encodes(monkeypatch):
+    """Every ibp.compress call the cache makes: (tokens it encodes, i.e. batch
+    entries x positions of a [batch, heads, tokens, head_dim] block; the model
+    passed in; the input's device)."""
+    calls, real = [], ibp.compress
+
+    def compress(x, *args, model=None, **kwargs):
+        calls.append((x.shape[0] * x.shape[-2], model, x.device))
+        return real(x, *args, model=model, **kwargs)
+
+    monkeypatch.setattr(ibp, "compress", compress)
+    return calls
+
+
+def encoded(calls):
+    return sum(c[0] for c in calls)
+
+
+def stored_tokens(cache):
+    """Tokens held compressed, counting each stored block row once."""
+    return sum(b.ct.shape[0] * b.tokens for layer in cache.layers for seq in (layer._k, layer._v) for b in seq.blocks)
+
+
+def same(plain, packed):
+    return len(plain.layers) == len(packed.layers) and all(
+        torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) for a, b in zip(plain.layers, packed.layers))
+
+
+def forward(model, cache, ids):
+    with torch.no_grad():
+        return model(ids, **cache_kwargs(model, cache), use_cache=True).logits
+
+
 # -- KV cache ---------------------------------------------------------------------
-def test_compressed_kv_cache_generates_identically():
+def test_compressed_kv_cache_generates_identically(encodes):
     model, ids = llama(), prompt()
-    cache = CompressedKVCache(block_tokens=4)
+    plain, cache = DynamicCache(), CompressedKVCache(block_tokens=4)
     got = generate(model, ids, **cache_kwargs(model, cache))
-    assert torch.equal(got, generate(model, ids))
+    assert torch.equal(got, generate(model, ids, **cache_kwargs(model, plain))) and same(plain, cache)
     assert all(isinstance(layer, CompressedKVLayer) for layer in cache.layers) and len(cache.layers) == 2
     assert cache.get_seq_length() == 12 + 12 - 1
     assert all(layer._k.compressed == layer._v.compressed == 20 for layer in cache.layers)  # of 23 tokens
     assert cache.compressed_nbytes > 0
+    assert encoded(encodes) == stored_tokens(cache) == 2 * 2 * 2 * 20  # layers x K/V x batch x tokens: each once
+    assert all(device == torch.device("cpu") for _, _, device in encodes)  # handed the cache's own tensors
 
 
-def test_compressed_kv_cache_holds_the_same_tensors():
+def test_each_layer_learns_its_model_once_and_reuses_it(encodes):
     model, ids = llama(), prompt()
+    cache = CompressedKVCache(block_tokens=4)
+    generate(model, ids, **cache_kwargs(model, cache))
+    assert sum(m is None for _, m, _ in encodes) == 2 * 2  # the first block of each layer's K and of its V
+    for layer in cache.layers:
+        for seq in (layer._k, layer._v):
+            assert len(seq.blocks) == 5 and all(b.ct.model is seq.model for b in seq.blocks)
+
+
+def test_beam_search_encodes_each_token_once(encodes):
+    model, ids = llama(), prompt()
+    greedy = CompressedKVCache(block_tokens=4)
+    generate(model, ids, **cache_kwargs(model, greedy))
+    greedy_tokens = encoded(encodes)
+    encodes.clear()
+    plain, cache = DynamicCache(), CompressedKVCache(block_tokens=4)
+    want = generate(model, ids, num_beams=3, **cache_kwargs(model, plain))
+    assert torch.equal(generate(model, ids, num_beams=3, **cache_kwargs(model, cache)), want)
+    assert same(plain, cache)
+    assert encoded(encodes) == stored_tokens(cache) == 3 * greedy_tokens  # 3 beams, no history re-encoded
+    assert any(b.rows is not None for layer in cache.layers for b in layer._k.blocks)  # reordered by index
+
+
+def test_batch_operations_keep_the_blocks(encodes):
+    model, ids = llama(), prompt(3)
     plain, packed = DynamicCache(), CompressedKVCache(block_tokens=5)
-    with torch.no_grad():
-        model(ids, **cache_kwargs(model, plain), use_cache=True)
-        model(ids, **cache_kwargs(model, packed), use_cache=True)
-
-    def same():
-        return all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
-                   for a, b in zip(plain.layers, packed.layers))
-
-    assert same()
-    for op in (lambda c: c.crop(-3), lambda c: c.batch_select_indices(torch.tensor([1])),
-               lambda c: c.batch_repeat_interleave(2), lambda c: c.reorder_cache(torch.tensor([1, 0]))):
+    forward(model, plain, ids)
+    forward(model, packed, ids)
+    assert same(plain, packed) and encoded(encodes) == 2 * 2 * 3 * 10
+    before = [b.ct for layer in packed.layers for b in layer._k.blocks]
+    encodes.clear()
+    for op in (lambda c: c.batch_select_indices(torch.tensor([2, 0])), lambda c: c.batch_repeat_interleave(3),
+               lambda c: c.reorder_cache(torch.tensor([5, 0, 0, 2, 1, 4])), lambda c: c.batch_select_indices(
+                   torch.tensor([True, False, True, True, False, False])), lambda c: c.reorder_cache(torch.tensor([2, 1, 0]))):
         op(plain)
         op(packed)
-        assert same() and plain.get_seq_length() == packed.get_seq_length()
-    nxt = prompt(2, 7)
-    with torch.no_grad():
-        a = model(nxt, **cache_kwargs(model, plain), use_cache=True).logits
-        b = model(nxt, **cache_kwargs(model, packed), use_cache=True).logits
-    assert torch.equal(a, b) and same()
+        assert same(plain, packed) and plain.get_seq_length() == packed.get_seq_length()
+    assert encodes == [] and [b.ct for layer in packed.layers for b in layer._k.blocks] == before
+    nxt = prompt(3, 7)
+    assert torch.equal(forward(model, plain, nxt), forward(model, packed, nxt)) and same(plain, packed)
+    assert encoded(encodes) == 2 * 2 * 3 * 5  # the one new block: 12 + 7 tokens = 3 blocks of 5 + 4
+
+
+@pytest.mark.parametrize("remove", [1, 2, 4, 5, 7, 10, 12, 30])
+def test_crop_drops_blocks_without_encoding(encodes, remove):
+    model, ids = llama(), prompt(2, 12)
+    plain, packed = DynamicCache(), CompressedKVCache(block_tokens=5)
+    forward(model, plain, ids)
+    forward(model, packed, ids)   # two blocks of 5 compressed, 2 raw tokens
+    encodes.clear()
+    plain.crop(-remove)
+    packed.crop(-remove)
+    assert encodes == [] and same(plain, packed) and plain.get_seq_length() == packed.get_seq_length()
+    kept = max(0, 12 - remove)
+    assert all(layer._k.compressed == kept // 5 * 5 for layer in packed.layers)
+    nxt = prompt(2, 6)
+    assert torch.equal(forward(model, plain, nxt), forward(model, packed, nxt)) and same(plain, packed)
+    assert encoded(encodes) == 2 * 2 * 2 * ((kept + 6) // 5 * 5 - kept // 5 * 5)  # only the new full blocks
+
+
+def test_crop_follows_the_installed_dynamic_cache():
+    model, ids = llama(), prompt()
+    plain, packed = DynamicCache(), CompressedKVCache(block_tokens=5)
+    forward(model, plain, ids)
+    forward(model, packed, ids)
+    for length in (0, 7, 30):
+        try:
+            plain.crop(length)
+        except ValueError:
+            with pytest.raises(ValueError):
+                packed.crop(length)
+        else:
+            packed.crop(length)
+        assert same(plain, packed) and plain.get_seq_length() == packed.get_seq_length()
+
+
+def test_reset_and_reuse():
+    model, ids = llama(), prompt()
+    plain, packed = DynamicCache(), CompressedKVCache(block_tokens=5)
+    forward(model, packed, prompt(2, 9))
     packed.reset()
-    assert packed.get_seq_length() == 0
+    assert packed.get_seq_length() == 0 and packed.compressed_nbytes == 0
+    forward(model, plain, ids)
+    forward(model, packed, ids)
+    assert same(plain, packed)
 
 
 def test_offload_and_kv_cache_together():
@@ -75,19 +174,22 @@ def test_offload_and_kv_cache_together():
 
 
 def test_kv_cache_refuses_bad_block_size():
-    with pytest.raises(ValueError):
-        CompressedKVCache(block_tokens=0)
-    with pytest.raises(ValueError):
-        CompressedKVLayer(block_tokens=2.5)
+    for bad in (0, -1, 2.5, True, "8"):
+        with pytest.raises(ValueError):
+            CompressedKVCache(block_tokens=bad)
+        with pytest.raises(ValueError):
+            CompressedKVLayer(block_tokens=bad)
 
 
 # -- GPU --------------------------------------------------------------------------
 @pytest.mark.gpu
 @requires_cuda
-def test_cuda_kv_cache_generates_identically():
+def test_cuda_kv_cache_encodes_on_the_device(encodes):
     model, ids = llama().cuda(), prompt().cuda()
-    cache = CompressedKVCache(block_tokens=4)
-    assert torch.equal(generate(model, ids, **cache_kwargs(model, cache)), generate(model, ids))
-    assert all(ct.is_pinned() for layer in cache.layers for ct in layer._k.blocks)
-
-
+    plain, cache = DynamicCache(), CompressedKVCache(block_tokens=4)
+    want = generate(model, ids, num_beams=3, **cache_kwargs(model, plain))
+    assert torch.equal(generate(model, ids, num_beams=3, **cache_kwargs(model, cache)), want)
+    assert same(plain, cache)
+    assert encodes and all(device.type == "cuda" for _, _, device in encodes)  # no raw copy to the host first
+    assert all(b.ct.is_pinned() for layer in cache.layers for seq in (layer._k, layer._v) for b in seq.blocks)
+    assert encoded(encodes) == stored_tokens(cache)
