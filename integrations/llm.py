@@ -15,12 +15,16 @@ PCIe, and the GPU decoder reads them straight from pinned host memory.
   them when the layer runs.
 * ``compress_checkpoint(src, path)``: a safetensors file or state dict to an
   ``.ibp`` file that ``offload(model, device, state=ibp.load(path))`` reads.
+* ``from_pretrained(path, device)``: a transformers model from a compressed
+  model directory (``ibp compress MODEL_DIR OUT``), weights offloaded.
 
 Outputs are bit-identical to the uncompressed model: the codec is lossless.
 """
 import functools
 import math
+import os
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -30,23 +34,25 @@ from ibp.tensor import CompressedTensor
 
 from ._torch_io import checked_device, compress_on_host, decode_whole
 from .kv_cache import CompressedKVCache, CompressedKVLayer, cache_kwargs
+from .pretrained import from_pretrained, rebuilt_buffers
 
-__all__ = ["offload", "WeightOffloader", "WeightOffloadHook", "CompressedKVCache", "CompressedKVLayer",
-           "cache_kwargs", "compress_checkpoint"]
+__all__ = ["offload", "from_pretrained", "WeightOffloader", "WeightOffloadHook", "CompressedKVCache",
+           "CompressedKVLayer", "cache_kwargs", "compress_checkpoint"]
 
 
 # -- weight offload ------------------------------------------------------------
 class _Entry:
     """One module's offloaded tensors and the placeholders that stand in for
-    them between forwards."""
+    them between forwards (one per tensor, shared by its tied slots, so tied
+    weights stay one object)."""
 
-    def __init__(self, number, module, items, device):
+    def __init__(self, number, module, items, placeholders):
         self.number = number
         self.module = module
         self.slots = [(kind, attr) for kind, attr, _, _ in items]
         self.tensors = [ct for _, _, ct, _ in items]
         self.nbytes = sum(ct.raw_nbytes for ct in self.tensors)
-        self.placeholders = [_placeholder(t, kind, device) for kind, _, _, t in items]
+        self.placeholders = [placeholders[id(ct)] for _, _, ct, _ in items]
 
     def install(self, values):
         for (kind, attr), value in zip(self.slots, values):
@@ -241,11 +247,16 @@ def _kind(value):
     return dtypes.name_of_numpy(value.dtype), tuple(value.shape)
 
 
-def _source(tensor, names, state, used):
+def _held(names, state):
+    """The names of a tensor (tied weights have several) that ``state`` holds."""
+    return [name for name in names if state is not None and name in state]
+
+
+def _source(tensor, names, state, used, rebuilt):
     """Where a tensor's values come from: the state (CompressedTensor or
-    tensor) if it holds any of the tensor's names (tied weights have several),
+    tensor) if it holds any of the tensor's names, else a rebuilt buffer,
     else the model's own tensor."""
-    present = [name for name in names if state is not None and name in state]
+    present = _held(names, state)
     used.update(present)
     if present:
         value = state[present[0]]
@@ -254,12 +265,11 @@ def _source(tensor, names, state, used):
             raise ValueError(f"state[{present[0]!r}] is {got[0]}{list(got[1])}, "
                              f"the model needs {want[0]}{list(want[1])}")
         return value
-    if tensor.device.type == "meta":
-        raise ValueError(f"{names[0]} is on the meta device and the state does not hold it")
-    return tensor
+    return rebuilt.get(names[0], tensor)
 
 
-def offload(model, device, *, min_bytes=1 << 20, state=None):
+def offload(model: torch.nn.Module, device: str | torch.device, *, min_bytes: int = 1 << 20,
+            state: Mapping[str, Any] | None = None) -> torch.nn.Module:
     """Keep ``model``'s large weights compressed in host memory and decode
     each module's weights on ``device`` only while the module runs.
 
@@ -267,7 +277,9 @@ def offload(model, device, *, min_bytes=1 << 20, state=None):
     is CUDA); smaller ones move to ``device`` once.  ``state`` (a mapping of
     state-dict names to CompressedTensors or tensors, e.g. ``ibp.load(path)``)
     supplies the weights instead of the model's own, so the model may be
-    built on the meta device except for non-persistent buffers.  The model is
+    built on the meta device; the non-persistent buffers of a transformers
+    model built so are rebuilt as transformers builds them (anything else on
+    meta that the state lacks is an error).  The model is
     changed in place and returned, with the controller as
     ``model.ibp_offloader``; between forwards its offloaded weights read as
     broadcast zeros.  For inference: decoded weights do not require grad.
@@ -281,9 +293,12 @@ def offload(model, device, *, min_bytes=1 << 20, state=None):
         raise TypeError(f"state must be a mapping of names to tensors, not {type(state).__name__}")
     if not isinstance(min_bytes, int) or min_bytes < 0:
         raise ValueError(f"min_bytes must be a non-negative int, got {min_bytes!r}")
+    groups = [(tensor, slots, [name for *_, name in slots]) for tensor, slots in _slots(model)]
+    on_meta = [names[0] for tensor, _, names in groups if tensor.device.type == "meta" and not _held(names, state)]
+    rebuilt = rebuilt_buffers(model, on_meta) if on_meta else {}
     used, plan, per_module = set(), [], {}
-    for tensor, slots in _slots(model):
-        plan.append((tensor, slots, _source(tensor, [name for *_, name in slots], state, used)))
+    for tensor, slots, names in groups:
+        plan.append((tensor, slots, _source(tensor, names, state, used, rebuilt)))
     if state is not None and set(state) - used:
         raise ValueError(f"state holds tensors the model does not have: {sorted(set(state) - used)[:5]}")
     for tensor, slots, value in plan:
@@ -303,7 +318,10 @@ def offload(model, device, *, min_bytes=1 << 20, state=None):
                 resident = torch.nn.Parameter(resident, requires_grad=tensor.requires_grad)
             for module, kind, attr, _ in slots:
                 getattr(module, kind)[attr] = resident
-    entries = [_Entry(number, module, items, device) for number, (module, items) in enumerate(per_module.values())]
+    placeholders = {id(ct): _placeholder(t, kind, device)
+                    for _, items in per_module.values() for kind, _, ct, t in items}
+    entries = [_Entry(number, module, items, placeholders)
+               for number, (module, items) in enumerate(per_module.values())]
     for entry in entries:
         entry.release()
     offloader = WeightOffloader(entries, device)
@@ -315,7 +333,8 @@ def offload(model, device, *, min_bytes=1 << 20, state=None):
 
 
 # -- checkpoints ---------------------------------------------------------------
-def compress_checkpoint(src, path, *, metadata=None):
+def compress_checkpoint(src: str | os.PathLike | Mapping[str, Any], path: str | os.PathLike, *,
+                        metadata: Mapping[str, str] | None = None) -> dict[str, CompressedTensor]:
     """Write a checkpoint (a ``.safetensors`` path or a mapping of names to
     tensors) to ``path`` as an ibp file and return its CompressedTensors."""
     if isinstance(src, Mapping):
