@@ -247,12 +247,13 @@ def _kind(value):
     return dtypes.name_of_numpy(value.dtype), tuple(value.shape)
 
 
-def _held(names, state):
+def _held(names: list[str], state: Mapping[str, Any] | None) -> list[str]:
     """The names of a tensor (tied weights have several) that ``state`` holds."""
     return [name for name in names if state is not None and name in state]
 
 
-def _source(tensor, names, state, used, rebuilt):
+def _source(tensor: torch.Tensor, names: list[str], state: Mapping[str, Any] | None, used: set[str],
+            rebuilt: Mapping[str, torch.Tensor]) -> Any:
     """Where a tensor's values come from: the state (CompressedTensor or
     tensor) if it holds any of the tensor's names, else a rebuilt buffer,
     else the model's own tensor."""

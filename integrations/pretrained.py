@@ -15,7 +15,7 @@ import copy
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ def _parameters_on_meta() -> Iterator[None]:
     Like accelerate's, the patch is process-wide while it lasts."""
     register = torch.nn.Module.register_parameter
 
-    def register_on_meta(module, name, param):
+    def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
         register(module, name, param)
         p = module._parameters[name]
         if p is not None and p.device.type != "meta":
@@ -99,7 +99,10 @@ def rebuilt_buffers(model: torch.nn.Module, names: Sequence[str]) -> dict[str, t
 
 
 # -- checkpoint names to the model's ------------------------------------------------
-def _transformers_renamer(model: torch.nn.Module, expected: Mapping[str, Any]):
+Renamer = Callable[[str], tuple[str, bool]]  # checkpoint name -> (model name, whether transformers converts it)
+
+
+def _transformers_renamer(model: torch.nn.Module, expected: Mapping[str, Any]) -> Renamer | None:
     """transformers' own key renaming (version 5: legacy names, base-model
     prefix), or None where the installed version has none."""
     try:
@@ -112,7 +115,7 @@ def _transformers_renamer(model: torch.nn.Module, expected: Mapping[str, Any]):
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
     prefix = model.base_model_prefix
 
-    def rename(key):
+    def rename(key: str) -> tuple[str, bool]:
         new, converted = rename_source_key(key, renamings, converters, prefix, expected)
         if new not in expected and key in expected:  # as transformers: the key was right, save for the prefix
             new, converted = rename_source_key(key, [], [], prefix, expected)
@@ -121,11 +124,11 @@ def _transformers_renamer(model: torch.nn.Module, expected: Mapping[str, Any]):
     return rename
 
 
-def _prefix_renamer(model: torch.nn.Module, expected: Mapping[str, Any]):
+def _prefix_renamer(model: torch.nn.Module, expected: Mapping[str, Any]) -> Renamer:
     """The base-model prefix added or stripped, as every transformers version does."""
     prefix = model.base_model_prefix
 
-    def rename(key):
+    def rename(key: str) -> tuple[str, bool]:
         if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
             return key[len(prefix) + 1:], False
         if prefix and f"{prefix}.{key}" in expected:
