@@ -6,8 +6,9 @@
   CompressedEmbeddingBag, drop-in for torch.nn.Embedding / EmbeddingBag.
 * ``ibp.integrations.gnn``: CompressedFeatureStore for torch_geometric's
   NeighborLoader, and ``gather`` for DGL-style feature fetches.
-* ``ibp.integrations.llm``: ``offload`` of model weights (it also
-  re-exports the KV cache).
+* ``ibp.integrations.llm``: ``offload`` of model weights and
+  ``from_pretrained`` of a compressed model directory (it also re-exports
+  the KV cache).
 * ``ibp.integrations.kv_cache``: CompressedKVCache for transformers
   ``generate()``.
 
