@@ -1,14 +1,15 @@
-// Runs ibp_decode.cu on the CPU, for testing without a GPU.
+// Runs ibp_decode.cu and ibp_encode.cu on the CPU, for testing without a GPU.
 //
 // `g++ -std=c++17 -DIBP_HOST_EMULATION -x c++ -shared -fPIC ibp_decode.cu`
-// builds a library whose ibp_emu_launch() runs a kernel launch block by
-// block, each thread a fiber (ucontext).  Warp collectives, named barriers
-// and atomics follow CUDA's rules and are stricter where CUDA leaves things
-// undefined: a collective whose lanes disagree on the mask, a lane that
-// waits on a lane that exited, and a barrier that never fills are reported
-// as errors, as is every global load or store outside the memory regions
-// registered with ibp_emu_allow().  Errors end the launch and are returned
-// by ibp_emu_error(); the process never crashes.
+// builds a library whose ibp_emu_launch() (ibp_emu_launch_encode() for
+// ibp_encode.cu) runs a kernel launch block by block, each thread a fiber
+// (ucontext).  Warp collectives, named barriers and atomics follow CUDA's
+// rules and are stricter where CUDA leaves things undefined: a collective
+// whose lanes disagree on the mask, a lane that waits on a lane that
+// exited, and a barrier that never fills are reported as errors, as is
+// every global load or store outside the memory regions registered with
+// ibp_emu_allow().  Errors end the launch and are returned by
+// ibp_emu_error(); the process never crashes.
 #pragma once
 #include <setjmp.h>
 #include <ucontext.h>
@@ -28,6 +29,7 @@
 #define IBP_DEV inline
 #define IBP_LD(ptr) (*emu::checked((ptr), false))
 #define IBP_ST(ptr, v) (*emu::checked((ptr), true) = (v))
+#define IBP_ATOMIC_OR64(ptr, v) atomicOr((ptr), (v))
 #define IBP_NAMED_BARRIER(id, n) emu::named_barrier((id), (n))
 #define IBP_SHARED_READABLE(ptr, bytes) emu::allow_shared((ptr), (bytes))
 
@@ -291,6 +293,12 @@ inline unsigned long long atomicMin(unsigned long long* a, unsigned long long v)
     if (v < old) *a = v;
     return old;
 }
+// On global memory: checked like every other global access.
+inline unsigned long long atomicOr(unsigned long long* a, unsigned long long v) {
+    unsigned long long old = *emu::checked(a, true);
+    *a = old | v;
+    return old;
+}
 inline unsigned atomicOr(unsigned* a, unsigned v) {
     unsigned old = *a;
     *a = old | v;
@@ -308,14 +316,18 @@ inline unsigned atomicOr(unsigned* a, unsigned v) {
         ok = emu::launch((unsigned)grid, IBP_BLOCK, [&] { ibp_decode<W_, L_, G_>(IBP_EMU_ARGS(a)); }); \
     }
 
-// The library's C interface (ctypes).
-#define IBP_EMULATION_ENTRY                                                                            \
-    extern "C" int ibp_emu_arg_count() { return IBP_EMU_ARG_COUNT; }                                   \
+// The library's C interface (ctypes): the memory regions kernels may touch, the last error.
+#define IBP_EMULATION_BASICS                                                                           \
     extern "C" void ibp_emu_allow(const void* p, unsigned long long n, int writable) {                  \
         emu::state().regions.push_back({(const char*)p, (const char*)p + n, writable != 0});           \
     }                                                                                                  \
     extern "C" void ibp_emu_forbid_all() { emu::state().regions.clear(); }                             \
-    extern "C" const char* ibp_emu_error() { return emu::state().error.c_str(); }                      \
+    extern "C" const char* ibp_emu_error() { return emu::state().error.c_str(); }
+
+// ... and the decoder's launch.
+#define IBP_EMULATION_ENTRY                                                                            \
+    IBP_EMULATION_BASICS                                                                               \
+    extern "C" int ibp_emu_arg_count() { return IBP_EMU_ARG_COUNT; }                                   \
     extern "C" int ibp_emu_launch(int W, int L, int G, unsigned long long grid, const unsigned long long* a) { \
         bool found = false, ok = false;                                                                \
         IBP_ALL_SHAPES(IBP_EMU_CASE)                                                                   \

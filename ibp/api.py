@@ -21,8 +21,9 @@ def analyze(x, *, word_bits=None):
     return analyze_bytes(data, shape, dtypes.ITEMSIZE[name], word_bits)
 
 
-def compress(x, *, model=None, word_bits=None, layout="packed", unit_rows=None):
-    """Compress a numpy array or CPU torch tensor of any dtype and shape.
+def compress(x, *, model=None, word_bits=None, layout="packed", unit_rows=None, payload=None):
+    """Compress a numpy array or torch tensor of any dtype and shape (a CUDA
+    tensor on its GPU: see ibp.cuda_encode; same bytes for the same model).
 
     Rows are the first axis: a 2-d+ tensor has ``shape[0]`` rows, a 1-d
     tensor one row per element, a 0-d tensor a single row.  Non-contiguous
@@ -39,6 +40,8 @@ def compress(x, *, model=None, word_bits=None, layout="packed", unit_rows=None):
                smallest).  1 makes every row its own unit, so a gather reads
                only the rows it asks for: the choice for tables that are
                mostly read by index (embeddings, feature stores).
+    payload:   CUDA tensors only: "pinned" (default: the payload lands in
+               pinned host memory) or "device" (it stays in GPU memory).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -46,6 +49,12 @@ def compress(x, *, model=None, word_bits=None, layout="packed", unit_rows=None):
         raise ValueError(f"word_bits must be 8, 16, 32 or 64, got {word_bits!r}")
     if unit_rows is not None and (isinstance(unit_rows, bool) or not isinstance(unit_rows, int) or unit_rows < 1):
         raise ValueError(f"unit_rows must be None or a positive integer, got {unit_rows!r}")
+    if dtypes.is_torch(x) and x.device.type == "cuda":
+        from . import cuda_encode
+        return cuda_encode.compress(x, model=model, word_bits=word_bits, layout=layout, unit_rows=unit_rows,
+                                    payload="pinned" if payload is None else payload)
+    if payload is not None:
+        raise ValueError("payload= chooses where a CUDA tensor's payload goes; this tensor is not on a GPU")
     data, name, shape, framework = dtypes.as_bytes(x)
     itemsize = dtypes.ITEMSIZE[name]
     if model is None:
