@@ -290,7 +290,7 @@ def _torch():
 _lock = threading.Lock()
 _kernels = {}                    # (device, W) -> cupy function
 _side_streams = {}               # device -> the stream of the D2H copies
-_tables = weakref.WeakKeyDictionary()   # Model -> {device: its encode_table there}
+_tables = {}                     # id(Model) -> (weak reference, {device: its encode_table there})
 
 
 def _kernel(cupy, device_index, W):
@@ -345,6 +345,9 @@ def _pack_kinds(torch, kinds8):
     return q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6)
 
 
+NUMPY_WORDS = {8: np.uint8, 16: np.int16, 32: np.int32, 64: np.int64}   # how torch holds W-bit words
+
+
 def _int_view(torch, flat_bytes, W):
     return flat_bytes.view({8: torch.uint8, 16: torch.int16, 32: torch.int32, 64: torch.int64}[W])
 
@@ -352,7 +355,10 @@ def _int_view(torch, flat_bytes, W):
 def _model_table(torch, model, dev):
     """A given model's encode_table on ``dev``, uploaded once per model."""
     with _lock:
-        per_device = _tables.setdefault(model, {})
+        entry = _tables.get(id(model))
+        if entry is None or entry[0]() is not model:   # Models compare by value, so they cannot be weak keys
+            entry = _tables[id(model)] = (weakref.ref(model, lambda _, key=id(model): _tables.pop(key, None)), {})
+        per_device = entry[1]
         table = per_device.get(dev.index)
         if table is None:
             host = encode_table(torch, *model_tensors(torch, model), model.word_bits)
@@ -517,3 +523,58 @@ def _packed(job, fields, learned, payload, keep):
     index = build_index(starts, total)
     return _result(job, fields, host_kinds, host_model, host_payload, data if payload == "device" else None,
                    keep + [data, sizes, dstarts, host_ends], payload_bits=total, index=index)
+
+
+def encode_rows(ct, rows, values):
+    """(units, write) for ``CompressedTensor.update_rows`` with CUDA values:
+    the affected units encoded on the values' GPU into compact slots (units
+    that also hold other rows are decoded on the host first, and their words
+    go to the device), copied back; ``write(payload)`` stores them in their
+    slots and returns their kinds.  Repeated rows take the last value."""
+    from .cuda import _device, _imports
+    torch, cupy = _imports()
+    dev = _device(torch, values.device)
+    g = ct.geometry
+    W, U, R = g.word_bits, g.unit_words, g.row_words
+    last = np.unique(rows[::-1], return_index=True)[1]
+    keep = rows.size - 1 - last                   # each row's last occurrence, rows ascending
+    with torch.cuda.device(dev):
+        flat = values.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+        if flat.data_ptr() % (W // 8):
+            flat = flat.clone()
+        new = _int_view(torch, flat, W).view(rows.size, R)
+        kept = new.index_select(0, torch.as_tensor(keep, device=dev))
+        if U >= R and U // R > 1:
+            per = U // R
+            units = np.unique(rows // per)
+            block = torch.from_numpy(ct._decode_units(units).view(NUMPY_WORDS[W])).to(dev)
+            block = block.view(units.size, per, R)
+            krows = rows[keep]
+            where = torch.as_tensor(np.searchsorted(units, krows // per), device=dev)
+            block[where, torch.as_tensor(krows % per, device=dev)] = kept
+        else:
+            split = R // U if U < R else 1
+            units = (rows[keep][:, None] * split + np.arange(split)).reshape(-1)
+            block = kept
+        block = block.reshape(-1)
+        geom = Geometry(g.shape, g.itemsize, W, U)
+        n, S = units.size, g.slot_words
+        job = _Job(torch, cupy, dev, block, geom, ct.model.period, _model_table(torch, ct.model, dev))
+        data = torch.empty(n * S + 1, dtype=torch.int64, device=dev)
+        job.run(njobs=n, total_words=block.numel(), nunits=n, payload=data.data_ptr(), payload_words=n * S + 1,
+                mode=SLOTTED)
+        host = _pinned(torch, n * S + 1, torch.int64)
+        host.copy_(data, non_blocking=True)
+        host_kinds = _pinned(torch, n, torch.uint8)
+        host_kinds.copy_(job.kinds8[:n], non_blocking=True)
+        host_status = _pinned(torch, 1, torch.int64)
+        host_status.copy_(job.status, non_blocking=True)
+        torch.cuda.current_stream(dev).synchronize()   # update_rows returns with the host payload rewritten
+    if int(host_status[0]):
+        raise RuntimeError("ibp GPU encoder wrote past its slots (a bug: please report it)")
+    slots = host.numpy().view(np.uint64)[:n * S].reshape(n, S)
+
+    def write(payload):
+        payload[:g.nunits * S].reshape(g.nunits, S)[units] = slots
+        return host_kinds.numpy().copy()
+    return units, write

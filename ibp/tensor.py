@@ -194,7 +194,9 @@ class CompressedTensor:
         Safe while other threads decode this tensor on the CPU: each reader
         sees every row either as it was or as it is after the update, never
         a mix (a reader that overlaps an update decodes again).  Waits for
-        the GPU to finish reading the tensor before it writes.
+        the GPU to finish reading the tensor before it writes.  CUDA values
+        are encoded on their GPU (ibp.cuda_encode): only the encoded slots
+        cross to the host.
         """
         if self.layout != "slotted":
             raise ValueError("update_rows needs the slotted layout: compress(..., layout='slotted')")
@@ -204,7 +206,11 @@ class CompressedTensor:
         if len(self._shape) == 0:
             raise IndexError("a 0-d tensor has no rows to update")
         rows, _ = normalize_index(index, self.nrows)
-        data, name, shape, _ = dtypes.as_bytes(values)
+        on_gpu = dtypes.is_torch(values) and values.device.type == "cuda"
+        if on_gpu:
+            data, name, shape = None, dtypes.name_of_torch(values.dtype), tuple(values.shape)
+        else:
+            data, name, shape, _ = dtypes.as_bytes(values)
         want = (rows.size,) + self._shape[1:]
         if name != self.dtype_name or tuple(shape) != want:
             raise ValueError(f"values are {name}{list(shape)}, need {self.dtype_name}{list(want)}")
@@ -214,7 +220,11 @@ class CompressedTensor:
             return
         with _UPDATE_LOCK:
             self._wait_for_gpu()
-            self._update_units(rows, data, W, U, R)
+            if on_gpu:
+                from . import cuda_encode
+                self._rewrite_units(*cuda_encode.encode_rows(self, rows, values))
+            else:
+                self._update_units(rows, data, W, U, R)
 
     def _update_units(self, rows, data, W, U, R):
         g = self.geometry
@@ -234,14 +244,19 @@ class CompressedTensor:
             keep = rows.size - 1 - last
             units = (rows[keep][:, None] * split + np.arange(split)).reshape(-1)
             block = new[keep]
+        self._rewrite_units(units, lambda payload: encode_slots(np.ascontiguousarray(block).reshape(-1).view(np.uint8),
+                                                                g, self.model, units, payload))
+
+    def _rewrite_units(self, units, write):
+        """Run ``write(payload)``, which rewrites the slots of ``units`` and
+        returns their kinds, as one update readers can detect."""
         if not self.payload.flags.writeable:
             self.payload = self.payload.copy()
         if not self.kinds.flags.writeable:
             self.kinds = self.kinds.copy()
         self._writes += 1
         try:
-            kinds = encode_slots(np.ascontiguousarray(block).reshape(-1).view(np.uint8), g, self.model,
-                                 units, self.payload)
+            kinds = write(self.payload)
             shift = ((units & 3) * 2).astype(np.uint8)
             np.bitwise_and.at(self.kinds, units >> 2, ~(np.uint8(3) << shift))
             np.bitwise_or.at(self.kinds, units >> 2, kinds << shift)

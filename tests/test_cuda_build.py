@@ -3,8 +3,9 @@
 None of this needs a GPU:
 
 * nvcc compiles every cuda/*.cu for sm_80 and sm_90, every kernel shape;
-* NVRTC, which ibp.cuda uses at run time, compiles them (when its library
-  is found: the nvidia-cuda-nvrtc wheel, or IBP_NVRTC naming the library);
+* NVRTC, which ibp.cuda and ibp.cuda_encode use at run time, compiles them
+  (when its library is found: the nvidia-cuda-nvrtc wheel, or IBP_NVRTC
+  naming the library);
 * the kernels, built for the CPU against cuda/host_emulation.cuh and driven
   by ibp.cuda's own launch plans, decode bit for bit like ``ibp.decompress``
   on the CPU, report the same error for the same corrupted unit, and never
@@ -90,15 +91,20 @@ def _nvrtc():
     return None
 
 
+NVRTC_NAMES = {"ibp_decode.cu": [f"ibp_decode<{W}, {L}, {G}>" for W in (8, 16, 32, 64) for L, G in cuda.SHAPES],
+               "ibp_encode.cu": [f"ibp_encode<{W}>" for W in (8, 16, 32, 64)]}   # what ibp.cuda(_encode) asks for
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_nvrtc_builds(arch):
+@pytest.mark.parametrize("name", sorted(NVRTC_NAMES))
+def test_nvrtc_builds(arch, name):
     lib = _nvrtc()
     if lib is None:
         pytest.skip("no NVRTC library (pip install nvidia-cuda-nvrtc, or set IBP_NVRTC)")
-    source = KERNELS.joinpath("ibp_decode.cu").read_text().encode()
+    source = KERNELS.joinpath(name).read_text().encode()
     prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source, b"ibp_decode.cu", 0, None, None) == 0
-    names = [f"ibp_decode<{W}, {L}, {G}>".encode() for W in (8, 16, 32, 64) for L, G in cuda.SHAPES]
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source, name.encode(), 0, None, None) == 0
+    names = [n.encode() for n in NVRTC_NAMES[name]]
     for n in names:
         assert lib.nvrtcAddNameExpression(prog, n) == 0
     options = [f"-arch={arch}".encode(), b"--std=c++17"]
