@@ -13,7 +13,6 @@ Word width, period and ``E`` are chosen by encoding the sample with each
 candidate and keeping the smallest, so analysis cost depends on the sample
 size, not on the tensor size.
 """
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -141,9 +140,7 @@ def encoded_bits(words, model, unit_words):
     """Bits the units in ``words`` (a whole number of units) encode to."""
     t0, t1, fbits, ptot = model.tables
     sizes = np.empty(words.shape[0] // unit_words, np.int64)
-    nchunks = min(sizes.size, 8 * numba.get_num_threads())
-    codec.classify_units(words.size, words, t0, t1, model.word_bits, model.period, unit_words, fbits, ptot, sizes,
-                         nchunks)
+    codec.classify_units(words.size, words, t0, t1, model.word_bits, model.period, unit_words, fbits, ptot, sizes)
     return int(sizes.sum())
 
 

@@ -6,7 +6,12 @@ this module is its reference implementation and the ground truth for the GPU.
 Every kernel takes the model as two uint64 tables built by
 ``Model.tables``, ``t0`` (primary level) and ``t1`` (secondary), of shape
 ``[period, 8]``: one row of fields per column, so a word's parameters sit in
-one cache line.
+one cache line.  Word ``j`` of a unit belongs to column ``j % period``.
+
+Hot loops index arrays with unsigned integers: numba then skips the
+negative-index wraparound test, which costs a third of a 16-bit word's time.
+A model of one column (the common case: weights, embeddings) has its own
+loops with the level's fields in registers.
 """
 import numpy as np
 from numba import njit, prange
@@ -16,6 +21,10 @@ from ._bits import ONE, U64, ZERO, Kernel, ctz, flush_bits, put_bits, read_bits
 RAW, ALL, SPARSE, BITMAP = 0, 1, 2, 3
 # Fields of a level table row.
 BASE, FIX, LOW, HIGH, SH1, SH2, WIDTH, WMASK = range(8)
+# Units longer than this many words (single long rows that do not split)
+# are encoded in several passes without scratch arrays, so the encoder's
+# memory stays a small multiple of its output.
+SCRATCH_WORDS = 1 << 16
 
 # Status codes of decode_jobs, turned into FormatError messages by the caller.
 OK, ERR_SIZE, ERR_COUNT, ERR_POSITION = 0, 1, 2, 3
@@ -69,36 +78,11 @@ def restore(v, t, c, wmask):
 
 
 @njit(inline="always")
-def classify_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag):
-    """Find a unit's exceptions (positions into ``exc``, secondary matches
-    into ``flag``) and pick its cheapest kind: returns (kind, bits, k).
-
-    The scan over the words stores every position and advances ``k`` only on
-    a miss: no branch to mispredict on real data's scattered exceptions."""
+def cheapest(U, W, k, matched, fbits, excbits):
+    """(kind, bits) of the smallest encoding of a unit with ``k`` exceptions,
+    ``matched`` bits of primary residuals and ``excbits`` of stored
+    exceptions (ties: RAW, ALL, SPARSE, BITMAP)."""
     pbits, kmax, kbits = unit_geometry(U)
-    k = 0
-    if p == 1:
-        base, fix = t0[0, BASE], t0[0, FIX]
-        for j in range(U):
-            exc[k] = j
-            k += np.int64(((U64(src[off + j]) - base) & fix) != ZERO)
-    else:
-        c = 0
-        for j in range(U):
-            exc[k] = j
-            k += np.int64(not matches(U64(src[off + j]), t0, c))
-            c += 1
-            if c == p:
-                c = 0
-    exc[k] = U
-    matched = np.int64((U // p) * ptot)
-    excbits = 0
-    for e in range(k):
-        c = exc[e] % p
-        second = fbits != 0 and matches(U64(src[off + exc[e]]), t1, c)
-        flag[e] = second
-        matched -= np.int64(t0[c, WIDTH])
-        excbits += np.int64(t1[c, WIDTH]) if second else W
     best = U * W
     kind = RAW
     if k == 0:
@@ -113,71 +97,166 @@ def classify_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag):
         if U + tail < best:
             best = U + tail
             kind = BITMAP
-    return kind, best, k
-
-
-@Kernel
-def classify_units(x, t0, t1, W, p, U, fbits, ptot, sizes, nchunks):
-    """Bit size of every unit of ``x`` (a whole number of units)."""
-    n = sizes.shape[0]
-    for ch in prange(nchunks):
-        exc = np.empty(U + 1, np.int64)
-        flag = np.empty(U, np.uint8)
-        for u in range(ch * n // nchunks, (ch + 1) * n // nchunks):
-            sizes[u] = classify_unit(x, u * U, t0, t1, W, p, U, fbits, ptot, exc, flag)[1]
+    return kind, best
 
 
 @njit(inline="always")
-def encode_run(src, off, j0, j1, t, p, colof, buf, acc, nb, widx):
-    """Append the residuals of words j0..j1-1 of a unit, all matching level
-    ``t``; returns the writer state.  One column keeps its parameters in
-    registers (see decode_run)."""
-    if p == 1:
-        base, low, high, sh1, sh2, width = t[0, BASE], t[0, LOW], t[0, HIGH], t[0, SH1], t[0, SH2], t[0, WIDTH]
-        j = j0
-        group = min(4, 64 // max(np.int64(width), 1))  # residuals per append
-        if group > 1:
-            wg = width * U64(group)
-            while j + group <= j1:
-                v = ZERO
-                for g in range(group):
-                    y = U64(src[off + j + g]) - base
-                    v |= ((y & low) | (((y & high) >> sh1) >> sh2)) << (width * U64(g))
-                acc, nb, widx = put_bits(buf, acc, nb, widx, v, wg)
-                j += group
-        for j in range(j, j1):
-            y = U64(src[off + j]) - base
-            v = (y & low) | (((y & high) >> sh1) >> sh2)
-            acc, nb, widx = put_bits(buf, acc, nb, widx, v, width)
-        return acc, nb, widx
-    c = colof[j0] if j0 < j1 else 0
-    for j in range(j0, j1):
-        v = residual(U64(src[off + j]), t, c)
-        acc, nb, widx = put_bits(buf, acc, nb, widx, v, t[c, WIDTH])
+def stored_bits(x, t1, c, W, fbits):
+    """Bits an exception takes: its secondary residual, or the whole word."""
+    return np.int64(t1[c, WIDTH]) if fbits != 0 and matches(x, t1, c) else np.int64(W)
+
+
+@njit
+def unit_size(src, off, t0, t1, W, p, U, fbits, ptot):
+    """(kind, bits, k) of a unit's cheapest encoding, counted in one pass
+    without scratch memory."""
+    k = 0
+    matched = np.int64((U // p) * ptot)
+    excbits = 0
+    c = 0
+    for j in range(U):
+        x = U64(src[U64(off + j)])
+        if not matches(x, t0, c):
+            k += 1
+            matched -= np.int64(t0[c, WIDTH])
+            excbits += stored_bits(x, t1, c, W, fbits)
         c += 1
         if c == p:
             c = 0
+    kind, bits = cheapest(U, W, k, matched, fbits, excbits)
+    return kind, bits, k
+
+
+@Kernel
+def classify_units(x, t0, t1, W, p, U, fbits, ptot, sizes):
+    """Bit size of every unit of ``x`` (a whole number of units)."""
+    for u in prange(sizes.shape[0]):
+        sizes[u] = unit_size(x, u * U, t0, t1, W, p, U, fbits, ptot)[1]
+
+
+# -- encoding --------------------------------------------------------------
+
+@njit(inline="always")
+def scan_group(src, off, j, G, base, fix, low, high, sh1, sh2, width, exc, k):
+    """Words j..j+G-1 against a one-column level: their exceptions appended
+    to ``exc`` (every position is stored, ``k`` advances on a miss: no
+    branch), their matched residuals packed into one value."""
+    v = ZERO
+    bits = ZERO
+    for g in range(G):
+        y = U64(src[U64(off + j + g)]) - base
+        miss = U64((y & fix) != ZERO)
+        exc[U64(k)] = j + g
+        k += np.int64(miss)
+        keep = miss - ONE  # all ones for a match, zero for a miss
+        v |= (((y & low) | (((y & high) >> sh1) >> sh2)) & keep) << bits
+        bits += width & keep
+    return v, bits, k
+
+
+@njit(inline="always")
+def scan_one_column(src, off, t0, W, U, exc, stream):
+    """``scan`` for a model of one column: G = 64 // W residuals per append."""
+    base, fix, low, high, sh1, sh2, width = (t0[0, BASE], t0[0, FIX], t0[0, LOW], t0[0, HIGH], t0[0, SH1],
+                                             t0[0, SH2], t0[0, WIDTH])
+    k = 0
+    acc = ZERO
+    nb = ZERO
+    widx = ZERO
+    j = 0
+    if W == 8:
+        while j + 8 <= U:
+            v, bits, k = scan_group(src, off, j, 8, base, fix, low, high, sh1, sh2, width, exc, k)
+            acc, nb, widx = put_bits(stream, acc, nb, widx, v, bits)
+            j += 8
+    elif W == 16:
+        while j + 4 <= U:
+            v, bits, k = scan_group(src, off, j, 4, base, fix, low, high, sh1, sh2, width, exc, k)
+            acc, nb, widx = put_bits(stream, acc, nb, widx, v, bits)
+            j += 4
+    elif W == 32:
+        while j + 2 <= U:
+            v, bits, k = scan_group(src, off, j, 2, base, fix, low, high, sh1, sh2, width, exc, k)
+            acc, nb, widx = put_bits(stream, acc, nb, widx, v, bits)
+            j += 2
+    while j < U:
+        v, bits, k = scan_group(src, off, j, 1, base, fix, low, high, sh1, sh2, width, exc, k)
+        acc, nb, widx = put_bits(stream, acc, nb, widx, v, bits)
+        j += 1
+    flush_bits(stream, acc, nb, widx)
+    return k, np.int64(widx) * 64 + np.int64(nb)
+
+
+@njit(inline="always")
+def scan(src, off, t0, W, p, U, exc, stream):
+    """One pass over a unit: its exception positions into ``exc`` (then U),
+    its matched residuals as a bit stream into ``stream``; returns (k, bits
+    of the stream)."""
+    if p == 1:
+        k, bits = scan_one_column(src, off, t0, W, U, exc, stream)
+    else:
+        k = 0
+        acc = ZERO
+        nb = ZERO
+        widx = ZERO
+        c = 0
+        for j in range(U):
+            y = U64(src[U64(off + j)]) - t0[c, BASE]
+            miss = U64((y & t0[c, FIX]) != ZERO)
+            exc[U64(k)] = j
+            k += np.int64(miss)
+            keep = miss - ONE
+            v = ((y & t0[c, LOW]) | (((y & t0[c, HIGH]) >> t0[c, SH1]) >> t0[c, SH2])) & keep
+            acc, nb, widx = put_bits(stream, acc, nb, widx, v, t0[c, WIDTH] & keep)
+            c += 1
+            if c == p:
+                c = 0
+        flush_bits(stream, acc, nb, widx)
+        bits = np.int64(widx) * 64 + np.int64(nb)
+    exc[k] = U
+    return k, bits
+
+
+@njit(inline="always")
+def append_stream(stream, nbits, buf, acc, nb, widx):
+    """Append the first ``nbits`` bits of ``stream`` to a writer."""
+    i = 0
+    while nbits >= 64:
+        acc, nb, widx = put_bits(buf, acc, nb, widx, stream[i], U64(64))
+        i += 1
+        nbits -= 64
+    if nbits > 0:
+        acc, nb, widx = put_bits(buf, acc, nb, widx, stream[i] & mask_of(nbits), U64(nbits))
     return acc, nb, widx
 
 
 @njit
-def encode_unit(src, off, kind, k, t0, t1, W, p, U, fbits, colof, exc, flag,
-                buf, acc, nb, widx):
-    """Append one unit, whose ``k`` exceptions ``classify_unit`` found, to a
-    writer (state: uint64 acc, nb, widx); returns the new state."""
+def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, stream, buf, acc, nb, widx):
+    """Append one unit in its cheapest kind to a writer (state: uint64 acc,
+    nb, widx); returns (kind, bits, writer state).  ``exc``, ``flag`` and
+    ``stream`` are scratch for units of up to SCRATCH_WORDS words."""
+    if U > SCRATCH_WORDS:
+        return encode_unit_in_passes(src, off, t0, t1, W, p, U, fbits, ptot, buf, acc, nb, widx)
+    pbits, kmax, kbits = unit_geometry(U)
+    k, sbits = scan(src, off, t0, W, p, U, exc, stream)
+    excbits = 0
+    for e in range(k):
+        c = exc[e] % p
+        x = U64(src[off + exc[e]])
+        second = fbits != 0 and matches(x, t1, c)
+        flag[e] = second
+        excbits += np.int64(t1[c, WIDTH]) if second else W
+    kind, bits = cheapest(U, W, k, sbits, fbits, excbits)
     Wu = U64(W)
     if kind == RAW:
         for j in range(U):
             acc, nb, widx = put_bits(buf, acc, nb, widx, U64(src[off + j]), Wu)
-        return acc, nb, widx
-    if kind == ALL:
-        return encode_run(src, off, 0, U, t0, p, colof, buf, acc, nb, widx)
-    pbits, kmax, kbits = unit_geometry(U)
+        return kind, bits, acc, nb, widx
     if kind == SPARSE:
         acc, nb, widx = put_bits(buf, acc, nb, widx, U64(k), U64(kbits))
         for e in range(k):
             acc, nb, widx = put_bits(buf, acc, nb, widx, U64(exc[e]), U64(pbits))
-    else:
+    elif kind == BITMAP:
         e = 0
         for j0 in range(0, U, 64):
             n = min(64, U - j0)
@@ -186,52 +265,93 @@ def encode_unit(src, off, kind, k, t0, t1, W, p, U, fbits, colof, exc, flag,
                 word |= ONE << U64(exc[e] - j0)
                 e += 1
             acc, nb, widx = put_bits(buf, acc, nb, widx, word, U64(n))
-    j = 0
-    for e in range(k + 1):
-        acc, nb, widx = encode_run(src, off, j, exc[e], t0, p, colof, buf, acc, nb, widx)
-        j = exc[e] + 1
+    acc, nb, widx = append_stream(stream, sbits, buf, acc, nb, widx)
     if fbits:
         for e in range(k):
             acc, nb, widx = put_bits(buf, acc, nb, widx, U64(flag[e]), ONE)
     for e in range(k):
         x = U64(src[off + exc[e]])
         if flag[e]:
-            c = colof[exc[e]]
+            c = exc[e] % p
             acc, nb, widx = put_bits(buf, acc, nb, widx, residual(x, t1, c), t1[c, WIDTH])
         else:
             acc, nb, widx = put_bits(buf, acc, nb, widx, x, Wu)
-    return acc, nb, widx
+    return kind, bits, acc, nb, widx
+
+
+@njit
+def encode_unit_in_passes(src, off, t0, t1, W, p, U, fbits, ptot, buf, acc, nb, widx):
+    """``encode_unit`` for a unit too long for scratch: one pass to size it,
+    then one pass per part of its encoding (slower, no extra memory)."""
+    kind, bits, k = unit_size(src, off, t0, t1, W, p, U, fbits, ptot)
+    Wu = U64(W)
+    if kind == RAW:
+        for j in range(U):
+            acc, nb, widx = put_bits(buf, acc, nb, widx, U64(src[off + j]), Wu)
+        return kind, bits, acc, nb, widx
+    pbits, kmax, kbits = unit_geometry(U)
+    if kind == SPARSE:
+        acc, nb, widx = put_bits(buf, acc, nb, widx, U64(k), U64(kbits))
+    for part in range(4):  # 0: positions or bitmap, 1: matched residuals, 2: flags, 3: exceptions
+        if kind == ALL and part != 1:
+            continue
+        c = 0
+        for j in range(U):
+            x = U64(src[off + j])
+            hit = matches(x, t0, c)
+            if part == 0:
+                if kind == BITMAP:
+                    acc, nb, widx = put_bits(buf, acc, nb, widx, U64(not hit), ONE)
+                elif not hit:
+                    acc, nb, widx = put_bits(buf, acc, nb, widx, U64(j), U64(pbits))
+            elif part == 1:
+                if hit:
+                    acc, nb, widx = put_bits(buf, acc, nb, widx, residual(x, t0, c), t0[c, WIDTH])
+            elif not hit:
+                second = fbits != 0 and matches(x, t1, c)
+                if part == 2 and fbits:
+                    acc, nb, widx = put_bits(buf, acc, nb, widx, U64(second), ONE)
+                elif part == 3:
+                    if second:
+                        acc, nb, widx = put_bits(buf, acc, nb, widx, residual(x, t1, c), t1[c, WIDTH])
+                    else:
+                        acc, nb, widx = put_bits(buf, acc, nb, widx, x, Wu)
+            c += 1
+            if c == p:
+                c = 0
+    return kind, bits, acc, nb, widx
 
 
 @njit(inline="always")
-def encode_next(x, tail, u, n, t0, t1, W, p, U, fbits, ptot, colof, exc, flag, buf, acc, nb, widx):
-    """Classify unit ``u`` (the zero-padded ``tail`` when it is the last and
+def scratch(U, W):
+    """(exc, flag, stream) scratch arrays of ``encode_unit`` for U-word units."""
+    n = min(U, SCRATCH_WORDS)
+    return np.empty(n + 1, np.int64), np.empty(n, np.uint8), np.empty(n * W // 64 + 2, np.uint64)
+
+
+@njit(inline="always")
+def encode_next(x, tail, u, n, t0, t1, W, p, U, fbits, ptot, exc, flag, stream, buf, acc, nb, widx):
+    """Encode unit ``u`` (the padded ``tail`` when it is the last and
     ``tail`` is not empty) and append it; returns (kind, size, writer)."""
     if u == n - 1 and tail.shape[0] > 0:
-        kind, size, k = classify_unit(tail, 0, t0, t1, W, p, U, fbits, ptot, exc, flag)
-        acc, nb, widx = encode_unit(tail, 0, kind, k, t0, t1, W, p, U, fbits, colof, exc, flag, buf, acc, nb, widx)
-    else:
-        kind, size, k = classify_unit(x, u * U, t0, t1, W, p, U, fbits, ptot, exc, flag)
-        acc, nb, widx = encode_unit(x, u * U, kind, k, t0, t1, W, p, U, fbits, colof, exc, flag,
-                                    buf, acc, nb, widx)
-    return kind, size, acc, nb, widx
+        return encode_unit(tail, 0, t0, t1, W, p, U, fbits, ptot, exc, flag, stream, buf, acc, nb, widx)
+    return encode_unit(x, u * U, t0, t1, W, p, U, fbits, ptot, exc, flag, stream, buf, acc, nb, widx)
 
 
 @Kernel
-def encode_chunks(x, tail, t0, t1, W, p, U, fbits, ptot, colof, chunks, first_word, buf, kinds, sizes):
+def encode_chunks(x, tail, t0, t1, W, p, U, fbits, ptot, chunks, first_word, buf, kinds, sizes):
     """Encode the units of chunk ``ch`` back to back from word
     ``first_word[ch]`` of ``buf``, a region big enough for them raw; record
     each unit's kind and bit size.  ``compact`` then closes the gaps."""
     n = kinds.shape[0]
     for ch in prange(chunks.shape[0] - 1):
-        exc = np.empty(U + 1, np.int64)
-        flag = np.empty(U, np.uint8)
+        exc, flag, stream = scratch(U, W)
         acc = ZERO
         nb = ZERO
         widx = U64(first_word[ch])
         for u in range(chunks[ch], chunks[ch + 1]):
-            kinds[u], sizes[u], acc, nb, widx = encode_next(x, tail, u, n, t0, t1, W, p, U, fbits, ptot, colof,
-                                                            exc, flag, buf, acc, nb, widx)
+            kinds[u], sizes[u], acc, nb, widx = encode_next(x, tail, u, n, t0, t1, W, p, U, fbits, ptot,
+                                                            exc, flag, stream, buf, acc, nb, widx)
         flush_bits(buf, acc, nb, widx)
 
 
@@ -257,25 +377,28 @@ def compact(buf, first_word, chunk_bits):
 
 
 @Kernel
-def encode_slotted(x, tail, t0, t1, W, p, U, fbits, ptot, colof, slots, slot_words, buf, kinds):
+def encode_slotted(x, tail, t0, t1, W, p, U, fbits, ptot, slots, slot_words, buf, kinds):
     """Write unit ``i`` of ``x`` into slot ``slots[i]``; zero the slot's rest."""
     n = kinds.shape[0]
-    for i in prange(n):
-        exc = np.empty(U + 1, np.int64)
-        flag = np.empty(U, np.uint8)
-        w0 = U64(slots[i] * slot_words)
-        kinds[i], _, acc, nb, widx = encode_next(x, tail, i, n, t0, t1, W, p, U, fbits, ptot, colof, exc, flag,
-                                                 buf, ZERO, ZERO, w0)
-        flush_bits(buf, acc, nb, widx)
-        if nb > ZERO:
-            widx += ONE
-        while widx < w0 + U64(slot_words):
-            buf[widx] = ZERO
-            widx += ONE
+    nchunks = min(n, 64)
+    for ch in prange(nchunks):
+        exc, flag, stream = scratch(U, W)
+        for i in range(ch * n // nchunks, (ch + 1) * n // nchunks):
+            w0 = U64(slots[i] * slot_words)
+            kinds[i], _, acc, nb, widx = encode_next(x, tail, i, n, t0, t1, W, p, U, fbits, ptot, exc, flag,
+                                                     stream, buf, ZERO, ZERO, w0)
+            flush_bits(buf, acc, nb, widx)
+            if nb > ZERO:
+                widx += ONE
+            while widx < w0 + U64(slot_words):
+                buf[widx] = ZERO
+                widx += ONE
 
+
+# -- decoding --------------------------------------------------------------
 
 @njit
-def parse_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, colof, exc, flag):
+def parse_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, exc, flag):
     """Read a unit's structure without decoding its words.
 
     Returns (status, k, matched start, exceptions start, stop): the ``k``
@@ -325,8 +448,11 @@ def parse_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, col
                 word &= word - ONE
     exc[k] = U
     matched = U64((U // p) * ptot)
-    for e in range(k):
-        matched -= t0[colof[exc[e]], WIDTH]
+    if p == 1:
+        matched -= U64(k) * t0[0, WIDTH]
+    else:
+        for e in range(k):
+            matched -= t0[exc[e] % p, WIDTH]
     mstart = pos
     fstart = mstart + matched
     xstart = fstart + U64(k * fbits)
@@ -336,57 +462,90 @@ def parse_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, col
     for e in range(k):
         f = np.uint8(read_bits(words, fstart + U64(e), ONE)) if fbits else np.uint8(0)
         flag[e] = f
-        stop += t1[colof[exc[e]], WIDTH] if f else Wu
+        stop += t1[exc[e] % p, WIDTH] if f else Wu
     status = ERR_SIZE if stop > end or (exact and stop != end) else OK
     return status, k, mstart, xstart, stop
 
 
 @njit(inline="always")
-def decode_run(words, pos, t, p, colof, j0, j1, out, o, wmask):
-    """Decode words j0..j1-1 of a unit, all matching level ``t``, from bit
-    ``pos``; returns the next bit position.  With one column its parameters
-    stay in registers (numba cannot prove the output does not alias them)."""
-    if p == 1:
-        mask, low, sh1, sh2, base, width = t[0, WMASK], t[0, LOW], t[0, SH1], t[0, SH2], t[0, BASE], t[0, WIDTH]
-        for j in range(j0, j1):
-            v = read_bits(words, pos, mask)
-            out[o + j] = (((v & low) | (((v & ~low) << sh1) << sh2)) + base) & wmask
-            pos += width
-        return pos
-    c = colof[j0] if j0 < j1 else 0
-    for j in range(j0, j1):
-        out[o + j] = restore(read_bits(words, pos, t[c, WMASK]), t, c, wmask)
-        pos += t[c, WIDTH]
-        c += 1
-        if c == p:
-            c = 0
+def decode_group_run(words, pos, G, j0, j1, out, o, mask, low, sh1, sh2, base, width):
+    """Words j0..j1-1 of a unit, all matching a one-column level: G
+    residuals (G * W <= 64) from each 64-bit read; returns the next bit."""
+    j = j0
+    step = width * U64(G)
+    nlow = ~low
+    while j + G <= j1:
+        v = read_bits(words, pos, ~ZERO)
+        for g in range(G):
+            r = (v >> (width * U64(g))) & mask
+            out[U64(o + j + g)] = ((r & low) | (((r & nlow) << sh1) << sh2)) + base
+        pos += step
+        j += G
+    while j < j1:
+        r = read_bits(words, pos, mask)
+        out[U64(o + j)] = ((r & low) | (((r & nlow) << sh1) << sh2)) + base
+        pos += width
+        j += 1
+    return pos
+
+
+@njit(inline="always")
+def decode_matched_one_column(words, pos, W, k, exc, out, o, t0):
+    """The matched words of a unit with a one-column model; returns the bit
+    after them.  The output's type drops the bits above W."""
+    mask, low, sh1, sh2, base, width = t0[0, WMASK], t0[0, LOW], t0[0, SH1], t0[0, SH2], t0[0, BASE], t0[0, WIDTH]
+    j = 0
+    if W == 8:
+        for e in range(k + 1):
+            pos = decode_group_run(words, pos, 8, j, exc[e], out, o, mask, low, sh1, sh2, base, width)
+            j = exc[e] + 1
+    elif W == 16:
+        for e in range(k + 1):
+            pos = decode_group_run(words, pos, 4, j, exc[e], out, o, mask, low, sh1, sh2, base, width)
+            j = exc[e] + 1
+    elif W == 32:
+        for e in range(k + 1):
+            pos = decode_group_run(words, pos, 2, j, exc[e], out, o, mask, low, sh1, sh2, base, width)
+            j = exc[e] + 1
+    else:
+        for e in range(k + 1):
+            pos = decode_group_run(words, pos, 1, j, exc[e], out, o, mask, low, sh1, sh2, base, width)
+            j = exc[e] + 1
     return pos
 
 
 @njit
-def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, colof,
-                out, o, exc, flag):
+def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, out, o, exc, flag):
     """Decode the unit at bits [start, end) into ``out[o:o+U]``, after
     ``parse_unit`` checked it; returns its status."""
     status, k, pos, xstart, _ = parse_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot,
-                                           colof, exc, flag)
+                                           exc, flag)
     if status != OK:
         return status
     wmask = mask_of(W)
     Wu = U64(W)
     if kind == RAW:
         for j in range(U):
-            out[o + j] = read_bits(words, pos, wmask)
+            out[U64(o + j)] = read_bits(words, pos, wmask)
             pos += Wu
         return OK
-    j = 0
-    for e in range(k + 1):
-        pos = decode_run(words, pos, t0, p, colof, j, exc[e], out, o, wmask)
-        j = exc[e] + 1
+    if p == 1:
+        decode_matched_one_column(words, pos, W, k, exc, out, o, t0)
+    else:
+        j = 0
+        for e in range(k + 1):
+            c = j % p
+            for i in range(j, exc[e]):
+                out[U64(o + i)] = restore(read_bits(words, pos, t0[c, WMASK]), t0, c, wmask)
+                pos += t0[c, WIDTH]
+                c += 1
+                if c == p:
+                    c = 0
+            j = exc[e] + 1
     pos = xstart
     for e in range(k):
         if flag[e]:
-            c = colof[exc[e]]
+            c = exc[e] % p
             out[o + exc[e]] = restore(read_bits(words, pos, t1[c, WMASK]), t1, c, wmask)
             pos += t1[c, WIDTH]
         else:
@@ -396,20 +555,22 @@ def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, co
 
 
 @Kernel
-def unit_sizes(words, t0, t1, W, p, U, fbits, ptot, colof, exact, starts, ends, kinds, sizes):
+def unit_sizes(words, t0, t1, W, p, U, fbits, ptot, exact, starts, ends, kinds, sizes):
     """Encoded size in bits of every unit (-status for a malformed one)."""
     n = starts.shape[0]
-    for u in prange(n):
+    nchunks = min(n, 64)
+    for ch in prange(nchunks):
         exc = np.empty(U + 1, np.int64)
         flag = np.empty(U, np.uint8)
-        status, _, _, _, stop = parse_unit(words, starts[u], ends[u], exact, kinds[u], t0, t1, W, p, U, fbits,
-                                           ptot, colof, exc, flag)
-        sizes[u] = np.int64(stop) - starts[u] if status == OK else -status
+        for u in range(ch * n // nchunks, (ch + 1) * n // nchunks):
+            status, _, _, _, stop = parse_unit(words, starts[u], ends[u], exact, kinds[u], t0, t1, W, p, U,
+                                               fbits, ptot, exc, flag)
+            sizes[u] = np.int64(stop) - starts[u] if status == OK else -status
 
 
 @Kernel
-def decode_jobs(words, t0, t1, W, p, U, fbits, ptot, colof, exact,
-                jstart, jend, jkind, jsrc, jlen, jdst, out, status, nchunks):
+def decode_jobs(words, t0, t1, W, p, U, fbits, ptot, exact, jstart, jend, jkind, jsrc, jlen, jdst, out, status,
+                nchunks):
     """Decode a list of jobs: unit at bits [jstart, jend) of kind jkind, whose
     words [jsrc, jsrc + jlen) go to ``out[jdst:]``.  Whole units decode in
     place; partial ones through a scratch unit.
@@ -422,10 +583,10 @@ def decode_jobs(words, t0, t1, W, p, U, fbits, ptot, colof, exact,
         for i in range(ch * nj // nchunks, (ch + 1) * nj // nchunks):
             if jsrc[i] == 0 and jlen[i] == U:
                 status[i] = decode_unit(words, jstart[i], jend[i], exact, jkind[i], t0, t1, W, p, U, fbits,
-                                        ptot, colof, out, jdst[i], exc, flag)
+                                        ptot, out, jdst[i], exc, flag)
             else:
                 st = decode_unit(words, jstart[i], jend[i], exact, jkind[i], t0, t1, W, p, U, fbits,
-                                 ptot, colof, scratch, 0, exc, flag)
+                                 ptot, scratch, 0, exc, flag)
                 status[i] = st
                 if st == OK:
                     d = jdst[i]

@@ -7,7 +7,7 @@ import numpy as np
 
 from . import codec
 from ._bits import PARALLEL_MIN_WORDS
-from .encode import column_of, unit_start_bits, unpack_kinds
+from .encode import unit_start_bits, unpack_kinds
 from .errors import FormatError
 
 
@@ -106,8 +106,7 @@ def _decode_jobs(ct, units, src, length, dst, out_bytes):
     work = int(length.sum())
     nchunks = min(units.size, 8 * numba.get_num_threads()) if work >= PARALLEL_MIN_WORDS else 1
     codec.decode_jobs(work, ct.payload, t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
-                      column_of(g, model), ct.layout == "packed", starts, ends, kinds, src, length, dst, out,
-                      status, nchunks)
+                      ct.layout == "packed", starts, ends, kinds, src, length, dst, out, status, nchunks)
     return status
 
 
@@ -119,7 +118,7 @@ def unit_bits(ct):
     t0, t1, fbits, ptot = model.tables
     sizes = np.empty(units.size, np.int64)
     codec.unit_sizes(g.total_words, ct.payload, t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
-                     column_of(g, model), ct.layout == "packed", starts, ends, kinds, sizes)
+                     ct.layout == "packed", starts, ends, kinds, sizes)
     if units.size and sizes.min() < 0:
         i = int(np.argmin(sizes))
         raise FormatError(f"unit {i}: {codec.ERRORS[int(-sizes[i])]}")

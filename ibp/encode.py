@@ -29,10 +29,6 @@ def _tail(words, geom):
     return _padded(words[geom.total_words - used:], geom.unit_words)
 
 
-def column_of(geom, model):
-    return np.arange(geom.unit_words, dtype=np.int64) % model.period
-
-
 def pack_kinds(kinds):
     """Four 2-bit kinds per byte, unit 0 in the lowest bits."""
     padded = np.zeros(-(-kinds.size // 4) * 4, np.uint8)
@@ -115,7 +111,7 @@ def encode_packed(data, geom, model):
     if n:
         t0, t1, fbits, ptot = model.tables
         codec.encode_chunks(geom.total_words, body, tail, t0, t1, geom.word_bits, model.period, geom.unit_words,
-                            fbits, ptot, column_of(geom, model), chunks, first_word, buf, kinds, sizes)
+                            fbits, ptot, chunks, first_word, buf, kinds, sizes)
     chunk_bits = np.add.reduceat(sizes, chunks[:-1]) if n else np.zeros(0, np.int64)
     total = codec.compact(buf, first_word[:-1], chunk_bits) if n else 0
     nwords = -(-total // 64) + 1  # + the spare zero word
@@ -136,7 +132,7 @@ def encode_slots(data, geom, model, slots, buf):
     kinds = np.empty(len(slots), np.uint8)
     t0, t1, fbits, ptot = model.tables
     codec.encode_slotted(words.size, body, tail, t0, t1, geom.word_bits, model.period, geom.unit_words, fbits, ptot,
-                         column_of(geom, model), np.asarray(slots, np.int64), geom.slot_words, buf, kinds)
+                         np.asarray(slots, np.int64), geom.slot_words, buf, kinds)
     return kinds
 
 
