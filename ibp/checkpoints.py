@@ -19,10 +19,13 @@ import os
 import shutil
 import struct
 
+import numpy as np
+
 from . import dtypes
-from .api import compress, decompress
+from .api import compress
+from .decode import decode_into
 from .errors import FormatError
-from .stream import Reader, Writer
+from .stream import Reader, Writer, scratch
 
 SOURCE_KEY = "ibp.source"
 ST_SUFFIX, ST_INDEX_SUFFIX = ".safetensors", ".safetensors.index.json"
@@ -56,13 +59,14 @@ def safetensors_header(path):
         if n is None or n > size - 8:
             raise CheckpointError(f"{path}: truncated, or not a safetensors file "
                                   f"(it announces a {n}-byte header in {size} bytes)")
-        text = f.read(n).decode("utf-8", errors="replace")
+        raw = f.read(n)
     try:
+        text = raw.decode("utf-8")
         header = json.loads(text)
-    except ValueError:
+    except ValueError:  # UnicodeDecodeError included
         header = None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a UTF-8 JSON object)")
     return text, header
 
 
@@ -75,23 +79,60 @@ def _tensor_entries(header):
         raise CheckpointError("a safetensors header entry has no data_offsets") from None
 
 
+ST_NAMES = {code: name for name, code in ST_DTYPES.items()}
+
+
+def _read_tensor(f, path, data_start, name, entry, size, framework):
+    """One tensor of a safetensors file, read with plain file reads into a
+    new buffer.  A memory map (safetensors' ``safe_open``) would leave every
+    page read so far resident in this process, so memory would grow to the
+    whole checkpoint."""
+    code, shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets")) \
+        if isinstance(entry, dict) else (None, None, None)
+    if code not in ST_NAMES:
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {code!r}, which ibp does not read")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape {shape!r}")
+    nbytes = dtypes.ITEMSIZE[ST_NAMES[code]]
+    for s in shape:
+        nbytes *= s
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] and offsets[1] - offsets[0] == nbytes):
+        raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {offsets!r} do not hold "
+                              f"its {nbytes} bytes")
+    if data_start + offsets[1] > size:
+        raise CheckpointError(f"{path}: truncated: tensor {name!r} runs past the end of the file")
+    try:
+        tensor, flat = dtypes.empty(tuple(shape), ST_NAMES[code], framework)
+    except TypeError as e:
+        raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
+    f.seek(data_start + offsets[0])
+    if nbytes and f.readinto(flat) != nbytes:
+        raise CheckpointError(f"{path}: truncated: tensor {name!r} runs past the end of the file")
+    return tensor, nbytes
+
+
 def compress_safetensors(path, stream, *, scratch_dir=None, progress=None, **options):
     """Compress a safetensors file into an ibp file written to ``stream``,
     tensor by tensor; ``options`` go to ``ibp.compress``.  Returns (number of
     tensors, raw bytes)."""
-    from safetensors import safe_open
     text, header = safetensors_header(path)
     names = _tensor_entries(header)
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path}: its __metadata__ must map strings to strings")
+    framework = "torch" if _torch() is not None else "numpy"
+    data_start = 8 + len(text.encode())
     raw = 0
-    with safe_open(path, framework="pt" if _torch() is not None else "np") as f, Writer(scratch_dir) as w:
-        metadata = f.metadata()
+    with open(path, "rb", buffering=0) as f, Writer(scratch_dir) as w:
+        size = os.fstat(f.fileno()).st_size
         for name in names:
-            t = f.get_tensor(name)
+            t, nbytes = _read_tensor(f, path, data_start, name, header[name], size, framework)
             try:
                 w.add(name, compress(t, **options))
             except (TypeError, ValueError) as e:
                 raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
-            nbytes = t.numel() * t.element_size() if hasattr(t, "numel") else t.nbytes
             raw += nbytes
             del t
             if progress is not None:
@@ -171,15 +212,16 @@ def decompress_to_safetensors(reader, stream, *, progress=None):
     data = text.encode()
     stream.write(struct.pack("<Q", len(data)))
     stream.write(data)
-    framework = "torch" if _torch() is not None else "numpy"
     for name in order:
         ct = reader.tensor(name)
-        result, flat = dtypes.empty(ct.shape, ct.dtype_name, framework)
-        decompress(ct, out=result)
-        stream.write(memoryview(flat))
-        del ct, result, flat
+        nbytes = specs[name][2]
+        buf = scratch(nbytes)
+        flat = np.frombuffer(buf, np.uint8, count=nbytes)
+        decode_into(ct, flat)
+        stream.write(flat)
+        del ct, flat, buf
         if progress is not None:
-            progress(specs[name][2])
+            progress(nbytes)
 
 
 def raw_nbytes_of(reader):

@@ -9,6 +9,7 @@ bytes are exactly what ``ibp.save`` writes, and are planned and checked by
 the container's own code.
 """
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -16,6 +17,14 @@ import zlib
 
 from . import container
 from .errors import FormatError
+
+
+def scratch(nbytes):
+    """A new zeroed buffer of ``nbytes`` in its own anonymous memory map.  A
+    large buffer from malloc can stay in the process after it is freed (the
+    heap does not shrink around live blocks), so memory would creep up by a
+    tensor or two per tensor converted; an unmapped map is gone at once."""
+    return mmap.mmap(-1, max(nbytes, 1))
 
 
 class Writer:
@@ -121,7 +130,7 @@ class Reader:
         header = json.dumps({"metadata": {}, "tensors": [local]}, separators=(",", ":")).encode()
         p = container.PREAMBLE
         start = container._align(p.size + len(header))
-        buf = bytearray(start + hi - lo)
+        buf = scratch(start + hi - lo)
         buf[:p.size] = p.pack(container.MAGIC, self._version, len(header), zlib.crc32(header), 0)
         buf[p.size:p.size + len(header)] = header
         self._file.seek(self.start + lo)
