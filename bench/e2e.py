@@ -1,7 +1,8 @@
 """The integrations end to end on a GPU, in one run: GNN feature fetch per
 mini-batch and offloaded LLM forwards (bench/e2e_gnn_llm.py), EmbeddingBag
-lookups (bench/e2e_embedding.py), each against the uncompressed way people
-do it today, measured in the same process.  Results: bench/results/e2e.json.
+lookups (bench/e2e_embedding.py), greedy generation with the compressed KV
+cache (bench/e2e_kv_cache.py), each against the uncompressed way people do
+it today, measured in the same process.  Results: bench/results/e2e.json.
 
     python bench/e2e.py [--tiles 64] [--reps 20] [--pack .device/pack]      (says why and stops without a GPU)
 """
@@ -12,7 +13,7 @@ import sys
 
 import torch
 
-from ibp.bench import e2e_embedding, e2e_gnn_llm
+from ibp.bench import e2e_embedding, e2e_gnn_llm, e2e_kv_cache
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "e2e.json")
 
@@ -33,7 +34,11 @@ def main(argv=None):
         embedding_bag = e2e_embedding.run(torch.device("cuda"), args.pack)
     except Exception as e:  # keep the GNN and LLM figures
         embedding_bag = {"error": f"{type(e).__name__}: {e}"}
-    result = dict(gnn_llm, benchmark="e2e", embedding_bag=embedding_bag)
+    try:
+        kv_cache = e2e_kv_cache.kv_cache(torch.device("cuda"), args.pack)
+    except Exception as e:
+        kv_cache = {"error": f"{type(e).__name__}: {e}"}
+    result = dict(gnn_llm, benchmark="e2e", embedding_bag=embedding_bag, kv_cache=kv_cache)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -56,4 +56,5 @@ def test_dry_run_exits_0_on_the_gpu_machines_packages(pack, tmp_path):
         bench_log = t.extractfile(logs["gpu-bench.log"]).read().decode()
     for table in ("minilm-fp32", "minilm-bf16", "minilm-fp16", "glove-50d", "minilm-kv", "cora"):
         assert f"GPU dry run: {table} " in bench_log, bench_log
+    assert bench_log.count("with the GPU-learned model") == 6, bench_log
     assert len(list(out.iterdir())) <= 8

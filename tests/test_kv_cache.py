@@ -1,5 +1,6 @@
 """ibp.integrations.kv_cache: the compressed KV cache against transformers'
 DynamicCache, on tiny randomly initialised decoders (no network)."""
+import numpy as np
 import pytest
 import torch
 
@@ -179,6 +180,21 @@ def test_kv_cache_refuses_bad_block_size():
             CompressedKVCache(block_tokens=bad)
         with pytest.raises(ValueError):
             CompressedKVLayer(block_tokens=bad)
+
+
+def test_kv_cache_benchmark_runs_on_the_cpu(monkeypatch):
+    from ibp.bench import e2e_kv_cache, gpu
+    rng = np.random.default_rng(0)
+    kv = {f"layer0.{part}": rng.standard_normal((1, 2, 70, 16)).astype(np.float32) for part in ("key", "value")}
+    monkeypatch.setattr(gpu, "load_dataset", lambda name, pack=None: kv if name == "minilm-kv" else None)
+    tiny = dict(e2e_kv_cache.TINY, prompt_tokens=20, new_tokens=4, block_tokens=8)
+    entry = e2e_kv_cache.kv_cache(torch.device("cpu"), config=tiny)
+    assert entry["identical"] and entry["ibp_tokens_per_s"] > 0 and entry["offloaded_cache_tokens_per_s"] is None
+    assert entry["ibp_tokens_encoded"] == 2 * 2 * 2 * 16  # layers x K/V x batch x 2 blocks of 8 (of 23 tokens)
+    assert 0 < entry["ibp_compressed_bytes"] and entry["ibp_compressed_raw_bytes"] == 2 * 2 * 2 * 16 * 2 * 16 * 4
+    real = entry["real_kv"]
+    assert real["float32"]["exact"] and real["bfloat16"]["exact"]
+    assert real["float32"]["raw_bytes"] == 2 * 2 * 64 * 16 * 4 and real["float32"]["ratio"] > 0
 
 
 # -- GPU --------------------------------------------------------------------------

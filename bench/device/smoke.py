@@ -4,6 +4,9 @@ stream, device-resident, pinned and unpinned sources) on a small tensor,
 bit for bit, every output poisoned first.  ``--shapes`` forces each kernel
 team shape of ibp.cuda.SHAPES once instead (the compute-sanitizer run).
 ``--dry-run`` builds the cases and their CPU results only (no GPU).
+Each case is also compressed on the GPU (ibp.cuda_encode) with its model,
+pinned and device payloads (and once with a model learned there), and must
+give the CPU encoder's kinds, payload and row index.
 
     PYTHONPATH=. python3 bench/device/smoke.py [--shapes] [--dry-run]
 """
@@ -68,6 +71,26 @@ def run_paths(torch, ct, index, expect, expect_rows, few=False):
     return got
 
 
+def encode_paths(torch, x, ct):
+    """path label -> True when the GPU encoder gives ``ct``'s bytes."""
+    x_dev = torch.from_numpy(x).cuda()
+    got = {}
+    for payload in ("pinned", "device"):
+        g = ibp.compress(x_dev, model=ct.model, layout=ct.layout, payload=payload)
+        got[f"encode {payload}"] = same_encoding(g, ct)
+    learned = ibp.compress(x_dev, layout=ct.layout)
+    got["encode learned"] = same_encoding(learned, ibp.compress(x, model=learned.model, layout=ct.layout))
+    return got
+
+
+def same_encoding(a, b):
+    same = a.kinds.tobytes() == b.kinds.tobytes() and a.payload.tobytes() == b.payload.tobytes()
+    if a.layout == "packed":
+        same = same and a.payload_bits == b.payload_bits and a.index[:2] == b.index[:2] and all(
+            p.tobytes() == q.tobytes() for p, q in zip(a.index[2:], b.index[2:]))
+    return same
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", action="store_true", help="force each kernel team shape once (sanitizer run)")
@@ -89,7 +112,10 @@ def main(argv=None):
     for shape in shapes:
         cuda.team_shape = choose if shape is None else (lambda unit_words, job_words, s=shape: s)
         for label, ct, index, expect, expect_rows in todo:
-            for path, ok in run_paths(torch, ct, index, expect, expect_rows, args.shapes).items():
+            paths = run_paths(torch, ct, index, expect, expect_rows, args.shapes)
+            if shape is None or shape == shapes[0]:
+                paths.update(encode_paths(torch, expect, ct))
+            for path, ok in paths.items():
                 failed += not ok
                 print(f"{'ok  ' if ok else 'FAIL'} {label} {path}" + (f" shape={shape}" if shape else ""))
     cuda.team_shape = choose
