@@ -4,8 +4,10 @@ they land in numba's disk cache.
 tests/conftest.py runs this in two processes (half the word widths each)
 before pytest-xdist's workers start: otherwise every worker compiles the
 same kernels itself, and a cold CI run spends most of its time doing so.
-Every kernel is reached through the public API: serial and parallel sizes,
-both layouts, gathers, row updates and the file format."""
+Every kernel is reached through the public API, in each variant numba
+compiles separately: serial and parallel sizes, writable and read-only
+inputs and payloads (mapped files, bytes), with and without a padded last
+unit, both layouts, gathers, row updates and the file format."""
 import sys
 
 import numpy as np
@@ -14,17 +16,27 @@ import ibp
 from ibp import _bits
 
 
+def variants(x):
+    """``x`` as a caller may hand it: writable, and read-only."""
+    ro = x.copy()
+    ro.flags.writeable = False
+    return x, ro
+
+
 def warm(word_bits):
     rng = np.random.default_rng(0)
-    for rows in (64, _bits.PARALLEL_MIN_WORDS // 8 + 64):
-        x = rng.integers(0, 7, size=(rows, 64)).astype(np.float64)
-        for layout in ("packed", "slotted"):
-            ct = ibp.compress(x, word_bits=word_bits, layout=layout)
-            ct = ibp.CompressedTensor.from_bytes(ct.to_bytes())
-            assert np.array_equal(ibp.decompress(ct), x)
-            assert np.array_equal(ibp.decompress(ct, index=[1, 0]), x[[1, 0]])
-            if layout == "slotted":
-                ct.update_rows([0], x[1:2])
+    for rows in (64, _bits.PARALLEL_MIN_WORDS // 4 + 64):
+        for extra in (0, 3):   # 3: the last unit of 8 rows is padded
+            data = rng.integers(0, 7, size=(rows + extra, 4)).astype(np.float64)
+            for x in variants(data):
+                for layout in ("packed", "slotted"):
+                    fresh = ibp.compress(x, word_bits=word_bits, layout=layout)
+                    loaded = ibp.CompressedTensor.from_bytes(fresh.to_bytes())   # read-only payload
+                    for ct in (fresh, loaded):
+                        assert np.array_equal(ibp.decompress(ct), x)
+                        assert np.array_equal(ibp.decompress(ct, index=[1, 0]), x[[1, 0]])
+                    if layout == "slotted":
+                        fresh.update_rows([0], x[1:2])
 
 
 if __name__ == "__main__":
