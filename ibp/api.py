@@ -1,9 +1,14 @@
 """The public functions: compress, decompress, analyze, save, load."""
+from __future__ import annotations
+
+import os
 from collections.abc import Mapping
+from typing import Literal
 
 from . import dtypes
+from ._typing import Device, Index, Path, ReadableFile, Tensor, WritableFile
 from .analysis import analyze_bytes
-from .container import load_file, read_metadata, save_file
+from .container import load_file, loads, map_stream, read_metadata, read_stream, save_file, write_stream
 from .decode import decode_into, normalize_index
 from .encode import encode_packed, encode_slotted
 from .geometry import Geometry
@@ -13,7 +18,7 @@ from .tensor import CompressedTensor
 LAYOUTS = ("packed", "slotted")
 
 
-def analyze(x, *, word_bits=None):
+def analyze(x: Tensor, *, word_bits: int | None = None) -> Model:
     """Learn the model (word width, period, per-column invariant bits) of ``x``
     from a sample of its rows.  Reuse it with ``compress(y, model=m)`` for
     tensors from the same distribution."""
@@ -21,7 +26,9 @@ def analyze(x, *, word_bits=None):
     return analyze_bytes(data, shape, dtypes.ITEMSIZE[name], word_bits)
 
 
-def compress(x, *, model=None, word_bits=None, layout="packed", unit_rows=None, payload=None):
+def compress(x: Tensor, *, model: Model | None = None, word_bits: int | None = None,
+             layout: Literal["packed", "slotted"] = "packed", unit_rows: int | None = None,
+             payload: Literal["pinned", "device"] | None = None) -> CompressedTensor:
     """Compress a numpy array or torch tensor of any dtype and shape (a CUDA
     tensor on its GPU: see ibp.cuda_encode; same bytes for the same model).
 
@@ -76,7 +83,8 @@ def compress(x, *, model=None, word_bits=None, layout="packed", unit_rows=None, 
     return CompressedTensor(kinds=kinds, payload=payload, **common)
 
 
-def decompress(ct, *, index=None, out=None, device=None, path="auto"):
+def decompress(ct: CompressedTensor, *, index: Index | None = None, out: Tensor | None = None,
+               device: Device = None, path: Literal["auto", "zero-copy", "stream"] = "auto") -> Tensor:
     """Restore a CompressedTensor, bit for bit, as the kind of object that
     went in (numpy array or torch tensor).
 
@@ -110,9 +118,14 @@ def decompress(ct, *, index=None, out=None, device=None, path="auto"):
     return result
 
 
-def save(obj, path, *, metadata=None):
+def save(obj: CompressedTensor | Mapping[str, Tensor | CompressedTensor], path: Path | WritableFile, *,
+         metadata: Mapping[str, str] | None = None) -> None:
     """Write one CompressedTensor, or a mapping of names to tensors (numpy,
-    torch or already compressed: a whole checkpoint), to an ibp file."""
+    torch or already compressed: a whole checkpoint), to an ibp file.
+
+    ``path`` is a file name (written to a temporary name, then renamed, so
+    a crash leaves the old file or the new one) or a binary file object
+    (anything with ``write``), written at its position."""
     if isinstance(obj, CompressedTensor):
         tensors = {None: obj}
     elif isinstance(obj, Mapping):
@@ -126,22 +139,42 @@ def save(obj, path, *, metadata=None):
     if metadata is not None and not (isinstance(metadata, Mapping) and
                                      all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise TypeError("metadata must map strings to strings")
-    save_file(path, tensors, metadata)
+    if _is_path(path):
+        save_file(path, tensors, metadata)
+    elif callable(getattr(path, "write", None)):
+        write_stream(path, tensors, metadata)
+    else:
+        raise TypeError(f"save writes to a path or a binary file object (with write()), not {type(path).__name__}")
 
 
-def load(path, *, mmap=False, verify=True):
+def load(path: Path | ReadableFile, *, mmap: bool = False,
+         verify: bool = True) -> CompressedTensor | dict[str, CompressedTensor]:
     """Read an ibp file: a CompressedTensor if it holds a single unnamed
-    tensor, else a dict of name -> CompressedTensor.  ``mmap=True`` maps the
-    file instead of reading it; ``verify`` checks every section's CRC and,
-    for the slotted layout, every unit's encoding (reading the whole file,
-    every page of a memory map, once here)."""
-    tensors = load_file(path, mmap_mode=mmap, verify=verify)
+    tensor, else a dict of name -> CompressedTensor.
+
+    ``path`` is a file name or a binary file object (anything with
+    ``read``), read from its position to the end of the ibp file there (so
+    several saved one after another load one after another).  ``mmap=True``
+    maps the file instead of reading it (a path or a file opened with
+    ``open()``; anything else is a ValueError); ``verify`` checks every
+    section's CRC and, for the slotted layout, every unit's encoding
+    (reading the whole file, every page of a memory map, once here)."""
+    if _is_path(path):
+        tensors = load_file(path, mmap_mode=mmap, verify=verify)
+    elif callable(getattr(path, "read", None)):
+        tensors = loads(map_stream(path) if mmap else read_stream(path), verify=verify)
+    else:
+        raise TypeError(f"load reads a path or a binary file object (with read()), not {type(path).__name__}")
     if list(tensors) == [None]:
         return tensors[None]
     return tensors
 
 
-def load_metadata(path):
+def load_metadata(path: Path) -> dict[str, str]:
     """The string-to-string metadata saved with an ibp file (``save(...,
     metadata=...)``), reading only the file's header."""
     return read_metadata(path)
+
+
+def _is_path(path):
+    return isinstance(path, (str, bytes, os.PathLike))

@@ -6,6 +6,7 @@ so untrusted bytes raise FormatError instead of crashing, hanging, or
 allocating more than the file holds.  Arrays are views of the buffer (a
 memory map stays a memory map) and are read-only.
 """
+import io
 import json
 import mmap
 import os
@@ -76,19 +77,26 @@ def _plan(tensors, metadata):
 
 def _write(stream, tensors, metadata):
     header, chunks = _plan(tensors, metadata)
-    stream.write(PREAMBLE.pack(MAGIC, VERSION, len(header), zlib.crc32(header), 0))
-    stream.write(header)
+
+    def write(data):
+        # a raw stream may take fewer bytes than it is given: write the rest
+        data = memoryview(data).cast("B")
+        while data:
+            n = stream.write(data)
+            data = data[len(data) if n is None else n:]
+
+    write(PREAMBLE.pack(MAGIC, VERSION, len(header), zlib.crc32(header), 0))
+    write(header)
     pos = PREAMBLE.size + len(header)
     for off, arr in chunks:
-        stream.write(b"\0" * (off - pos))
-        stream.write(memoryview(arr).cast("B"))
+        write(b"\0" * (off - pos))
+        write(arr)
         pos = off + arr.nbytes
 
 
 def dumps(tensors, metadata=None):
     """Bytes of a file holding ``tensors`` (name -> CompressedTensor; the
     single name None marks a lone tensor)."""
-    import io
     buf = io.BytesIO()
     _write(buf, tensors, metadata)
     return buf.getvalue()
@@ -108,6 +116,92 @@ def save_file(path, tensors, metadata=None):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_stream(stream, tensors, metadata=None):
+    """Write the file to a binary stream (anything with ``write``) at its
+    position; several files can follow one another in one stream."""
+    _write(stream, tensors, metadata)
+
+
+def declared_size(entries, start, header_end):
+    """The file size a checked header describes: where its last section
+    ends.  Malformed entries are skipped here; parsing the file refuses them."""
+    ends = [s[0] + s[1] for e in entries if isinstance(e, dict) and isinstance(e.get("sections"), dict)
+            for s in e["sections"].values()
+            if isinstance(s, list) and len(s) == 3 and type(s[0]) is int and type(s[1]) is int]
+    return start + max(ends) if ends else header_end
+
+
+def _stream_header(read):
+    """(preamble + header bytes, declared file size) through ``read(n)``."""
+    head = read(PREAMBLE.size)
+    if len(head) < PREAMBLE.size or head[:len(MAGIC)] != MAGIC:
+        _header(head)                       # raises: too short, or not an ibp file
+    hlen = PREAMBLE.unpack_from(head, 0)[2]
+    if hlen > MAX_HEADER:
+        raise FormatError(f"header length {hlen} is over the {MAX_HEADER}-byte limit")
+    head += read(hlen)
+    _, entries, start, _ = _header(head)
+    return head, declared_size(entries, start, len(head))
+
+
+def read_stream(stream):
+    """The bytes of one ibp file read from a binary stream at its position:
+    exactly as many as its header declares, so the stream is left just after
+    it.  Read in bounded chunks, so a lying header cannot make this allocate
+    more than the stream holds."""
+    def read(n, into=None):
+        into = bytearray() if into is None else into
+        want = len(into) + n
+        while len(into) < want:
+            chunk = stream.read(min(want - len(into), 1 << 24))
+            if not chunk:
+                break
+            if not isinstance(chunk, (bytes, bytearray, memoryview)):
+                raise TypeError(f"the stream's read() gave {type(chunk).__name__}, not bytes: "
+                                "open the file in binary mode ('rb')")
+            into += chunk
+        return into
+
+    head, size = _stream_header(read)
+    data = read(size - len(head), bytearray(head))
+    if len(data) < size:
+        raise FormatError(f"the stream ends {len(data)} bytes into an ibp file its header says is "
+                          f"{size} bytes: it is truncated")
+    return data
+
+
+def is_disk_file(stream):
+    """Whether ``stream`` is a file opened with ``open()`` (which can be mapped)."""
+    raw = stream.raw if isinstance(stream, (io.BufferedReader, io.BufferedRandom)) else stream
+    return isinstance(raw, io.FileIO)
+
+
+def map_stream(stream):
+    """Like ``read_stream`` for a file opened with ``open()``, as a read-only
+    view of a memory map of that file; the stream is moved past the file."""
+    if not is_disk_file(stream):
+        raise ValueError(f"mmap=True maps a path or a file opened with open(), not a {type(stream).__name__}: "
+                         "pass mmap=False to read it")
+    pos = stream.tell()
+    try:
+        size = os.fstat(stream.fileno()).st_size
+        whole = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) if size > pos else b""
+    except (OSError, ValueError) as e:
+        raise ValueError(f"mmap=True cannot map this file ({e}): pass mmap=False to read it") from None
+    view = memoryview(whole)[pos:]
+    taken = 0
+
+    def read(n):
+        nonlocal taken
+        out = bytes(view[taken:taken + n])
+        taken += len(out)
+        return out
+
+    _, size = _stream_header(read)
+    stream.seek(pos + min(size, len(view)))
+    return view[:size]
 
 
 def read_metadata(path):
@@ -350,6 +444,24 @@ def _check_slot_padding(ct, label):
         raise FormatError(f"{label}: unit {bad} has non-zero bits after its encoding")
 
 
+def _plan_file(buf):
+    """Check a whole file's structure against its length, reading only its
+    preamble and header: every entry, every section's bounds, no two
+    sections overlapping, the file ending where the last one does.
+    (metadata, start, [(fields, geometry, spans)], padding ranges)."""
+    meta, entries, start, version = _header(buf)
+    plans, names, taken = [], set(), []
+    for entry in entries:
+        fields, geom, spans = _plan_entry(len(buf), start, entry, version)
+        name = fields["name"]
+        if name in names or (name is None and len(entries) != 1):
+            raise FormatError(f"duplicate or missing tensor name {name!r}")
+        names.add(name)
+        taken += [(off, off + length, f"{fields['label']}/{key}") for key, (off, length, _) in spans.items()]
+        plans.append((fields, geom, spans))
+    return meta, start, plans, _padding(buf, start, taken)
+
+
 def loads(buf, *, verify=True):
     """Parse a whole file from a bytes-like object: name -> CompressedTensor.
 
@@ -361,24 +473,18 @@ def loads(buf, *, verify=True):
                                               and isinstance(buf.obj, bytes))
     if isinstance(buf, memoryview):
         buf = buf.cast("B")
-    meta, entries, start, version = _header(buf)
-    plans, names, taken = [], set(), []
-    for entry in entries:
-        fields, geom, spans = _plan_entry(len(buf), start, entry, version)
-        name = fields["name"]
-        if name in names or (name is None and len(entries) != 1):
-            raise FormatError(f"duplicate or missing tensor name {name!r}")
-        names.add(name)
-        taken += [(off, off + length, f"{fields['label']}/{key}") for key, (off, length, _) in spans.items()]
-        plans.append((fields, geom, spans))
-    _check_filler(buf, start, taken)
+    _, start, plans, padding = _plan_file(buf)
+    view = memoryview(buf)
+    if any(any(view[a:b]) for a, b in padding):
+        raise FormatError("padding bytes are not zero")
     return {fields["name"]: _build_entry(buf, start, fields, geom, spans, verify, own)
             for fields, geom, spans in plans}
 
 
-def _check_filler(buf, start, taken):
-    """Every byte outside the header and the sections is zero padding, and
-    the file ends where the last section does: no byte goes unchecked."""
+def _padding(buf, start, taken):
+    """The byte ranges outside the header and the sections (which must be
+    zero), after checking that no two sections overlap and that the file
+    ends where the last section does: no byte goes unchecked."""
     taken.sort()
     gaps = []
     pos = 0
@@ -392,6 +498,4 @@ def _check_filler(buf, start, taken):
     if len(buf) != size:
         raise FormatError(f"file is {len(buf)} bytes, its sections end at {size}")
     gaps.append((header_end, min(start, size)))
-    view = memoryview(buf)
-    if any(any(view[a:b]) for a, b in gaps if b > a):
-        raise FormatError("padding bytes are not zero")
+    return [(a, b) for a, b in gaps if b > a]

@@ -13,6 +13,21 @@ from .encode import encode_slots, unpack_kinds
 _UPDATE_LOCK = threading.Lock()
 
 
+def framework_dtype(name, framework):
+    """The dtype called ``name`` as ``framework`` spells it (torch.dtype or
+    np.dtype), or as numpy does without torch, or the name itself when
+    neither has it (bfloat16 without torch or ml_dtypes)."""
+    if framework == "torch":
+        try:
+            return dtypes.torch_dtype(name)
+        except TypeError:
+            pass
+    try:
+        return dtypes.numpy_dtype(name)
+    except TypeError:
+        return name
+
+
 class CompressedTensor:
     """A tensor in IBP form: model, per-unit kinds, row index and payload.
 
@@ -47,15 +62,7 @@ class CompressedTensor:
     @property
     def dtype(self):
         """The element type as the framework it came from spells it."""
-        if self.framework == "torch":
-            try:
-                return dtypes.torch_dtype(self.dtype_name)
-            except TypeError:
-                pass
-        try:
-            return dtypes.numpy_dtype(self.dtype_name)
-        except TypeError:
-            return self.dtype_name
+        return framework_dtype(self.dtype_name, self.framework)
 
     @property
     def ndim(self):

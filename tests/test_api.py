@@ -97,3 +97,85 @@ def test_compress_on_gpu_tensor_is_refused():
         pytest.skip("needs CUDA")
     with pytest.raises(ValueError):
         ibp.compress(torch.zeros(3, device="cuda"))
+
+
+# -- save / load with file objects ---------------------------------------------
+def cora():
+    from ibp import datasets
+    return datasets.load("cora")["features"]
+
+
+def test_save_and_load_file_objects_one_after_another():
+    import io
+    x = cora()
+    buf = io.BytesIO()
+    ibp.save(ibp.compress(x), buf)
+    ibp.save({"a": x[:100], "b": x[100:103]}, buf, metadata={"k": "v"})
+    end = buf.tell()
+    buf.write(b"what follows is not ibp's")
+    buf.seek(0)
+    one, two = ibp.load(buf), ibp.load(buf)
+    assert buf.tell() == end                                  # each load reads exactly its file
+    assert ibp.decompress(one).tobytes() == x.tobytes()
+    assert list(two) == ["a", "b"] and ibp.decompress(two["b"]).tobytes() == x[100:103].tobytes()
+
+
+def test_file_objects_match_paths_and_map(tmp_path):
+    x = cora()
+    ibp.save({"x": x}, tmp_path / "p.ibp")
+    with open(tmp_path / "f.ibp", "wb") as f:
+        ibp.save({"x": x}, f)
+    assert (tmp_path / "p.ibp").read_bytes() == (tmp_path / "f.ibp").read_bytes()
+    with open(tmp_path / "two.ibp", "wb") as f:
+        ibp.save({"x": x[:7]}, f)
+        ibp.save({"x": x}, f)
+    with open(tmp_path / "two.ibp", "rb") as f:
+        first = ibp.load(f, mmap=True)["x"]
+        second = ibp.load(f, mmap=True)["x"]
+        assert f.read() == b""
+    assert isinstance(first.payload.base, memoryview)        # a view of the map, not a copy
+    assert ibp.decompress(first).tobytes() == x[:7].tobytes()
+    assert ibp.decompress(second, index=[-1]).tobytes() == x[[-1]].tobytes()
+
+
+def test_file_object_misuse(tmp_path):
+    import io
+    x = np.arange(60, dtype=np.float32).reshape(12, 5)
+    data = ibp.compress(x).to_bytes()
+    with pytest.raises(ValueError, match="mmap=True maps a path or a file opened with open"):
+        ibp.load(io.BytesIO(data), mmap=True)
+    with pytest.raises(ibp.FormatError, match="truncated"):
+        ibp.load(io.BytesIO(data[:-8]))
+    with pytest.raises(ibp.FormatError, match="bad magic"):
+        ibp.load(io.BytesIO(b"x" * 100))
+    (tmp_path / "t.ibp").write_bytes(data)
+    with open(tmp_path / "t.ibp", encoding="latin-1") as f, pytest.raises(TypeError, match="binary mode"):
+        ibp.load(f)
+    with pytest.raises(TypeError, match="path or a binary file object"):
+        ibp.save(ibp.compress(x), 3)
+    with pytest.raises(TypeError, match="path or a binary file object"):
+        ibp.load(3)
+    with open(tmp_path / "t.ibp", "w") as f, pytest.raises(TypeError):
+        ibp.save(ibp.compress(x), f)                        # a text file cannot take bytes
+
+
+def test_a_stream_that_takes_part_of_each_write_gets_all_of_it():
+    import io
+
+    class Trickle(io.RawIOBase):
+        def __init__(self):
+            self.data = bytearray()
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.data += bytes(b[:7])
+            return min(len(b), 7)
+
+    x = cora()[:50]
+    out = Trickle()
+    ibp.save({"x": x}, out)
+    whole = io.BytesIO()
+    ibp.save({"x": x}, whole)
+    assert bytes(out.data) == whole.getvalue()
