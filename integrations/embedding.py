@@ -9,7 +9,9 @@ with the indices renumbered.  The arithmetic is torch's, in torch's order,
 so results are bit-identical to the uncompressed modules.
 
 The table uses the slotted layout, so rows can be rewritten in place
-(``update_rows``, and ``max_norm`` renormalisation).  It is frozen: the
+(``update_rows``, and ``max_norm`` renormalisation).  ``torch.save`` of a
+module stores the table compressed (packed), ``state_dict()`` the decoded
+weight under torch's ``"weight"`` key.  It is frozen: the
 modules have no parameters and produce no gradients.  Outputs are computed
 on the device of the indices; ``.to()`` moves nothing, since the table
 stays in host memory (pinned when CUDA is available).
@@ -60,9 +62,10 @@ class _CompressedTable(nn.Module):
         self._store(weight)
 
     # -- the table ----------------------------------------------------------
-    def _store(self, weight):
+    def _store(self, weight, model=None):
         self._wait_for_gpu_reads()
-        table = ibp.compress(weight.detach().cpu(), layout="slotted", word_bits=self.word_bits, unit_rows=1)
+        table = ibp.compress(weight.detach().cpu(), layout="slotted", word_bits=self.word_bits, unit_rows=1,
+                             model=model)
         self._table = table.pin_memory() if torch.cuda.is_available() else table
 
     @property
@@ -141,6 +144,8 @@ class _CompressedTable(nn.Module):
             self.update_rows(unique.cpu(), rows.cpu())
 
     # -- checkpoints: the same "weight" entry as torch's modules ------------
+    # state_dict() holds the decoded weight, so it loads into (and from) the
+    # torch modules; torch.save(module) keeps the table compressed instead.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.decompress()
 
@@ -156,6 +161,25 @@ class _CompressedTable(nn.Module):
                               f"the shape in current model is {(self.num_embeddings, self.embedding_dim)}.")
             return
         self._store(weight.detach().to("cpu", self._table.dtype))
+
+    # -- torch.save / pickle of the module: the table, compressed ------------
+    def __getstate__(self):
+        """The table as one packed ibp file in a uint8 tensor: about its
+        compressed size on disk.  Not the slotted table itself, whose slots
+        are raw-sized, nor numpy arrays, whose bytes torch.save's pickle
+        protocol (2) spells as latin-1 text, half again as long."""
+        state = super().__getstate__()
+        packed = ibp.compress(self.decompress(), model=self._table.model)
+        state["_table"] = torch.frombuffer(bytearray(packed.to_bytes()), dtype=torch.uint8)
+        state["_last_gpu_read"] = None
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        blob = state.pop("_table")
+        super().__setstate__(state)
+        packed = ibp.CompressedTensor.from_bytes(memoryview(blob.numpy()))
+        self._store(ibp.decompress(packed), model=packed.model)   # the same model: the same slots
 
     def _common_repr(self):
         s = f"{self.num_embeddings}, {self.embedding_dim}"

@@ -238,3 +238,47 @@ def test_example_runs():
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "equal to nn.EmbeddingBag's" in done.stdout
+
+
+def saved(module):
+    import io
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    return buf.getvalue()
+
+
+def restored(data):
+    import io
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [37, 64])
+def test_torch_save_gives_back_an_equal_working_module(dtype, dim):
+    weight = table(300, dim, dtype)
+    bag = CompressedEmbeddingBag.from_pretrained(weight, mode="max", padding_idx=4)
+    bag.update_rows([9, 299], torch.zeros(2, dim))                   # an updated table travels as it is now
+    back = restored(saved(bag))
+    assert type(back) is CompressedEmbeddingBag and repr(back) == repr(bag)
+    assert back.table.layout == "slotted" and back.table.model == bag.table.model
+    assert back.table.kinds.tobytes() == bag.table.kinds.tobytes()          # slot for slot the same table
+    assert back.table.payload.tobytes() == bag.table.payload.tobytes()
+    ids, offsets = bags(300, 500, 40, padding_idx=4)
+    assert_bits_equal(back(ids, offsets), bag(ids, offsets))
+    back.update_rows([1], torch.ones(1, dim))                       # still a working, updatable table
+    assert bag.decompress()[1].equal(weight[1]) and back.decompress()[1].equal(torch.ones(dim, dtype=dtype))
+    emb = CompressedEmbedding.from_pretrained(weight, padding_idx=4)
+    assert_bits_equal(restored(saved(emb))(ids.view(20, 25)), emb(ids.view(20, 25)))
+
+
+@pytest.mark.slow
+def test_torch_save_of_glove_is_about_its_compressed_size():
+    import ibp
+    weight = torch.from_numpy(datasets.load("glove-50d")["glove.6B.50d"].copy())     # 400000 x 50, 80 MB
+    bag = CompressedEmbeddingBag.from_pretrained(weight, mode="sum")
+    data = saved(bag)
+    packed = ibp.compress(weight).nbytes
+    assert len(data) < packed + (1 << 16) and len(data) < 0.9 * weight.nbytes    # 114.7 MB before
+    back = restored(data)
+    assert back.table.payload.tobytes() == bag.table.payload.tobytes()
+    assert "weight" in bag.state_dict() and bag.state_dict()["weight"].equal(weight)   # torch's entry, decoded
