@@ -15,11 +15,17 @@ import io
 import mmap
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from . import container
 from ._typing import Device, Index, Path, Tensor
 from .api import decompress
 from .tensor import CompressedTensor, framework_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,7 @@ class TensorInfo:
     nbytes: int                # bytes of its sections in the file: what reading it costs
 
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype | torch.dtype | str:
         """The element type as its framework spells it (as CompressedTensor.dtype)."""
         return framework_dtype(self.dtype_name, self.framework)
 

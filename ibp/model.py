@@ -13,6 +13,8 @@ every word matches and is stored whole.
 Words that miss the primary level are exceptions; an exception that matches
 the secondary level is stored with its secondary residual, else raw.
 """
+from __future__ import annotations
+
 from functools import cached_property
 
 import numpy as np
@@ -29,7 +31,7 @@ LOW_MASK = np.array([(1 << n) - 1 for n in range(65)], dtype=np.uint64)
 class Model:
     """Per-column invariant-bit model for words of ``word_bits`` bits."""
 
-    def __init__(self, word_bits, lo, hi, base):
+    def __init__(self, word_bits: int, lo: np.ndarray, hi: np.ndarray, base: np.ndarray):
         self.word_bits = int(word_bits)
         self.lo = np.ascontiguousarray(lo, dtype=np.uint8)
         self.hi = np.ascontiguousarray(hi, dtype=np.uint8)
@@ -56,20 +58,20 @@ class Model:
             raise FormatError("an empty model level must be (0, 0, 0)")
 
     @property
-    def period(self):
+    def period(self) -> int:
         return self.lo.shape[1]
 
     @cached_property
-    def widths(self):
+    def widths(self) -> np.ndarray:
         """int64 [2, period]: bits stored per word at each level."""
         return self.word_bits - (self.hi.astype(np.int64) - self.lo.astype(np.int64))
 
     @cached_property
-    def has_secondary(self):
+    def has_secondary(self) -> bool:
         return bool(np.any(self.hi[1] > self.lo[1]))
 
     @cached_property
-    def tables(self):
+    def tables(self) -> tuple[np.ndarray, np.ndarray, int, int]:
         """(t0, t1, fbits, ptot): per-level uint64 tables ``[period, 8]`` for
         the numba kernels (fields in ibp.codec), whether exceptions carry a
         secondary flag bit, and the primary widths summed over a period."""
@@ -91,21 +93,21 @@ class Model:
                 int(self.has_secondary), int(width[0].sum()))
 
     @property
-    def invariant_bits(self):
+    def invariant_bits(self) -> np.ndarray:
         """Primary fixed bits per column (int array)."""
         return self.hi[0].astype(np.int64) - self.lo[0].astype(np.int64)
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return (isinstance(other, Model) and self.word_bits == other.word_bits
                 and np.array_equal(self.lo, other.lo) and np.array_equal(self.hi, other.hi)
                 and np.array_equal(self.base, other.base))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"ibp.Model(word_bits={self.word_bits}, period={self.period}, "
                 f"invariant bits/column={self.invariant_bits.mean():.2f})")
 
     @classmethod
-    def empty(cls, word_bits, period=1):
+    def empty(cls, word_bits: int, period: int = 1) -> Model:
         """A model that fixes nothing: every unit is stored raw."""
         z = np.zeros((2, period), np.uint8)
         return cls(word_bits, z, z, np.zeros((2, period), np.uint64))

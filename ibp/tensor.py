@@ -1,19 +1,29 @@
 """CompressedTensor: the one object every part of ibp passes around."""
+from __future__ import annotations
+
 import math
 import threading
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from . import dtypes
+from ._typing import Index, Tensor
 from .decode import decode_units, normalize_index, unit_bits
 from .encode import encode_slots, unpack_kinds
+
+if TYPE_CHECKING:
+    import torch
+
+    from .geometry import Geometry
+    from .model import Model
 
 # One update_rows at a time, over all tensors: an update reads units before
 # it rewrites them, so two concurrent ones could each undo the other's.
 _UPDATE_LOCK = threading.Lock()
 
 
-def framework_dtype(name, framework):
+def framework_dtype(name: str, framework: str) -> np.dtype | torch.dtype | str:
     """The dtype called ``name`` as ``framework`` spells it (torch.dtype or
     np.dtype), or as numpy does without torch, or the name itself when
     neither has it (bfloat16 without torch or ml_dtypes)."""
@@ -37,8 +47,10 @@ class CompressedTensor:
     writing, so nothing a caller handed in is ever modified.
     """
 
-    def __init__(self, *, dtype, shape, framework, geometry, layout, model, kinds, payload,
-                 payload_bits=None, index=None):
+    def __init__(self, *, dtype: str, shape: tuple[int, ...], framework: Literal["numpy", "torch"],
+                 geometry: Geometry, layout: Literal["packed", "slotted"], model: Model, kinds: np.ndarray,
+                 payload: np.ndarray, payload_bits: int | None = None,
+                 index: tuple[int, int, np.ndarray, np.ndarray] | None = None):
         self.dtype_name = dtype
         self._shape = tuple(int(s) for s in shape)
         self.framework = framework
@@ -56,42 +68,42 @@ class CompressedTensor:
 
     # -- what it is ---------------------------------------------------------
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, ...]:
         return self._shape
 
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype | torch.dtype | str:
         """The element type as the framework it came from spells it."""
         return framework_dtype(self.dtype_name, self.framework)
 
     @property
-    def ndim(self):
+    def ndim(self) -> int:
         return len(self._shape)
 
-    def __len__(self):
+    def __len__(self) -> int:
         """Rows, as for a numpy array (TypeError for a 0-d tensor)."""
         if not self._shape:
             raise TypeError("len() of a 0-d CompressedTensor")
         return self._shape[0]
 
-    def __array__(self, dtype=None, copy=None):
+    def __array__(self, dtype: object = None, copy: bool | None = None) -> np.ndarray:
         """Refuse: numpy would make a 0-d object array of this tensor."""
         raise TypeError("a CompressedTensor is not an array: call ibp.decompress(ct) to get one")
 
     @property
-    def nrows(self):
+    def nrows(self) -> int:
         return self.geometry.nrows
 
     @property
-    def word_bits(self):
+    def word_bits(self) -> int:
         return self.geometry.word_bits
 
     @property
-    def raw_nbytes(self):
+    def raw_nbytes(self) -> int:
         return math.prod(self._shape) * dtypes.ITEMSIZE[self.dtype_name]
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         """Bytes needed to decode: payload, row index, kinds and model."""
         index = 0 if self.index is None else self.index[2].nbytes + self.index[3].nbytes
         m = self.model
@@ -99,33 +111,33 @@ class CompressedTensor:
                    + m.lo.nbytes + m.hi.nbytes + m.base.size * m.word_bits // 8)
 
     @property
-    def ratio(self):
+    def ratio(self) -> float:
         return self.raw_nbytes / self.nbytes
 
     @property
-    def transfer_nbytes(self):
+    def transfer_nbytes(self) -> int:
         """Bytes a full GPU decode reads: ``nbytes`` for the packed layout; for
         the slotted one only each unit's encoded prefix, not its whole slot."""
         if self.layout == "packed":
             return self.nbytes
         return int(((unit_bits(self) + 7) // 8).sum()) + self.nbytes - self.payload.nbytes
 
-    def unit_kinds(self):
+    def unit_kinds(self) -> np.ndarray:
         """Kind of every unit (0 raw, 1 all-match, 2 sparse, 3 bitmap)."""
         return unpack_kinds(self.kinds, np.arange(self.geometry.nunits))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"CompressedTensor(shape={self._shape}, dtype={self.dtype_name}, layout={self.layout}, "
                 f"word_bits={self.word_bits}, ratio={self.ratio:.3f})")
 
     # -- bytes --------------------------------------------------------------
-    def to_bytes(self):
+    def to_bytes(self) -> bytes:
         """This tensor as a self-contained ibp file (docs/format.md)."""
         from .container import dumps
         return dumps({None: self})
 
     @classmethod
-    def from_bytes(cls, data, *, verify=True):
+    def from_bytes(cls, data: bytes | bytearray | memoryview, *, verify: bool = True) -> CompressedTensor:
         """Parse bytes made by ``to_bytes``; FormatError if they are not valid."""
         from .container import loads
         tensors = loads(data, verify=verify)
@@ -135,7 +147,7 @@ class CompressedTensor:
         return next(iter(tensors.values()))
 
     # -- memory -------------------------------------------------------------
-    def pin_memory(self):
+    def pin_memory(self) -> CompressedTensor:
         """A copy whose payload is page-locked and registered with CUDA,
         exactly its bytes (needs torch and a GPU), so a GPU reads it in
         place; its kinds are copied too, so it owns all it may write.  A
@@ -152,11 +164,11 @@ class CompressedTensor:
         ct._pinned = memory.register(payload, payload)
         return ct
 
-    def is_pinned(self):
+    def is_pinned(self) -> bool:
         """Whether ``payload``'s own memory is page-locked and registered."""
         return self._pinned is not None
 
-    def share_memory_(self):
+    def share_memory_(self) -> CompressedTensor:
         """Move the payload and per-unit arrays into shared memory, in place
         (torch's semantics; needs torch): torch.multiprocessing, DataLoader
         workers and ``mp.spawn`` then pass this tensor as a handle, and the
@@ -166,7 +178,7 @@ class CompressedTensor:
             memory.share(self)
         return self
 
-    def is_shared(self):
+    def is_shared(self) -> bool:
         return self._shared is not None
 
     def __reduce__(self):
@@ -193,7 +205,7 @@ class CompressedTensor:
             self._gpu_last_use.synchronize()
 
     # -- in-place updates (slotted layout) ----------------------------------
-    def update_rows(self, index, values):
+    def update_rows(self, index: Index, values: Tensor) -> None:
         """Overwrite rows ``index`` with ``values`` (slotted layout only).
 
         Each affected unit is re-encoded into its own slot with the existing

@@ -179,3 +179,47 @@ def test_a_stream_that_takes_part_of_each_write_gets_all_of_it():
     whole = io.BytesIO()
     ibp.save({"x": x}, whole)
     assert bytes(out.data) == whole.getvalue()
+
+
+# -- type hints ------------------------------------------------------------------
+def public_functions():
+    """Every function and method of ibp's exports a user calls, by name."""
+    import inspect
+    for name in ibp.__all__:
+        obj = getattr(ibp, name)
+        if inspect.isfunction(obj):
+            yield name, obj
+        elif inspect.isclass(obj):
+            for attr, member in vars(obj).items():
+                if attr.startswith("_") and attr not in ("__init__", "__len__", "__enter__", "__exit__"):
+                    continue
+                fn = member.fget if isinstance(member, property) else getattr(member, "func", None) \
+                    or getattr(member, "__func__", member)
+                if inspect.isfunction(fn):
+                    yield f"{name}.{attr}", fn
+
+
+def test_public_api_is_fully_annotated():
+    import inspect
+    import typing
+    torch = pytest.importorskip("torch")
+    from ibp.geometry import Geometry
+    names = dict(public_functions())
+    assert {"compress", "open", "CompressedTensor.update_rows", "CompressedTensor.ratio", "LazyFile.get_rows",
+            "TensorInfo.dtype", "Model.empty"} <= set(names)
+    for name, fn in names.items():
+        sig = inspect.signature(fn)
+        missing = [p for p in sig.parameters.values() if p.name not in ("self", "cls")
+                   and p.annotation is inspect.Parameter.empty]
+        assert not missing, f"{name}: {missing} not annotated"
+        assert fn.__name__ == "__init__" or sig.return_annotation is not inspect.Signature.empty, name
+        typing.get_type_hints(fn, localns={"torch": torch, "Geometry": Geometry, "Model": ibp.Model})  # they resolve
+
+
+def test_py_typed_is_shipped():
+    import pathlib
+    import tomllib
+    root = pathlib.Path(__file__).resolve().parent.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "py.typed" in config["tool"]["setuptools"]["package-data"]["ibp"]
+    assert (root / "ibp" / "py.typed").is_file()
