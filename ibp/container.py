@@ -107,7 +107,7 @@ def save_file(path, tensors, metadata=None):
 
     The temporary file has a name no other writer (thread or process) can
     pick, so concurrent saves to one path each replace it with a whole file."""
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     tmp = f"{path}.{secrets.token_hex(8)}.tmp"
     try:
         with open(tmp, "xb") as f:
