@@ -13,6 +13,8 @@ Word width, period and ``E`` are chosen by encoding the sample with each
 candidate and keeping the smallest, so analysis cost depends on the sample
 size, not on the tensor size.
 """
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -23,6 +25,7 @@ from .model import Model
 
 SAMPLE_BYTES = (1 << 14, 1 << 18)  # bytes of units sampled: at least, at most
 SAMPLE_SHARE = 32             # ... and otherwise 1/32 of the tensor
+SAMPLE_CHUNK_BYTES = 1 << 12  # pieces sampled from units longer than SAMPLE_BYTES[1]
 MIN_PER_COLUMN = 32           # sampled words a column needs to be learned
 MAX_PER_COLUMN = 4096         # sampled words a column is learned from at most
 NARROW_PER_COLUMN = 512       # ... for a width narrower than the element (a cheap second opinion)
@@ -145,17 +148,37 @@ def encoded_bits(words, model, unit_words):
 
 
 def _sample_units(data, geom, rng):
-    """The sampled units' bytes, as a flat uint8 array."""
+    """(sampled bytes as a flat uint8 array, bytes per sampled piece).  A
+    piece is a unit, or a chunk of one when units are longer than the most
+    a sample takes (rows that do not split): chunks are a multiple of every
+    period that can be learned, aligned to it inside their unit, so analysis
+    costs the same whatever the unit size."""
     ub = geom.unit_words * geom.word_bits // 8
     full = data.size // ub
     if full == 0:
         padded = np.zeros(ub, np.uint8)
         padded[:data.size] = data
-        return padded
+        return padded, ub
     budget = min(max(data.size // SAMPLE_SHARE, SAMPLE_BYTES[0]), SAMPLE_BYTES[1])
-    take = max(1, min(full, budget // ub))
-    picks = np.sort(rng.choice(full, take, replace=False)) if take < full else np.arange(full)
-    return data[:full * ub].reshape(full, ub)[picks].reshape(-1)
+    piece = ub if ub <= SAMPLE_BYTES[1] else _chunk_bytes(geom.shape, geom.itemsize)
+    per_unit = ub // piece
+    count = full * per_unit
+    take = max(1, min(count, budget // piece))
+    picks = np.sort(rng.choice(count, take, replace=False)) if take < count else np.arange(count)
+    if piece == ub:
+        return data[:full * ub].reshape(full, ub)[picks].reshape(-1), ub
+    starts = (picks // per_unit) * ub + (picks % per_unit) * piece
+    return data[starts[:, None] + np.arange(piece)].reshape(-1), piece
+
+
+def _chunk_bytes(shape, itemsize):
+    """Bytes of a sampled chunk of a long unit: about SAMPLE_CHUNK_BYTES, a
+    multiple of every candidate period (in elements) that a sample can hold
+    MIN_PER_COLUMN words of in each half."""
+    learnable = [e for e in {1, shape[-1], math.prod(shape[1:])}
+                 if 2 * MIN_PER_COLUMN * e * itemsize <= SAMPLE_BYTES[1]]
+    step = math.lcm(*learnable) * itemsize
+    return -(-SAMPLE_CHUNK_BYTES // step) * step
 
 
 def candidates(shape, itemsize, word_bits=None):
@@ -230,20 +253,21 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
         W, p = cands.pop(0)
         geom = Geometry.choose(shape, itemsize, W)
         if W not in samples:
-            units = _sample_units(data, geom, np.random.default_rng(0)).view(f"<u{W // 8}")
-            units = units.reshape(-1, geom.unit_words)
-            whole = len(units) == data.size // (geom.unit_words * W // 8)  # every full unit sampled
+            sample, piece = _sample_units(data, geom, np.random.default_rng(0))
+            piece_words = piece * 8 // W
+            units = sample.view(f"<u{W // 8}").reshape(-1, piece_words)
+            whole = piece_words == geom.unit_words and len(units) == data.size // piece  # every full unit
             if whole or len(units) == 1:
-                samples[W] = (units.reshape(-1), units.reshape(-1))
+                samples[W] = (units.reshape(-1), units.reshape(-1), piece_words)
             else:
-                samples[W] = (units[::2].reshape(-1), units[1::2].reshape(-1))
-        train, test = samples[W]
-        if p > max(1, itemsize * 8 // W) and train.size // p < MIN_PER_COLUMN:
+                samples[W] = (units[::2].reshape(-1), units[1::2].reshape(-1), piece_words)
+        train, test, piece_words = samples[W]
+        if piece_words % p or (p > max(1, itemsize * 8 // W) and train.size // p < MIN_PER_COLUMN):
             continue  # too few samples per column; the per-element period is always tried
-        scale = geom.nunits / (test.size // geom.unit_words)
+        scale = geom.nunits * geom.unit_words / test.size
         narrow = (W, p) in narrower
         for model in learn(train.reshape(-1, p), W, per_column=NARROW_PER_COLUMN if narrow else MAX_PER_COLUMN):
-            cost = encoded_bits(test, model, geom.unit_words) * scale + model_bits(model)
+            cost = encoded_bits(test, model, piece_words) * scale + model_bits(model)
             if best is None or cost < best[0]:
                 best = (cost, model)
             if not tried_half:

@@ -16,14 +16,14 @@ loops with the level's fields in registers.
 import numpy as np
 from numba import njit, prange
 
-from ._bits import ONE, U64, ZERO, Kernel, ctz, flush_bits, put_bits, read_bits
+from ._bits import ONE, U64, ZERO, Kernel, ctz, flush_bits, popcount, put_bits, read_bits
 
 RAW, ALL, SPARSE, BITMAP = 0, 1, 2, 3
 # Fields of a level table row.
 BASE, FIX, LOW, HIGH, SH1, SH2, WIDTH, WMASK = range(8)
 # Units longer than this many words (single long rows that do not split)
-# are encoded in several passes without scratch arrays, so the encoder's
-# memory stays a small multiple of its output.
+# are encoded and decoded in several passes without scratch arrays, so the
+# codec's memory stays a small multiple of its output.
 SCRATCH_WORDS = 1 << 16
 
 # Status codes of decode_jobs, turned into FormatError messages by the caller.
@@ -490,6 +490,21 @@ def decode_group_run(words, pos, G, j0, j1, out, o, mask, low, sh1, sh2, base, w
 
 
 @njit(inline="always")
+def decode_run_one_column(words, pos, W, j0, j1, out, o, t0):
+    """Words j0..j1-1 of a unit, all matching a one-column model, read from
+    bit ``pos``; returns the next bit."""
+    mask, low, sh1, sh2, base, width = t0[0, WMASK], t0[0, LOW], t0[0, SH1], t0[0, SH2], t0[0, BASE], t0[0, WIDTH]
+    G = 64 // W
+    if G == 8:
+        return decode_group_run(words, pos, 8, j0, j1, out, o, mask, low, sh1, sh2, base, width)
+    if G == 4:
+        return decode_group_run(words, pos, 4, j0, j1, out, o, mask, low, sh1, sh2, base, width)
+    if G == 2:
+        return decode_group_run(words, pos, 2, j0, j1, out, o, mask, low, sh1, sh2, base, width)
+    return decode_group_run(words, pos, 1, j0, j1, out, o, mask, low, sh1, sh2, base, width)
+
+
+@njit(inline="always")
 def decode_matched_one_column(words, pos, W, k, exc, out, o, t0):
     """The matched words of a unit with a one-column model; returns the bit
     after them.  The output's type drops the bits above W."""
@@ -554,17 +569,151 @@ def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, ou
     return OK
 
 
+@njit(inline="always")
+def decode_scratch(U):
+    """(exc, flag) scratch of ``parse_unit`` for U-word units (empty beyond
+    SCRATCH_WORDS: those units are read in passes)."""
+    n = U if U <= SCRATCH_WORDS else 0
+    return np.empty(n + 1, np.int64), np.empty(n, np.uint8)
+
+
+@njit(inline="always")
+def next_exception(words, kind, pstart, pbits, U, e, j0, word):
+    """Position of exception ``e`` (taken in order) of a SPARSE or BITMAP
+    unit whose positions or bitmap start at bit ``pstart``; ``j0`` and
+    ``word`` carry the bitmap reader's state (start with -64 and 0).
+    Returns (position, j0, word)."""
+    if kind == SPARSE:
+        return np.int64(read_bits(words, U64(pstart) + U64(e * pbits), mask_of(pbits))), j0, word
+    while word == ZERO:
+        j0 += 64
+        word = read_bits(words, U64(pstart + j0), mask_of(min(64, U - j0)))
+    return j0 + ctz(word), j0, word & (word - ONE)
+
+
+@njit
+def parse_unit_in_passes(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot):
+    """``parse_unit`` without scratch, for units over SCRATCH_WORDS words:
+    one pass over the positions checks them and sizes the matched
+    residuals, a second one reads the flags.  Returns (status, k, positions
+    start, matched start, exceptions start, stop)."""
+    pos = U64(start)
+    end = U64(end)
+    if kind == RAW or kind == ALL:
+        stop = pos + U64(U * W if kind == RAW else (U // p) * ptot)
+        status = ERR_SIZE if stop > end or (exact and stop != end) else OK
+        return status, 0, pos, pos, stop, stop
+    pbits, kmax, kbits = unit_geometry(U)
+    if kind == SPARSE:
+        if pos + U64(kbits) > end:
+            return ERR_SIZE, 0, pos, pos, pos, pos
+        k = np.int64(read_bits(words, pos, mask_of(kbits)))
+        pos += U64(kbits)
+        if k > kmax:
+            return ERR_COUNT, 0, pos, pos, pos, pos
+        if pos + U64(k * pbits) > end:
+            return ERR_SIZE, 0, pos, pos, pos, pos
+        mstart = pos + U64(k * pbits)
+    else:
+        if pos + U64(U) > end:
+            return ERR_SIZE, 0, pos, pos, pos, pos
+        k = 0
+        for j0 in range(0, U, 64):
+            k += np.int64(popcount(read_bits(words, pos + U64(j0), mask_of(min(64, U - j0)))))
+        mstart = pos + U64(U)
+    pstart = pos
+    matched = U64((U // p) * ptot)
+    prev = -1
+    j0 = -64
+    word = ZERO
+    for e in range(k):
+        q, j0, word = next_exception(words, kind, pstart, pbits, U, e, j0, word)
+        if q <= prev or q >= U:
+            return ERR_POSITION, 0, pos, pos, pos, pos
+        prev = q
+        matched -= t0[q % p, WIDTH]
+    fstart = mstart + matched
+    xstart = fstart + U64(k * fbits)
+    if xstart > end:
+        return ERR_SIZE, 0, pos, pos, pos, pos
+    stop = xstart
+    j0 = -64
+    word = ZERO
+    for e in range(k):
+        q, j0, word = next_exception(words, kind, pstart, pbits, U, e, j0, word)
+        second = fbits != 0 and read_bits(words, fstart + U64(e), ONE) != ZERO
+        stop += t1[q % p, WIDTH] if second else U64(W)
+    status = ERR_SIZE if stop > end or (exact and stop != end) else OK
+    return status, k, pstart, mstart, xstart, stop
+
+
+@njit
+def decode_unit_in_passes(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, out, d, s, n):
+    """Decode words [s, s + n) of a unit over SCRATCH_WORDS words into
+    ``out[d:]``, after ``parse_unit_in_passes`` checked it: the positions,
+    matched residuals, flags and exceptions are each read by their own
+    cursor, so nothing is held per word.  Returns the unit's status."""
+    status, k, pstart, pos, xpos, _ = parse_unit_in_passes(words, start, end, exact, kind, t0, t1, W, p, U,
+                                                            fbits, ptot)
+    if status != OK:
+        return status
+    wmask = mask_of(W)
+    Wu = U64(W)
+    if kind == RAW:
+        for i in range(n):
+            out[U64(d + i)] = read_bits(words, pos + U64((s + i) * W), wmask)
+        return OK
+    pbits = unit_geometry(U)[0]
+    fstart = xpos - U64(k * fbits)
+    o = d - s
+    j = 0
+    j0 = -64
+    word = ZERO
+    for e in range(k + 1):
+        q = U
+        if e < k:
+            q, j0, word = next_exception(words, kind, pstart, pbits, U, e, j0, word)
+        a, b = max(j, s), min(q, s + n)
+        if p == 1:  # skip the run's residuals outside the window, decode those inside
+            width = t0[0, WIDTH]
+            if a < b:
+                decode_run_one_column(words, pos + U64(a - j) * width, W, a, b, out, o, t0)
+            pos += U64(q - j) * width
+        else:
+            c = j % p
+            for i in range(j, q):
+                if a <= i < b:
+                    out[U64(o + i)] = restore(read_bits(words, pos, t0[c, WMASK]), t0, c, wmask)
+                pos += t0[c, WIDTH]
+                c += 1
+                if c == p:
+                    c = 0
+        if e < k:
+            c = q % p
+            second = fbits != 0 and read_bits(words, fstart + U64(e), ONE) != ZERO
+            width = t1[c, WIDTH] if second else Wu
+            if s <= q < s + n:
+                v = read_bits(words, xpos, mask_of(width))
+                out[U64(o + q)] = restore(v, t1, c, wmask) if second else v
+            xpos += width
+        j = q + 1
+    return OK
+
+
 @Kernel
 def unit_sizes(words, t0, t1, W, p, U, fbits, ptot, exact, starts, ends, kinds, sizes):
     """Encoded size in bits of every unit (-status for a malformed one)."""
     n = starts.shape[0]
     nchunks = min(n, 64)
     for ch in prange(nchunks):
-        exc = np.empty(U + 1, np.int64)
-        flag = np.empty(U, np.uint8)
+        exc, flag = decode_scratch(U)
         for u in range(ch * n // nchunks, (ch + 1) * n // nchunks):
-            status, _, _, _, stop = parse_unit(words, starts[u], ends[u], exact, kinds[u], t0, t1, W, p, U,
-                                               fbits, ptot, exc, flag)
+            if U > SCRATCH_WORDS:
+                status, _, _, _, _, stop = parse_unit_in_passes(words, starts[u], ends[u], exact, kinds[u], t0, t1,
+                                                                W, p, U, fbits, ptot)
+            else:
+                status, _, _, _, stop = parse_unit(words, starts[u], ends[u], exact, kinds[u], t0, t1, W, p, U,
+                                                   fbits, ptot, exc, flag)
             sizes[u] = np.int64(stop) - starts[u] if status == OK else -status
 
 
@@ -577,11 +726,13 @@ def decode_jobs(words, t0, t1, W, p, U, fbits, ptot, exact, jstart, jend, jkind,
     """
     nj = jstart.shape[0]
     for ch in prange(nchunks):
-        scratch = np.empty(U, out.dtype)
-        exc = np.empty(U + 1, np.int64)
-        flag = np.empty(U, np.uint8)
+        scratch = np.empty(min(U, SCRATCH_WORDS), out.dtype)
+        exc, flag = decode_scratch(U)
         for i in range(ch * nj // nchunks, (ch + 1) * nj // nchunks):
-            if jsrc[i] == 0 and jlen[i] == U:
+            if U > SCRATCH_WORDS:
+                status[i] = decode_unit_in_passes(words, jstart[i], jend[i], exact, jkind[i], t0, t1, W, p, U,
+                                                  fbits, ptot, out, jdst[i], jsrc[i], jlen[i])
+            elif jsrc[i] == 0 and jlen[i] == U:
                 status[i] = decode_unit(words, jstart[i], jend[i], exact, jkind[i], t0, t1, W, p, U, fbits,
                                         ptot, out, jdst[i], exc, flag)
             else:
