@@ -3,7 +3,7 @@ NVRTC through CuPy and launched on torch's current stream.
 
 ``ibp.compress(x)`` comes here when ``x`` is a CUDA tensor.  The bytes equal
 the CPU encoder's for the same model (tests/test_cuda_encode.py checks the
-kernels through the host emulation, tests/test_gpu_encode.py on a GPU).
+kernels through the host emulation, bench/device/smoke.py on a GPU).
 
 * **packed**: a classify pass writes every unit's kind and size, a device
   prefix sum (``torch.cumsum``) turns the sizes into start bits, and the
@@ -39,6 +39,7 @@ from importlib import resources
 import numpy as np
 
 from . import dtypes
+from .api import LAYOUTS
 from .encode import build_index
 from .geometry import Geometry, word_widths
 from .model import LOW_MASK, Model
@@ -52,6 +53,7 @@ ENCODE_ARGS = ("words", "total_words", "U", "nunits", "first_unit", "njobs", "pe
 BLOCK = 256                      # threads per block (IBP_ENCODE_BLOCK)
 UNITS_PER_BLOCK = BLOCK // 32    # one warp per unit
 MAX_GRID = (1 << 31) - 1
+MAX_UNIT_WORDS = (1 << 31) - 1   # the kernel counts a unit's words in 32 bits
 CLASSIFY, PACKED, SLOTTED = 0, 1, 2
 COLUMN_WORDS = 14                # uint64 fields per column (IBP_COLUMN_WORDS)
 PAYLOADS = ("pinned", "device")
@@ -69,7 +71,7 @@ def encode_table(torch, lo, hi, base, word_bits):
     (fbits, ptot), then per column base, fixed mask, low and high residual
     masks, shift and width of both levels, and the column's bit offset in an
     all-matching period (the fields of Model.tables, in the kernel's order)."""
-    masks = torch.as_tensor(LOW_MASK.view(np.int64), device=lo.device)
+    masks = _low_masks(torch, lo.device)
     low, upto = masks[lo], masks[hi]
     fix = upto & ~low
     high = masks[word_bits] & ~upto
@@ -92,6 +94,8 @@ def encode_args(**values):
     """The kernel's argument vector (uint64, ENCODE_ARGS order)."""
     if set(values) != set(ENCODE_ARGS):
         raise TypeError(f"encoder arguments differ: {sorted(set(values) ^ set(ENCODE_ARGS))}")
+    if not 0 < values["U"] <= MAX_UNIT_WORDS:
+        raise ValueError(f"{values['U']} words per unit: the kernel takes 1 to {MAX_UNIT_WORDS}")
     return np.array([int(values[k]) % (1 << 64) for k in ENCODE_ARGS], dtype=np.uint64)
 
 
@@ -122,12 +126,13 @@ def write_chunks(starts, total, chunk_bytes):
     return out
 
 
-def sample_units(nunits_full, unit_bytes, nbytes):
-    """Indices of the units the learner samples: evenly spread, about as many
-    bytes as ibp.analysis samples."""
+def sample_units(torch, nunits_full, unit_bytes, nbytes, device):
+    """Indices (int64 on ``device``, made there: no upload) of the units the
+    learner samples: evenly spread, about as many bytes as ibp.analysis
+    samples."""
     budget = min(max(nbytes // SAMPLE_SHARE, SAMPLE_BYTES[0]), SAMPLE_BYTES[1])
     take = max(1, min(nunits_full, budget // unit_bytes))
-    return np.linspace(0, nunits_full - 1, take).round().astype(np.int64)
+    return torch.arange(take, device=device) * (nunits_full - 1) // max(take - 1, 1)
 
 
 def learner_geometry(shape, itemsize, word_bits=None):
@@ -146,12 +151,18 @@ def learner_geometry(shape, itemsize, word_bits=None):
 
 # -- the device learner (torch ops: runs on any device) ----------------------------
 
+def _low_masks(torch, device):
+    """LOW_MASK (the k low bits set, k = 0..64) as int64, made on ``device``:
+    uploading it from the host would make the host wait for the stream."""
+    k = torch.arange(65, device=device)
+    ones = torch.full_like(k, -1)
+    return torch.where(k < 64, ~(ones << k.clamp(max=63)), ones)
+
+
 def _bit_length(torch, d, W):
-    """Bits in use of each W-bit value (int64 tensor)."""
-    n = torch.zeros_like(d)
-    for k in range(W):
-        n += ((d >> k) != 0).to(torch.int64)
-    return n
+    """Bits in use of each W-bit value (int64 tensor; 64-bit words with the
+    top bit set are negative and count 64), in one pass over all W shifts."""
+    return ((d[..., None] >> torch.arange(W, device=d.device)) != 0).sum(-1)
 
 
 def _level(torch, v, weight, W, price):
@@ -161,7 +172,7 @@ def _level(torch, v, weight, W, price):
     bits = torch.arange(W, device=v.device)
     ones = (((v[:, :, None] >> bits) & 1) * weight[:, :, None]).sum(0)     # [P, W]
     majority = ((2 * ones > m[:, None]).to(torch.int64) << bits).sum(1)   # [P]
-    masks = torch.as_tensor(LOW_MASK.view(np.int64), device=v.device)
+    masks = _low_masks(torch, v.device)
     d = (v ^ majority) & masks[W]
     P = v.shape[1]
 
@@ -198,7 +209,7 @@ def learn(torch, words, W, P, price=PRICE):
     v = words.reshape(-1, P)
     ones = torch.ones_like(v)
     lo0, hi0, base0 = _level(torch, v, ones, W, price)
-    masks = torch.as_tensor(LOW_MASK.view(np.int64), device=v.device)
+    masks = _low_masks(torch, v.device)
     fix = masks[hi0] & ~masks[lo0]
     misses = (((v - base0) & fix) != 0).to(torch.int64)
     lo1, hi1, base1 = _level(torch, v, misses, W, 0.0)
@@ -213,8 +224,10 @@ class GpuEncoded(CompressedTensor):
     first host use of any of them waits for the copies, once.
 
     With ``payload="device"`` the payload stays in GPU memory
-    (``device_payload``, uint64 words as int64), and ``ibp.cuda.decompress``
-    decodes it there; a host use of ``payload`` copies it to the host first.
+    (``device_payload``, uint64 words as int64): kinds, model and sizes
+    arrive without it, and only a host use of ``payload`` (a host or
+    ibp.cuda decode, ``to_bytes``) copies it to the host, once.
+    ``update_rows`` rewrites the affected slots in both copies.
     """
 
     def __init__(self, *, ready, status, device_payload=None, host_model=None, **fields):
@@ -225,8 +238,9 @@ class GpuEncoded(CompressedTensor):
         self._arrive_lock = threading.Lock()
         super().__init__(**fields)
 
-    def _arrive_small(self):
-        """Wait for the copies (kinds, a learned model, a pinned payload)."""
+    def _arrive(self, payload=False):
+        """Wait for the copies (kinds, a learned model, a pinned payload);
+        with ``payload``, also copy a payload kept on the device to the host."""
         with self._arrive_lock:
             if self._ready is not None:
                 self._ready.synchronize()
@@ -238,24 +252,19 @@ class GpuEncoded(CompressedTensor):
                 self.__dict__["_model"] = Model(self.geometry.word_bits, lo.astype(np.uint8), hi.astype(np.uint8),
                                                 base.view(np.uint64))
                 self._host_model = None
-
-    def _arrive(self):
-        """... and copy a payload kept on the device to the host."""
-        self._arrive_small()
-        with self._arrive_lock:
-            if self.__dict__["_payload"] is None:
+            if payload and self.__dict__["_payload"] is None:
                 self.__dict__["_payload"] = self.device_payload.cpu().numpy().view(np.uint64)
 
-    def _field(name):
+    def _field(name, payload=False):
         def get(self):
-            self._arrive()
+            self._arrive(payload)
             return self.__dict__["_" + name]
 
         def put(self, value):
             self.__dict__["_" + name] = value
         return property(get, put)
 
-    payload = _field("payload")
+    payload = _field("payload", payload=True)
     kinds = _field("kinds")
     model = _field("model")
     del _field
@@ -267,17 +276,22 @@ class GpuEncoded(CompressedTensor):
     @property
     def nbytes(self):
         if self.__dict__["_payload"] is None:   # still only on the device: counted there, nothing copied
-            self._arrive_small()
-            m, kinds = self.__dict__["_model"], self.__dict__["_kinds"]
+            m = self.model
             index = 0 if self.index is None else self.index[2].nbytes + self.index[3].nbytes
-            return int(self.device_payload.numel() * 8 + kinds.nbytes + index
+            return int(self.device_payload.numel() * 8 + self.kinds.nbytes + index
                        + m.lo.nbytes + m.hi.nbytes + m.base.size * m.word_bits // 8)
         return super().nbytes
 
-    def update_rows(self, index, values):
-        super().update_rows(index, values)
-        if self.device_payload is not None:   # keep the device copy in step with the host one
-            self.device_payload.copy_(_torch().from_numpy(self.payload.view(np.int64)), non_blocking=False)
+    def _rewrite_units(self, units, write):
+        """... and copy the rewritten slots (only those) to a device payload,
+        ordered on the current stream before any later GPU work."""
+        super()._rewrite_units(units, write)
+        if self.device_payload is not None:
+            torch, dev = _torch(), self.device_payload.device
+            n, S = self.geometry.nunits, self.geometry.slot_words
+            slots = self.payload[:n * S].reshape(n, S)[units].view(np.int64)
+            self.device_payload[:n * S].view(n, S).index_copy_(0, _to_device(torch, units.astype(np.int64), dev),
+                                                                _to_device(torch, slots, dev))
 
 
 def _torch():
@@ -353,17 +367,33 @@ def _int_view(torch, flat_bytes, W):
 
 
 def _model_table(torch, model, dev):
-    """A given model's encode_table on ``dev``, uploaded once per model."""
+    """A given model's encode_table on ``dev``, uploaded once per model (on
+    the stream current then).  Every use waits on the GPU for that upload and
+    marks the table used by its stream, so a model shared by several streams
+    is neither read early nor its memory reused too soon."""
     with _lock:
         entry = _tables.get(id(model))
         if entry is None or entry[0]() is not model:   # Models compare by value, so they cannot be weak keys
             entry = _tables[id(model)] = (weakref.ref(model, lambda _, key=id(model): _tables.pop(key, None)), {})
         per_device = entry[1]
-        table = per_device.get(dev.index)
-        if table is None:
+        upload = per_device.get(dev.index)
+        if upload is None:
             host = encode_table(torch, *model_tensors(torch, model), model.word_bits)
-            table = per_device[dev.index] = host.pin_memory().to(dev, non_blocking=True)
+            stream = torch.cuda.current_stream(dev)
+            table = host.pin_memory().to(dev, non_blocking=True)
+            upload = per_device[dev.index] = (table, stream.record_event(), stream.cuda_stream)
+    table, uploaded, upload_stream = upload
+    current = torch.cuda.current_stream(dev)
+    current.wait_event(uploaded)
+    if current.cuda_stream != upload_stream:
+        table.record_stream(current)
     return table
+
+
+def _to_device(torch, array, dev):
+    """A numpy array on ``dev``, through pinned memory, so that the host does
+    not wait for the stream (as a copy from pageable memory does)."""
+    return torch.from_numpy(np.ascontiguousarray(array)).pin_memory().to(dev, non_blocking=True)
 
 
 class _Job:
@@ -390,16 +420,14 @@ class _Job:
 
 
 def _learned_table(torch, words_i, geom, W, P, nbytes):
-    """(device table, (lo, hi, base) device tensors) learned from a sample."""
-    ub = geom.unit_words * W // 8
-    full = geom.total_words // geom.unit_words
-    masks = LOW_MASK.view(np.int64)
-    flat = words_i.to(torch.int64) & int(masks[W])
-    if full:
-        picks = torch.as_tensor(sample_units(full, ub, nbytes), device=words_i.device)
-        sample = flat[:full * geom.unit_words].view(full, geom.unit_words).index_select(0, picks).reshape(-1)
-    else:
-        sample = flat
+    """(device table, (lo, hi, base) device tensors) learned from a sample of
+    the tensor's whole units (there is at least one: Geometry.check), only
+    the sample widened to int64."""
+    U = geom.unit_words
+    full = geom.total_words // U
+    picks = sample_units(torch, full, U * W // 8, nbytes, words_i.device)
+    sample = words_i[:full * U].view(full, U).index_select(0, picks).reshape(-1)
+    sample = sample.to(torch.int64) & int(LOW_MASK.view(np.int64)[W])
     lo, hi, base = learn(torch, sample, W, P)
     return encode_table(torch, lo, hi, base, W), (lo, hi, base)
 
@@ -414,6 +442,8 @@ def compress(x, *, model=None, word_bits=None, layout="packed", unit_rows=None, 
     torch, cupy = _imports()
     if payload not in PAYLOADS:
         raise ValueError(f"payload must be one of {PAYLOADS}, got {payload!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if model is not None and not isinstance(model, Model):
         raise TypeError(f"model must be an ibp.Model, not {type(model).__name__}")
     if model is not None and word_bits is not None and word_bits != model.word_bits:
@@ -431,6 +461,9 @@ def compress(x, *, model=None, word_bits=None, layout="packed", unit_rows=None, 
     geom.check()
     if geom.unit_words % P:
         raise ValueError(f"the model's period {P} does not divide this tensor's {geom.unit_words}-word units")
+    if geom.unit_words > MAX_UNIT_WORDS:
+        raise ValueError(f"units of {geom.unit_words} words (rows no piece divides) are too long for the GPU "
+                         f"encoder (at most {MAX_UNIT_WORDS}): compress x.cpu()")
     with torch.cuda.device(dev):
         flat = x.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
         if flat.data_ptr() % (W // 8):   # words wider than the elements, at an odd offset
@@ -543,15 +576,14 @@ def encode_rows(ct, rows, values):
         if flat.data_ptr() % (W // 8):
             flat = flat.clone()
         new = _int_view(torch, flat, W).view(rows.size, R)
-        kept = new.index_select(0, torch.as_tensor(keep, device=dev))
+        kept = new.index_select(0, _to_device(torch, keep, dev))
         if U >= R and U // R > 1:
             per = U // R
             units = np.unique(rows // per)
-            block = torch.from_numpy(ct._decode_units(units).view(NUMPY_WORDS[W])).to(dev)
-            block = block.view(units.size, per, R)
+            block = _to_device(torch, ct._decode_units(units).view(NUMPY_WORDS[W]), dev).view(units.size, per, R)
             krows = rows[keep]
-            where = torch.as_tensor(np.searchsorted(units, krows // per), device=dev)
-            block[where, torch.as_tensor(krows % per, device=dev)] = kept
+            where = _to_device(torch, np.searchsorted(units, krows // per), dev)
+            block[where, _to_device(torch, krows % per, dev)] = kept
         else:
             split = R // U if U < R else 1
             units = (rows[keep][:, None] * split + np.arange(split)).reshape(-1)

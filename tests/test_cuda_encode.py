@@ -372,15 +372,39 @@ class _CuPy:
             Stream=types.SimpleNamespace(from_external=lambda handle: contextlib.nullcontext()))
 
 
+class _Log(list):
+    """The host's waits for the "GPU" (event, stream, or "upload": a copy to
+    a device from pageable memory, which on CUDA waits for its stream), and
+    the element counts of every conversion to int64."""
+    int64_elements = ()
+
+
 @pytest.fixture
 def cpu_as_gpu(encoder, monkeypatch):
     """ibp.cuda_encode on the CPU: CPU tensors stand for CUDA ones, the
     emulator (every address allowed) for the GPU; ``log`` records each time
-    the host waits."""
-    log = []
+    the host waits (explicitly, or in a blocking upload)."""
+    log = _Log()
+    log.int64_elements = []
     fake = _Torch(torch)
     fake.cuda = _Cuda(log)
-    real_empty = torch.empty
+    real_empty, real_as_tensor, real_to = torch.empty, torch.as_tensor, torch.Tensor.to
+
+    def as_tensor(data, *a, device=None, **k):
+        if device is not None and not isinstance(data, torch.Tensor):
+            log.append("upload")
+        return real_as_tensor(data, *a, device=device, **k)
+
+    def to(self, *a, non_blocking=False, **k):
+        targets = a + tuple(k.values())
+        if not non_blocking and any(isinstance(t, (torch.device, str)) for t in targets):
+            log.append("upload")
+        if torch.int64 in targets and self.dtype != torch.int64:
+            log.int64_elements.append(self.numel())
+        return real_to(self, *a, non_blocking=non_blocking, **k)
+
+    fake.as_tensor = as_tensor
+    monkeypatch.setattr(torch.Tensor, "to", to)
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self.clone())
     monkeypatch.setattr(cuda, "_imports", lambda: (fake, _CuPy(encoder)))
@@ -413,7 +437,9 @@ def test_launcher_compresses_like_the_cpu(cpu_as_gpu, layout):
             assert ct.nbytes == cpu.nbytes
             assert ct.to_bytes() == cpu.to_bytes()
             np.testing.assert_array_equal(ibp.decompress(ct).numpy(), x)
+        del log[:]
         learned = cuda_encode.compress(t, layout=layout)             # the model learned on the "device"
+        assert log == (["event"] if layout == "packed" else [])       # learning waits for nothing
         assert learned.to_bytes() == ibp.compress(t, model=learned.model, layout=layout).to_bytes()
         np.testing.assert_array_equal(ibp.decompress(learned).numpy(), x)
 
@@ -429,6 +455,8 @@ def test_launcher_odd_inputs(cpu_as_gpu):
         assert ibp.decompress(ct).shape == shape
     with pytest.raises(ValueError, match="payload must be one of"):
         cuda_encode.compress(x, payload="pageable")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        cuda_encode.compress(x, layout="slot")
     with pytest.raises(ValueError, match="contradicts"):
         cuda_encode.compress(x, model=ibp.analyze(x.numpy()), word_bits=16)
     with pytest.raises(TypeError):
@@ -438,6 +466,61 @@ def test_launcher_odd_inputs(cpu_as_gpu):
     wide = torch.from_numpy(sample(rng, (30, 64), np.float16, 0.1))
     m = ibp.compress(wide.numpy().view(np.uint64), word_bits=64).model   # 64-bit words over float16 rows
     assert cuda_encode.compress(wide, model=m).to_bytes() == ibp.compress(wide, model=m).to_bytes()
+
+
+def test_learner_widens_only_its_sample(cpu_as_gpu):
+    """The learned model is fitted on a sample of units: only those are
+    widened to int64, not the whole tensor (8 times its size for 8-bit
+    words, which a big tensor on a GPU has no room for)."""
+    log = cpu_as_gpu
+    x = torch.from_numpy(sample(np.random.default_rng(24), (4096, 256), np.uint8, 0.05))   # 1 MiB
+    del log.int64_elements[:]
+    ct = cuda_encode.compress(x)
+    assert ct.to_bytes() == ibp.compress(x, model=ct.model).to_bytes()
+    assert max(log.int64_elements) <= x.numel() // cuda_encode.SAMPLE_SHARE
+
+
+def test_learner_helpers_are_exact():
+    """The masks the learner makes on the device equal Model's table; bit
+    lengths of W-bit words (64-bit ones negative as int64) are exact."""
+    from ibp.model import LOW_MASK
+    np.testing.assert_array_equal(cuda_encode._low_masks(torch, "cpu").numpy(), LOW_MASK.view(np.int64))
+    rng = np.random.default_rng(26)
+    words = rng.integers(0, 2**64, 3000, dtype=np.uint64) >> rng.integers(0, 65, 3000).astype(np.uint64)
+    got = cuda_encode._bit_length(torch, torch.from_numpy(words.view(np.int64)).reshape(100, 30), 64)
+    assert got.reshape(-1).tolist() == [int(w).bit_length() for w in words]
+
+
+def test_units_too_long_for_the_kernel_are_refused(cpu_as_gpu):
+    """The kernel counts a unit's words in 32 bits: a unit of 2**31 words or
+    more (one whole row that no piece divides) is refused before anything is
+    copied, never truncated."""
+    args = dict.fromkeys(cuda_encode.ENCODE_ARGS, 1)
+    cuda_encode.encode_args(**dict(args, U=(1 << 31) - 1))
+    with pytest.raises(ValueError, match="words per unit"):
+        cuda_encode.encode_args(**dict(args, U=1 << 31))
+    row = torch.zeros(1, dtype=torch.uint8).expand(1, 4294967311)   # a prime number of bytes: one unit
+    with pytest.raises(ValueError, match="too long for the GPU encoder"):
+        cuda_encode.compress(row)
+
+
+def test_device_payload_stays_on_the_device(cpu_as_gpu):
+    """payload="device": kinds, model and size arrive without the payload
+    crossing to the host; only reading ``payload`` copies it.  Host-side
+    updates reach the device copy."""
+    rng = np.random.default_rng(25)
+    x = torch.from_numpy(sample(rng, (300, 45), np.float32, 0.05))
+    for layout in ("packed", "slotted"):
+        ct = cuda_encode.compress(x, layout=layout, payload="device")
+        ct.kinds, ct.model, ct.nbytes, ct.ratio
+        assert ct.__dict__["_payload"] is None
+        expect = ibp.compress(x, model=ct.model, layout=layout)
+        assert ct.to_bytes() == expect.to_bytes()
+        assert ct.__dict__["_payload"] is not None
+    rows, new = np.array([5, 0, 299, 5]), sample(rng, (4, 45), np.float32, 0.5)
+    ct.update_rows(rows, new)
+    expect.update_rows(rows, new)
+    np.testing.assert_array_equal(ct.device_payload.numpy().view(np.uint64), expect.payload)
 
 
 class _OnGpu(torch.Tensor):
