@@ -18,6 +18,7 @@ import ctypes
 import re
 import subprocess
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from kernel_cases import compress_case, sample, tensor_cases
 from test_cuda_build import GXX, _Torch, kernel_path
 
 torch = pytest.importorskip("torch")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Encoder:
@@ -349,6 +351,12 @@ class _Cuda:
     def stream(self, stream):
         return contextlib.nullcontext()
 
+    def synchronize(self, dev=None):
+        self.log.append("device")
+
+    def set_sync_debug_mode(self, mode):
+        pass
+
 
 class _CuPy:
     def __init__(self, encoder):
@@ -524,11 +532,33 @@ def test_device_payload_stays_on_the_device(cpu_as_gpu):
 
 
 class _OnGpu(torch.Tensor):
-    """A CPU tensor that update_rows takes for a CUDA one."""
+    """A CPU tensor that ibp.compress and update_rows take for a CUDA one;
+    what torch makes from it is a plain CPU tensor."""
 
     @property
     def device(self):
         return types.SimpleNamespace(type="cuda", index=0)
+
+    @classmethod
+    def __torch_function__(cls, func, types=(), args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+def test_device_smoke_encode_checks_pass_on_the_emulator(cpu_as_gpu, monkeypatch):
+    """bench/device/smoke.py's encoder checks, run here with the emulator for
+    the GPU, so the first GPU run meets no broken check."""
+    import importlib.util
+    path = ROOT / "bench" / "device" / "smoke.py"
+    spec = importlib.util.spec_from_file_location("device_smoke", path)
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: torch.Tensor._make_subclass(_OnGpu, self.clone()))
+    fake = cuda._imports()[0]
+    got = smoke.encode_extras(fake)
+    for label, ct, _, expect, _ in smoke.cases(40, 24)[::3]:
+        got.update({f"{label} {k}": v for k, v in smoke.encode_paths(fake, expect, ct).items()})
+    assert got and all(got.values()), [k for k, v in got.items() if not v]
 
 
 @pytest.mark.parametrize("shape,unit_rows", [((60, 24), None), ((60, 24), 1), ((8, 40000), None), ((61, 10), None)])

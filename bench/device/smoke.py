@@ -5,8 +5,13 @@ bit for bit, every output poisoned first.  ``--shapes`` forces each kernel
 team shape of ibp.cuda.SHAPES once instead (the compute-sanitizer run).
 ``--dry-run`` builds the cases and their CPU results only (no GPU).
 Each case is also compressed on the GPU (ibp.cuda_encode) with its model,
-pinned and device payloads (and once with a model learned there), and must
-give the CPU encoder's kinds, payload and row index.
+pinned and device payloads (and once with a model learned there), in
+several D2H chunks, and must give the CPU encoder's kinds, payload and row
+index, with one host wait for the packed layout, none for the slotted one
+(torch's sync debug mode raising on any other); ``encode_extras`` adds
+bf16, a non-contiguous view, a padded last unit, one element, 0-d and
+empty tensors, a second stream sharing the model, and update_rows from
+CUDA values.
 
     PYTHONPATH=. python3 bench/device/smoke.py [--shapes] [--dry-run]
 """
@@ -72,7 +77,8 @@ def run_paths(torch, ct, index, expect, expect_rows, few=False):
 
 
 def encode_paths(torch, x, ct):
-    """path label -> True when the GPU encoder gives ``ct``'s bytes."""
+    """path label -> True when the GPU encoder gives ``ct``'s bytes, and
+    waits as often as it should."""
     x_dev = torch.from_numpy(x).cuda()
     got = {}
     for payload in ("pinned", "device"):
@@ -80,14 +86,79 @@ def encode_paths(torch, x, ct):
         got[f"encode {payload}"] = same_encoding(g, ct)
     learned = ibp.compress(x_dev, layout=ct.layout)
     got["encode learned"] = same_encoding(learned, ibp.compress(x, model=learned.model, layout=ct.layout))
+    for label, model in (("given", ct.model), ("learned", None)):
+        got[f"encode {label} waits"] = waits_as_documented(torch, x_dev, model, ct.layout)
+    return got
+
+
+def waits_as_documented(torch, x_dev, model, layout):
+    """One host wait (cuda_encode.host_wait) for a packed compress, none for a
+    slotted one, and no blocking torch call (sync debug mode "error")."""
+    from ibp import cuda_encode
+    waits, real_wait = [], cuda_encode.host_wait
+    cuda_encode.host_wait = lambda event: (waits.append(event), real_wait(event))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ibp.compress(x_dev, model=model, layout=layout)
+    except RuntimeError as e:
+        print(f"     blocking call in a {layout} compress: {e}")
+        return False
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        cuda_encode.host_wait = real_wait
+    return len(waits) == (layout == "packed")
+
+
+def encode_extras(torch):
+    """label -> True for GPU encodes of odd inputs, each giving the CPU
+    encoder's file bytes for the same model."""
+    rng = np.random.default_rng(1)
+    weights = torch.from_numpy((rng.standard_normal((300, 64)) * 0.02).astype(np.float32))
+    tensors = {"bf16": weights.to(torch.bfloat16), "non-contiguous": weights[:, 1:63],
+               "padded last unit": weights[:100, :5].contiguous(), "one element": weights[:1, :1],
+               "0-d": weights[0, 0].clone(), "empty": weights[:0]}
+    got = {}
+    for label, x in tensors.items():
+        for layout in LAYOUTS:
+            x_dev = x.cuda()
+            model = ibp.compress(x, layout=layout).model
+            given = ibp.compress(x_dev, model=model, layout=layout)
+            learned = ibp.compress(x_dev, layout=layout)
+            got[f"encode {label} {layout}"] = (
+                given.to_bytes() == ibp.compress(x, model=model, layout=layout).to_bytes()
+                and learned.to_bytes() == ibp.compress(x, model=learned.model, layout=layout).to_bytes())
+    x_dev, model = weights.cuda(), ibp.analyze(weights.numpy())
+    torch.cuda.synchronize()
+    first = ibp.compress(x_dev, model=model, layout="slotted")   # uploads the model's table, waits for nothing
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):            # the same model at once on another stream, on a tensor made there
+        on_side = ibp.compress(x_dev * 1.0, model=model, layout="slotted")
+    expect = ibp.compress(weights, model=model, layout="slotted").to_bytes()
+    got["encode two streams, one model"] = first.to_bytes() == expect and on_side.to_bytes() == expect
+    rows = rng.integers(0, 300, 40)                       # repeats too: the last value wins
+    new = torch.from_numpy((rng.standard_normal((40, 64)) * 0.5).astype(np.float32))
+    for unit_rows in (None, 1):
+        expect = ibp.compress(weights, model=model, layout="slotted", unit_rows=unit_rows)
+        host = ibp.compress(weights, model=model, layout="slotted", unit_rows=unit_rows)
+        on_gpu = ibp.compress(x_dev, model=model, layout="slotted", unit_rows=unit_rows, payload="device")
+        expect.update_rows(rows, new)
+        host.update_rows(rows, new.cuda())
+        on_gpu.update_rows(rows, new.cuda())
+        got[f"update_rows from CUDA unit_rows={unit_rows}"] = (
+            host.to_bytes() == expect.to_bytes() and on_gpu.to_bytes() == expect.to_bytes()
+            and on_gpu.device_payload.cpu().numpy().tobytes() == expect.payload.tobytes())
     return got
 
 
 def same_encoding(a, b):
+    """Equal kinds, payload and (packed) payload bits and row index, whatever
+    framework each came from."""
     same = a.kinds.tobytes() == b.kinds.tobytes() and a.payload.tobytes() == b.payload.tobytes()
     if a.layout == "packed":
-        same = same and a.payload_bits == b.payload_bits and a.index[:2] == b.index[:2] and all(
-            p.tobytes() == q.tobytes() for p, q in zip(a.index[2:], b.index[2:]))
+        same = same and a.payload_bits == b.payload_bits and (a.index is None) == (b.index is None)
+        same = same and (a.index is None or a.index[:2] == b.index[:2] and all(
+            p.tobytes() == q.tobytes() for p, q in zip(a.index[2:], b.index[2:])))
     return same
 
 
@@ -103,10 +174,13 @@ def main(argv=None):
     if args.dry_run:
         return 0
     import torch
+    from ibp import cuda_encode
     if args.shapes:
         cuda.CHUNK_BYTES, cuda.STREAM_MIN_BYTES = 4096, 0
+        cuda_encode.CHUNK_BYTES = 1024            # the packed encoder's D2H in several chunks
     else:
         cuda.CHUNK_BYTES = 64 << 10               # several chunks, so the ring of device buffers wraps
+        cuda_encode.CHUNK_BYTES = 64 << 10
     failed = 0
     choose = cuda.team_shape
     for shape in shapes:
@@ -119,6 +193,9 @@ def main(argv=None):
                 failed += not ok
                 print(f"{'ok  ' if ok else 'FAIL'} {label} {path}" + (f" shape={shape}" if shape else ""))
     cuda.team_shape = choose
+    for path, ok in encode_extras(torch).items():
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {path}")
     cuda.check()
     print(f"smoke: {failed} failures")
     return 1 if failed else 0
