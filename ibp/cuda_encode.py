@@ -474,11 +474,10 @@ def compress(x, *, model=None, word_bits=None, layout="packed", unit_rows=None, 
         else:
             table, learned = _learned_table(torch, words, geom, W, P, flat.numel())
         job = _Job(torch, cupy, dev, words, geom, P, table)
-        keep = [flat, table]
         fields = dict(dtype=name, shape=shape, framework="torch", geometry=geom, layout=layout, model=model)
         if layout == "packed":
-            return _packed(job, fields, learned, payload, keep)
-        return _slotted(job, fields, learned, payload, keep)
+            return _packed(job, fields, learned, payload)
+        return _slotted(job, fields, learned, payload)
 
 
 def _copy_small(job, learned):
@@ -496,7 +495,11 @@ def _copy_small(job, learned):
     return host_kinds, host_model
 
 
-def _result(job, fields, host_kinds, host_model, host_payload, device_payload, keep, **extra):
+def _result(job, fields, host_kinds, host_model, host_payload, device_payload, **extra):
+    """The GpuEncoded, holding only its host arrays (and a device payload):
+    the scratch tensors, and the input, may go, since their memory is reused
+    only by work queued after this call on the same stream (the side stream's
+    copies are joined to it), as torch's caching allocator does."""
     torch = job.torch
     host_status = _pinned(torch, 1, torch.int64)
     host_status.copy_(job.status, non_blocking=True)
@@ -504,13 +507,12 @@ def _result(job, fields, host_kinds, host_model, host_payload, device_payload, k
     ct = GpuEncoded(ready=ready, status=host_status, device_payload=device_payload, host_model=host_model,
                     kinds=host_kinds.numpy(), payload=None if host_payload is None else host_payload.numpy().view(np.uint64),
                     **fields, **extra)
-    ct._keep_alive = keep
     if host_payload is not None:
         ct._pinned = host_payload    # page-locked: GPU decodes read it in place
     return ct
 
 
-def _slotted(job, fields, learned, payload, keep):
+def _slotted(job, fields, learned, payload):
     torch, geom = job.torch, job.geom
     nwords = geom.nunits * geom.slot_words + 1
     data = torch.empty(nwords, dtype=torch.int64, device=job.dev)
@@ -521,11 +523,10 @@ def _slotted(job, fields, learned, payload, keep):
     if payload == "pinned":
         host_payload = _pinned(torch, nwords, torch.int64)
         host_payload.copy_(data, non_blocking=True)
-    return _result(job, fields, host_kinds, host_model, host_payload, data if payload == "device" else None,
-                   keep + [data])
+    return _result(job, fields, host_kinds, host_model, host_payload, data if payload == "device" else None)
 
 
-def _packed(job, fields, learned, payload, keep):
+def _packed(job, fields, learned, payload):
     torch, geom, dev = job.torch, job.geom, job.dev
     n = geom.nunits
     sizes = torch.empty(n, dtype=torch.int64, device=dev)
@@ -555,7 +556,7 @@ def _packed(job, fields, learned, payload, keep):
     host_kinds, host_model = _copy_small(job, learned)
     index = build_index(starts, total)
     return _result(job, fields, host_kinds, host_model, host_payload, data if payload == "device" else None,
-                   keep + [data, sizes, dstarts, host_ends], payload_bits=total, index=index)
+                   payload_bits=total, index=index)
 
 
 def encode_rows(ct, rows, values):

@@ -476,6 +476,31 @@ def test_launcher_odd_inputs(cpu_as_gpu):
     assert cuda_encode.compress(wide, model=m).to_bytes() == ibp.compress(wide, model=m).to_bytes()
 
 
+def _held_tensor_bytes(ct):
+    """Bytes of the distinct tensor storages ``ct`` refers to (one level into
+    lists and tuples)."""
+    seen = {}
+    for v in vars(ct).values():
+        for t in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(t, torch.Tensor):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("payload", ["pinned", "device"])
+@pytest.mark.parametrize("layout", ["packed", "slotted"])
+def test_encoded_tensor_holds_only_its_compressed_bytes(cpu_as_gpu, layout, payload):
+    """Once compress returns, the GPU's work is ordered on its stream, so the
+    result keeps no scratch: not the input (or its contiguous copy), not the
+    device payload of a pinned result.  A KV cache of compressed blocks must
+    not hold each block's raw copy on the GPU."""
+    x = torch.from_numpy(sample(np.random.default_rng(27), (400, 66), np.float32, 0.05))[:, 1:65]
+    for model in (ibp.analyze(x.numpy()), None):
+        ct = cuda_encode.compress(x, model=model, layout=layout, payload=payload)
+        learned_copy = 3 * 2 * ct.geometry.unit_words * 8 if model is None else 0   # (lo, hi, base), int64
+        assert _held_tensor_bytes(ct) <= ct.nbytes + 8 + learned_copy
+
+
 def test_learner_widens_only_its_sample(cpu_as_gpu):
     """The learned model is fitted on a sample of units: only those are
     widened to int64, not the whole tensor (8 times its size for 8-bit
