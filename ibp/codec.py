@@ -137,84 +137,98 @@ def classify_units(x, t0, t1, W, p, U, fbits, ptot, sizes):
 # -- encoding --------------------------------------------------------------
 
 @njit(inline="always")
-def scan_group(src, off, j, G, base, fix, low, high, sh1, sh2, width, exc, k):
-    """Words j..j+G-1 against a one-column level: their exceptions appended
-    to ``exc`` (every position is stored, ``k`` advances on a miss: no
-    branch), their matched residuals packed into one value."""
-    v = ZERO
-    bits = ZERO
-    for g in range(G):
-        y = U64(src[U64(off + j + g)]) - base
-        miss = U64((y & fix) != ZERO)
-        exc[U64(k)] = j + g
-        k += np.int64(miss)
-        keep = miss - ONE  # all ones for a match, zero for a miss
-        v |= (((y & low) | (((y & high) >> sh1) >> sh2)) & keep) << bits
-        bits += width & keep
-    return v, bits, k
+def residuals_one_column(src, off, t0, U, res, miss):
+    """Every word of a unit against a one-column level: its residual into
+    ``res`` and whether it misses into ``miss`` (no dependence between
+    words, so LLVM vectorizes it); returns the number of misses."""
+    base, fix, low, high, sh1, sh2 = t0[0, BASE], t0[0, FIX], t0[0, LOW], t0[0, HIGH], t0[0, SH1], t0[0, SH2]
+    k = 0
+    for j in range(U):
+        y = U64(src[U64(off + j)]) - base
+        res[U64(j)] = (y & low) | (((y & high) >> sh1) >> sh2)
+        m = (y & fix) != ZERO
+        miss[U64(j)] = m
+        k += np.int64(m)
+    return k
 
 
 @njit(inline="always")
-def scan_one_column(src, off, t0, W, U, exc, stream):
-    """``scan`` for a model of one column: G = 64 // W residuals per append."""
-    base, fix, low, high, sh1, sh2, width = (t0[0, BASE], t0[0, FIX], t0[0, LOW], t0[0, HIGH], t0[0, SH1],
-                                             t0[0, SH2], t0[0, WIDTH])
+def miss_positions(miss, U, exc):
+    """The positions of the non-zero bytes of ``miss`` (zero from byte U to
+    the next multiple of 8) into ``exc``, then U, eight bytes per load;
+    returns their number."""
+    m64 = miss.view(np.uint64)
+    k = 0
+    for i in range((U + 7) >> 3):
+        w = m64[U64(i)]
+        while w != ZERO:
+            exc[U64(k)] = (i << 3) + (ctz(w) >> 3)
+            k += 1
+            w &= w - ONE
+    exc[U64(k)] = U
+    return k
+
+
+@njit(inline="always")
+def pack_run(res, j0, j1, G, width, buf, acc, nb, widx):
+    """Append the residuals res[j0:j1] (``width`` bits each), G per append."""
+    j = j0
+    step = width * U64(G)
+    while j + G <= j1:
+        v = ZERO
+        for g in range(G):
+            v |= res[U64(j + g)] << (width * U64(g))
+        acc, nb, widx = put_bits(buf, acc, nb, widx, v, step)
+        j += G
+    while j < j1:
+        acc, nb, widx = put_bits(buf, acc, nb, widx, res[U64(j)], width)
+        j += 1
+    return acc, nb, widx
+
+
+@njit(inline="always")
+def pack_matched(res, exc, k, W, width, buf, acc, nb, widx):
+    """Append the residuals of the words between the ``k`` exceptions: G =
+    64 // W per append (``width`` <= W bits each)."""
+    j = 0
+    for e in range(k + 1):
+        q = exc[e]
+        if W == 8:
+            acc, nb, widx = pack_run(res, j, q, 8, width, buf, acc, nb, widx)
+        elif W == 16:
+            acc, nb, widx = pack_run(res, j, q, 4, width, buf, acc, nb, widx)
+        elif W == 32:
+            acc, nb, widx = pack_run(res, j, q, 2, width, buf, acc, nb, widx)
+        else:
+            acc, nb, widx = pack_run(res, j, q, 1, width, buf, acc, nb, widx)
+        j = q + 1
+    return acc, nb, widx
+
+
+@njit(inline="always")
+def scan(src, off, t0, p, U, exc, stream):
+    """One pass over a unit of a model of ``p`` > 1 columns: its exception
+    positions into ``exc`` (then U), its matched residuals as a bit stream
+    into ``stream``; returns (k, bits of the stream)."""
     k = 0
     acc = ZERO
     nb = ZERO
     widx = ZERO
-    j = 0
-    if W == 8:
-        while j + 8 <= U:
-            v, bits, k = scan_group(src, off, j, 8, base, fix, low, high, sh1, sh2, width, exc, k)
-            acc, nb, widx = put_bits(stream, acc, nb, widx, v, bits)
-            j += 8
-    elif W == 16:
-        while j + 4 <= U:
-            v, bits, k = scan_group(src, off, j, 4, base, fix, low, high, sh1, sh2, width, exc, k)
-            acc, nb, widx = put_bits(stream, acc, nb, widx, v, bits)
-            j += 4
-    elif W == 32:
-        while j + 2 <= U:
-            v, bits, k = scan_group(src, off, j, 2, base, fix, low, high, sh1, sh2, width, exc, k)
-            acc, nb, widx = put_bits(stream, acc, nb, widx, v, bits)
-            j += 2
-    while j < U:
-        v, bits, k = scan_group(src, off, j, 1, base, fix, low, high, sh1, sh2, width, exc, k)
-        acc, nb, widx = put_bits(stream, acc, nb, widx, v, bits)
-        j += 1
+    c = 0
+    for j in range(U):
+        y = U64(src[U64(off + j)]) - t0[c, BASE]
+        miss = U64((y & t0[c, FIX]) != ZERO)
+        exc[U64(k)] = j
+        k += np.int64(miss)
+        keep = miss - ONE  # all ones for a match, zero for a miss
+        v = ((y & t0[c, LOW]) | (((y & t0[c, HIGH]) >> t0[c, SH1]) >> t0[c, SH2])) & keep
+        acc, nb, widx = put_bits(stream, acc, nb, widx, v, t0[c, WIDTH] & keep)
+        c += 1
+        if c == p:
+            c = 0
     flush_bits(stream, acc, nb, widx)
-    return k, np.int64(widx) * 64 + np.int64(nb)
-
-
-@njit(inline="always")
-def scan(src, off, t0, W, p, U, exc, stream):
-    """One pass over a unit: its exception positions into ``exc`` (then U),
-    its matched residuals as a bit stream into ``stream``; returns (k, bits
-    of the stream)."""
-    if p == 1:
-        k, bits = scan_one_column(src, off, t0, W, U, exc, stream)
-    else:
-        k = 0
-        acc = ZERO
-        nb = ZERO
-        widx = ZERO
-        c = 0
-        for j in range(U):
-            y = U64(src[U64(off + j)]) - t0[c, BASE]
-            miss = U64((y & t0[c, FIX]) != ZERO)
-            exc[U64(k)] = j
-            k += np.int64(miss)
-            keep = miss - ONE
-            v = ((y & t0[c, LOW]) | (((y & t0[c, HIGH]) >> t0[c, SH1]) >> t0[c, SH2])) & keep
-            acc, nb, widx = put_bits(stream, acc, nb, widx, v, t0[c, WIDTH] & keep)
-            c += 1
-            if c == p:
-                c = 0
-        flush_bits(stream, acc, nb, widx)
-        bits = np.int64(widx) * 64 + np.int64(nb)
     exc[k] = U
-    return k, bits
+    return k, np.int64(widx) * 64 + np.int64(nb)
 
 
 @njit(inline="always")
@@ -234,11 +248,20 @@ def append_stream(stream, nbits, buf, acc, nb, widx):
 def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, stream, buf, acc, nb, widx):
     """Append one unit in its cheapest kind to a writer (state: uint64 acc,
     nb, widx); returns (kind, bits, writer state).  ``exc``, ``flag`` and
-    ``stream`` are scratch for units of up to SCRATCH_WORDS words."""
+    ``stream`` are scratch for units of up to SCRATCH_WORDS words (see
+    ``scratch``).  A one-column model's residuals wait in ``stream``, one
+    per word, and are packed straight into ``buf``; others are packed into
+    ``stream`` and copied."""
     if U > SCRATCH_WORDS:
         return encode_unit_in_passes(src, off, t0, t1, W, p, U, fbits, ptot, buf, acc, nb, widx)
     pbits, kmax, kbits = unit_geometry(U)
-    k, sbits = scan(src, off, t0, W, p, U, exc, stream)
+    if p == 1:
+        k = residuals_one_column(src, off, t0, U, stream, flag)
+        k = miss_positions(flag, U, exc) if k else 0
+        exc[k] = U
+        sbits = (U - k) * np.int64(t0[0, WIDTH])
+    else:
+        k, sbits = scan(src, off, t0, p, U, exc, stream)
     excbits = 0
     for e in range(k):
         c = exc[e] % p
@@ -265,7 +288,10 @@ def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, stream, buf, 
                 word |= ONE << U64(exc[e] - j0)
                 e += 1
             acc, nb, widx = put_bits(buf, acc, nb, widx, word, U64(n))
-    acc, nb, widx = append_stream(stream, sbits, buf, acc, nb, widx)
+    if p == 1:
+        acc, nb, widx = pack_matched(stream, exc, k, W, t0[0, WIDTH], buf, acc, nb, widx)
+    else:
+        acc, nb, widx = append_stream(stream, sbits, buf, acc, nb, widx)
     if fbits:
         for e in range(k):
             acc, nb, widx = put_bits(buf, acc, nb, widx, U64(flag[e]), ONE)
@@ -324,9 +350,11 @@ def encode_unit_in_passes(src, off, t0, t1, W, p, U, fbits, ptot, buf, acc, nb, 
 
 @njit(inline="always")
 def scratch(U, W):
-    """(exc, flag, stream) scratch arrays of ``encode_unit`` for U-word units."""
+    """(exc, flag, stream) scratch arrays of ``encode_unit`` for U-word units:
+    ``flag`` also holds a miss byte per word, zero-padded to whole uint64s,
+    and ``stream`` a residual per word."""
     n = min(U, SCRATCH_WORDS)
-    return np.empty(n + 1, np.int64), np.empty(n, np.uint8), np.empty(n * W // 64 + 2, np.uint64)
+    return np.empty(n + 1, np.int64), np.zeros((n + 15) // 8 * 8, np.uint8), np.empty(n + 2, np.uint64)
 
 
 @njit(inline="always")
