@@ -17,6 +17,7 @@ CUDA values.
 """
 import argparse
 import sys
+import traceback
 
 import numpy as np
 
@@ -162,6 +163,16 @@ def same_encoding(a, b):
     return same
 
 
+def reported(label, check, *args):
+    """``check(*args)``, or {label: False} with the traceback printed when it
+    raises, so one broken encoder path hides none of the other results."""
+    try:
+        return check(*args)
+    except Exception:
+        traceback.print_exc()
+        return {f"{label} (raised)": False}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", action="store_true", help="force each kernel team shape once (sanitizer run)")
@@ -188,12 +199,12 @@ def main(argv=None):
         for label, ct, index, expect, expect_rows in todo:
             paths = run_paths(torch, ct, index, expect, expect_rows, args.shapes)
             if shape is None or shape == shapes[0]:
-                paths.update(encode_paths(torch, expect, ct))
+                paths.update(reported("encode", encode_paths, torch, expect, ct))
             for path, ok in paths.items():
                 failed += not ok
                 print(f"{'ok  ' if ok else 'FAIL'} {label} {path}" + (f" shape={shape}" if shape else ""))
     cuda.team_shape = choose
-    for path, ok in encode_extras(torch).items():
+    for path, ok in reported("encode extras", encode_extras, torch).items():
         failed += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {path}")
     cuda.check()
