@@ -23,6 +23,7 @@ import numpy as np
 
 from . import dtypes
 from .api import compress
+from .container import MAGIC
 from .decode import decode_into
 from .errors import FormatError
 from .stream import Reader, Writer, scratch
@@ -55,8 +56,13 @@ def safetensors_header(path):
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        if n is None or n > size - 8:
+        if head == MAGIC:
+            raise CheckpointError(f"{path}: an ibp file, not a safetensors file (rename it X.ibp)")
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file "
+                                  f"({'an empty file' if not size else f'{size} bytes, too short'})")
+        n = struct.unpack("<Q", head)[0]
+        if n > size - 8:
             raise CheckpointError(f"{path}: truncated, or not a safetensors file "
                                   f"(it announces a {n}-byte header in {size} bytes)")
         raw = f.read(n)

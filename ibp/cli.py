@@ -68,7 +68,7 @@ def sniff(path):
         return "ibp"
     if head.startswith(b"\x93NUMPY"):
         return "npy"
-    if head.startswith(b"PK\x03\x04"):
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # a zip archive (the second: of no files)
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
@@ -393,10 +393,13 @@ def _inside(path, folder):
     return os.path.commonpath([path, folder]) == folder
 
 
-def _check_output(output, inputs, force, directory=False):
+def _check_output(output, inputs, force, directory=None):
     """Refuse an output that is an input (the same path, a hard link or a
     symlink to it: even with --force), that exists without --force, or
-    whose directory is missing or not writable: before any work is done."""
+    whose directory is missing or not writable: before any work is done.
+    ``directory`` is None for a file output, else (holds, what) for a
+    directory one: --force replaces an existing directory only when it is
+    empty or ``holds(it)`` (an earlier output), never a folder of other files."""
     for source in inputs:
         if _same(output, source) or (os.path.isdir(source) and _inside(output, source)) or \
                 (os.path.isdir(output) and _inside(source, output)):
@@ -405,8 +408,15 @@ def _check_output(output, inputs, force, directory=False):
     if os.path.lexists(output):
         if not force:
             raise CliError(f"{output} exists: pass --force to overwrite it")
-        if os.path.isdir(output) and not directory:
+        if os.path.isdir(output) and directory is None:
             raise CliError(f"{output} is a directory: name a file to write")
+        if directory is not None and not os.path.isdir(output):
+            raise CliError(f"{output} is a file: name a directory to write")
+        if directory is not None:
+            holds, what = directory
+            if os.listdir(output) and not holds(output):
+                raise CliError(f"{output} is a directory that is not {what}: --force replaces only an empty "
+                               "directory or an earlier output, so name a new directory")
     parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent):
         raise CliError(f"{parent}: no such directory")
@@ -414,10 +424,17 @@ def _check_output(output, inputs, force, directory=False):
         raise CliError(f"{parent}: no permission to write there")
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _atomic(output, directory=False):
     """Yield a new temporary file or directory next to ``output``; rename it
-    to ``output`` when the block succeeds, remove it when it fails.  The
+    to ``output`` when the block succeeds, remove it when it fails.  It gets
+    the permissions a plain new file or directory gets (the umask's).  The
     temporary name never appears in a message: errors name ``output``."""
     parent = os.path.dirname(os.path.abspath(output))
     prefix = f".{os.path.basename(output)}."
@@ -430,6 +447,7 @@ def _atomic(output, directory=False):
         os.close(tmp[0])
         tmp = tmp[1]
     try:
+        os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())  # mkstemp/mkdtemp make it private
         try:
             yield tmp
             if directory and os.path.isdir(output):
@@ -510,8 +528,9 @@ def _input_format(path):
     if by_name is not None and by_content is not None and by_name != by_content:
         raise CliError(f"{path}: holds {CONTENT[by_content]}, not what its extension "
                        f"{os.path.splitext(path)[1]} says: rename it")
-    if by_name is not None and by_content is None and os.path.getsize(path) >= 16:
-        raise CliError(f"{path}: not {CONTENT[by_name]} (its first bytes are not of that format)")
+    if by_name is not None and by_content is None:
+        why = "an empty file" if os.path.getsize(path) == 0 else "its first bytes are not of that format"
+        raise CliError(f"{path}: not {CONTENT[by_name]} ({why})")
     if by_content == "zip":
         raise CliError(f"{path}: a damaged zip archive (truncated?)")
     return by_name or by_content
@@ -572,8 +591,8 @@ def _compress_tensors(args, fmt, tmp, models, options):
 def _compress_dir(args):
     if args.model_from:
         raise CliError("--model-from takes single files, not model directories")
-    output = args.output or args.input.rstrip(os.sep) + "-ibp"
-    _check_output(output, [args.input], args.force, directory=True)
+    output = args.output or _dir_name(args.input) + "-ibp"
+    _check_output(output, [args.input], args.force, (checkpoints.is_compressed_dir, "a compressed model directory"))
     update, close = _progress(checkpoints.raw_nbytes(args.input), "compress")
     try:
         with _atomic(output, directory=True) as tmp:
@@ -587,6 +606,16 @@ def _compress_dir(args):
     print(f"{args.input} -> {output}: {_plural(files, 'weight file')}, {_plural(count, 'tensor')}, "
           f"{_fmt_bytes(raw)} -> {_fmt_bytes(size)} ({raw / max(size, 1):.2f}x)")
     return 0
+
+
+def _dir_name(path):
+    """A directory's path to name its twin after: "." or ".." by its real name."""
+    path = os.path.normpath(path)
+    return os.path.abspath(path) if os.path.basename(path) in (".", "..") else path
+
+
+def _has_safetensors(path):
+    return any(n.endswith(checkpoints.ST_SUFFIX) for n in os.listdir(path))
 
 
 def _dir_weight_bytes(path, suffix):
@@ -653,9 +682,9 @@ def cmd_decompress(args):
 def _decompress_dir(args):
     if not checkpoints.is_compressed_dir(args.input):
         raise CliError(f"{args.input}: not a compressed model directory (no .ibp weights in it)")
-    default = args.input.rstrip(os.sep)
+    default = _dir_name(args.input)
     output = args.output or (default[:-4] if default.endswith("-ibp") else default + "-restored")
-    _check_output(output, [args.input], args.force, directory=True)
+    _check_output(output, [args.input], args.force, (_has_safetensors, "a model directory (safetensors weights)"))
     update, close = _progress(checkpoints.raw_nbytes(args.input), "decompress")
     try:
         with _atomic(output, directory=True) as tmp:

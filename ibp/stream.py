@@ -64,7 +64,8 @@ class Writer:
         p = container.PREAMBLE
         stream.write(p.pack(container.MAGIC, container.VERSION, len(header), zlib.crc32(header), 0))
         stream.write(header)
-        stream.write(b"\0" * (container._align(p.size + len(header)) - p.size - len(header)))
+        if self._entries:  # sections start aligned; a file of no tensors ends with its header
+            stream.write(b"\0" * (container._align(p.size + len(header)) - p.size - len(header)))
         self._body.seek(0)
         shutil.copyfileobj(self._body, stream, 1 << 20)
 

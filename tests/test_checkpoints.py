@@ -95,6 +95,19 @@ def test_single_file_directory_and_missing_shards(tmp_path):
     assert not any(n.startswith(".") for n in os.listdir(tmp_path))  # no temporary left behind
 
 
+def test_weights_that_are_not_safetensors_name_their_cause(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    ibp.save({"w": np.ones((4, 4), np.float32)}, d / "model.safetensors")  # an ibp file under the wrong name
+    assert "an ibp file, not a safetensors file" in fails("compress", d, tmp_path / "o")
+    for content, cause in ((b"hello", "not a safetensors file (5 bytes, too short)"), (b"", "an empty file"),
+                           (b"\x10\0\0\0\0\0\0\0{}", "truncated")):
+        (d / "model.safetensors").write_bytes(content)
+        line = fails("compress", d, tmp_path / "o")
+        assert cause in line and "None" not in line, line
+    assert not (tmp_path / "o").exists()
+
+
 def test_stream_writer_writes_what_save_writes(tmp_path):
     w = datasets.minilm_weights()
     tensors = {k: ibp.compress(w[k]) for k in list(w)[:6]}
@@ -105,6 +118,10 @@ def test_stream_writer_writes_what_save_writes(tmp_path):
             writer.add(name, ct)
         writer.finish(f, {"k": "v"})
     assert (tmp_path / "a.ibp").read_bytes() == (tmp_path / "b.ibp").read_bytes()
+    ibp.save({}, tmp_path / "none.ibp")
+    with stream.Writer(tmp_path) as writer, open(tmp_path / "none2.ibp", "wb") as f:
+        writer.finish(f)
+    assert (tmp_path / "none2.ibp").read_bytes() == (tmp_path / "none.ibp").read_bytes()  # no tensors at all
     with stream.Reader(tmp_path / "b.ibp") as r:
         assert list(r) == list(tensors) and r.expected_size() == r.size
         for name in r:

@@ -422,6 +422,71 @@ def test_output_is_checked_before_the_work_and_written_atomically(files, tmp_pat
     assert (tmp_path / "old.npy").read_bytes() == b"old"
 
 
+def small_model_dir(files, folder):
+    """A model directory: a config and a real safetensors slice of MiniLM."""
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    (folder / "model.safetensors").write_bytes(files["safetensors"].read_bytes())
+    return folder
+
+
+def test_force_replaces_a_directory_only_when_it_holds_an_earlier_output(files, tmp_path):
+    model = small_model_dir(files, tmp_path / "model")
+    victim = tmp_path / "work"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("precious")
+    assert "not a compressed model directory" in fails("compress", model, victim, "-f")
+    ok("compress", model)
+    assert "not a model directory" in fails("decompress", tmp_path / "model-ibp", victim, "-f")
+    assert (victim / "thesis.tex").read_text() == "precious" and os.listdir(victim) == ["thesis.tex"]
+    ok("compress", model, tmp_path / "model-ibp", "-f")   # an earlier output is replaced
+    (tmp_path / "empty").mkdir()
+    ok("decompress", tmp_path / "model-ibp", tmp_path / "empty", "-f")   # so is an empty directory
+    ok("decompress", tmp_path / "model-ibp", tmp_path / "empty", "-f")   # and a model directory
+    assert (tmp_path / "empty" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+
+
+def test_outputs_get_the_permissions_the_umask_gives(files, tmp_path):
+    model = small_model_dir(files, tmp_path / "model")
+    old = os.umask(0o027)
+    try:
+        ok("compress", files["npy"], tmp_path / "c.ibp")
+        ok("decompress", tmp_path / "c.ibp", tmp_path / "c.npy")
+        ok("compress", model, tmp_path / "m-ibp")
+        ok("decompress", tmp_path / "m-ibp", tmp_path / "m")
+    finally:
+        os.umask(old)
+    for name in ("c.ibp", "c.npy", "m-ibp/model.ibp", "m/model.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+    for name in ("m-ibp", "m"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o750, name
+
+
+def test_short_and_empty_files_name_their_cause(tmp_path):
+    for name, cause in (("t.pt", "not a torch checkpoint"), ("t.npy", "not an .npy array"),
+                        ("t.npz", "not an .npz archive"), ("t.safetensors", "not a safetensors file")):
+        for content in (b"hello\n", b""):
+            (tmp_path / name).write_bytes(content)
+            line = fails("compress", tmp_path / name, tmp_path / "o.ibp", "-f")
+            assert cause in line and ("an empty file" in line) == (not content), line
+    np.savez(tmp_path / "none.npz")   # an archive of no arrays is still an .npz file
+    ok("compress", tmp_path / "none.npz")
+    ok("decompress", tmp_path / "none.npz.ibp", tmp_path / "back.npz")
+    with np.load(tmp_path / "back.npz") as z:
+        assert z.files == []
+
+
+def test_the_current_directory_as_input(files, tmp_path, monkeypatch):
+    model = small_model_dir(files, tmp_path / "model")
+    monkeypatch.chdir(model)
+    ok("compress", ".")
+    assert (tmp_path / "model-ibp" / "model.ibp").is_file()
+    monkeypatch.chdir(tmp_path / "model-ibp")
+    ok("decompress", ".", tmp_path / "back")
+    assert (tmp_path / "back" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    assert "exists" in fails("decompress", ".")   # the default name is ../model, which is there
+
+
 # -- bench ---------------------------------------------------------------------
 
 def test_bench_on_a_small_file(tmp_path):
