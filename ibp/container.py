@@ -213,6 +213,11 @@ def read_metadata(path):
         return _header(head + f.read(min(hlen, MAX_HEADER)))[0]
 
 
+def header_metadata(buf):
+    """The metadata mapping of a whole file held in ``buf``."""
+    return _header(buf)[0]
+
+
 def load_file(path, *, mmap_mode=False, verify=True):
     with open(path, "rb") as f:
         if mmap_mode and os.fstat(f.fileno()).st_size > 0:

@@ -6,14 +6,26 @@ shape travel with it, so decoding needs nothing but the bytes.  zarr's v2
 format hands a compressor the chunk as an array, which is what ibp learns
 its model from; zarr's v3 format gives bytes-to-bytes codecs raw bytes, so
 there the codec would see uint8 and compress much worse: use v2.
+
+numcodecs reads a decoded chunk as bytes in memory order and views them as
+the chunk's dtype.  ibp stores values (rows are the first axis, native byte
+order), so a Fortran-ordered chunk is compressed as its C-ordered transpose
+and a big-endian one by value, and the file's metadata says so: decoding
+gives back the very bytes that went in.
 """
+import json
+
 import numpy as np
 from numcodecs.abc import Codec
 from numcodecs.compat import ensure_contiguous_ndarray_like, ndarray_copy
 from numcodecs.registry import register_codec
 
+from . import container
 from .api import compress, decompress
+from .errors import FormatError
 from .tensor import CompressedTensor
+
+LAYOUT_KEY = "ibp.numcodecs"   # metadata: {"order": "F"} and/or {"dtype": ">f4"}, only when not C and native
 
 
 class IBP(Codec):
@@ -33,11 +45,18 @@ class IBP(Codec):
         array = np.asarray(buf)
         if array.dtype == object:
             raise TypeError("ibp compresses numeric arrays, not object arrays")
-        return compress(np.ascontiguousarray(array), word_bits=self.word_bits).to_bytes()
+        layout = {}
+        if array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous:
+            array, layout["order"] = array.T, "F"     # the transpose's rows are the bytes in memory order
+        if not array.dtype.isnative:
+            layout["dtype"] = array.dtype.str
+        ct = compress(np.ascontiguousarray(array), word_bits=self.word_bits)
+        return container.dumps({None: ct}, {LAYOUT_KEY: json.dumps(layout)} if layout else None)
 
     def decode(self, buf, out=None):
-        data = ensure_contiguous_ndarray_like(buf).view(np.uint8).reshape(-1)
-        array = decompress(CompressedTensor.from_bytes(bytes(data)))
+        data = bytes(ensure_contiguous_ndarray_like(buf).view(np.uint8).reshape(-1))
+        ct = CompressedTensor.from_bytes(data)
+        array = _restore_layout(decompress(ct), container.header_metadata(data).get(LAYOUT_KEY))
         if out is None:
             return array
         return ndarray_copy(array, out)
@@ -47,6 +66,22 @@ class IBP(Codec):
 
     def __repr__(self):
         return f"IBP(word_bits={self.word_bits!r})"
+
+
+def _restore_layout(array, text):
+    """The decoded values in the byte order and memory order the chunk had."""
+    if text is None:
+        return array
+    try:
+        layout = json.loads(text)
+        dtype = np.dtype(layout.get("dtype", array.dtype.str))
+    except (ValueError, TypeError, AttributeError):
+        layout = dtype = None
+    if not isinstance(layout, dict) or set(layout) - {"order", "dtype"} or layout.get("order", "F") != "F" \
+            or dtype.newbyteorder("=") != array.dtype:
+        raise FormatError(f"the chunk's {LAYOUT_KEY} metadata is not a layout of its {array.dtype} values: {text!r}")
+    array = array.astype(dtype, copy=False)
+    return array.T if "order" in layout else array
 
 
 register_codec(IBP)

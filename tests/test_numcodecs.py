@@ -53,3 +53,36 @@ def test_registered_through_the_entry_point_without_importing_ibp():
             "assert type(codec).__module__ == 'ibp.numcodecs_codec', type(codec)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_byte_order_and_memory_order_are_kept(cora):
+    """numcodecs hands a codec a chunk's bytes in memory order and reads
+    the decoded bytes the same way: a big-endian or Fortran-ordered chunk
+    must come back with those very bytes, not its values in another layout."""
+    codec = IBP()
+    for chunk in (cora[:300, :200].astype(">f4"), np.asfortranarray(cora[:300, :200]),
+                  np.asfortranarray(cora[:64, :50].astype(">f8")), np.asfortranarray(cora[:40, :30].reshape(40, 5, 6))):
+        back = codec.decode(codec.encode(chunk))
+        assert back.dtype == chunk.dtype and back.shape == chunk.shape and np.array_equal(back, chunk)
+        assert back.tobytes(order="A") == chunk.tobytes(order="A")
+        out = np.empty(chunk.nbytes, np.uint8)
+        codec.decode(codec.encode(chunk), out=out)
+        assert out.tobytes() == chunk.tobytes(order="A")
+    assert len(codec.encode(cora[:300, :200].astype(">f4"))) * 20 < 300 * 200 * 4  # compressed by value
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_zarr_v2_chunks_of_odd_shapes_dtypes_and_orders(tmp_path, cora, order):
+    zarr = pytest.importorskip("zarr")
+    rows = cora[:257, :131]
+    arrays = {"f4": rows, "be_f4": rows.astype(">f4"), "f2": rows.astype(np.float16), "i1": (rows * 7).astype(np.int8),
+              "bool": rows > 0, "u8": rows.view(np.uint32).astype(np.uint64) << 7, "c8": (rows + 1j * rows[::-1]).astype(np.complex64),
+              "be_i4": rows.view(np.int32).astype(">i4"), "3d": rows[:256, :130].reshape(256, 10, 13)}
+    for name, a in arrays.items():
+        chunks = (37, 19) if a.ndim == 2 else (17, 3, 5)   # edge chunks everywhere
+        path = str(tmp_path / f"{name}.zarr")
+        z = zarr.create_array(store=path, shape=a.shape, chunks=chunks, dtype=a.dtype, compressors=IBP(),
+                              zarr_format=2, order=order)
+        z[:] = a
+        again = zarr.open_array(path, mode="r")[:]
+        assert again.dtype == a.dtype and np.ascontiguousarray(again).tobytes() == np.ascontiguousarray(a).tobytes(), name
