@@ -221,7 +221,9 @@ def learn(torch, words, W, P, price=PRICE):
 class GpuEncoded(CompressedTensor):
     """A CompressedTensor made on the GPU whose host arrays (payload, kinds,
     and a learned model) are still being copied when compress returns: the
-    first host use of any of them waits for the copies, once.
+    first host use of any of them waits for the copies, once.  A given
+    model, the sizes (``nbytes``, ``ratio``) and the metadata are there at
+    once, without waiting.
 
     With ``payload="device"`` the payload stays in GPU memory
     (``device_payload``, uint64 words as int64): kinds, model and sizes
@@ -257,7 +259,8 @@ class GpuEncoded(CompressedTensor):
 
     def _field(name, payload=False):
         def get(self):
-            self._arrive(payload)
+            if name != "model" or self._host_model is not None:   # a given model is there from the start
+                self._arrive(payload)
             return self.__dict__["_" + name]
 
         def put(self, value):
@@ -275,12 +278,13 @@ class GpuEncoded(CompressedTensor):
 
     @property
     def nbytes(self):
-        if self.__dict__["_payload"] is None:   # still only on the device: counted there, nothing copied
-            m = self.model
-            index = 0 if self.index is None else self.index[2].nbytes + self.index[3].nbytes
-            return int(self.device_payload.numel() * 8 + self.kinds.nbytes + index
-                       + m.lo.nbytes + m.hi.nbytes + m.base.size * m.word_bits // 8)
-        return super().nbytes
+        """CompressedTensor.nbytes from the arrays' sizes, which are known at
+        once: no wait for the GPU (but for a learned model), no payload copy."""
+        payload, m = self.__dict__["_payload"], self.model
+        words = self.device_payload.numel() if payload is None else payload.size
+        index = 0 if self.index is None else self.index[2].nbytes + self.index[3].nbytes
+        return int(words * 8 + self.__dict__["_kinds"].nbytes + index
+                   + m.lo.nbytes + m.hi.nbytes + m.base.size * m.word_bits // 8)
 
     def _rewrite_units(self, units, write):
         """... and copy the rewritten slots (only those) to a device payload,

@@ -501,6 +501,24 @@ def test_encoded_tensor_holds_only_its_compressed_bytes(cpu_as_gpu, layout, payl
         assert _held_tensor_bytes(ct) <= ct.nbytes + 8 + learned_copy
 
 
+@pytest.mark.parametrize("layout", ["packed", "slotted"])
+def test_model_and_size_of_a_given_model_need_no_wait(cpu_as_gpu, layout):
+    """A KV cache reads ``ct.model`` and sizes after every block: with the
+    model given, neither waits for the GPU (the payload's copy goes on)."""
+    log = cpu_as_gpu
+    x = torch.from_numpy(sample(np.random.default_rng(28), (200, 40), np.float32, 0.05))
+    model = ibp.analyze(x.numpy())
+    for payload in ("pinned", "device"):
+        ct = cuda_encode.compress(x, model=model, layout=layout, payload=payload)
+        del log[:]
+        assert ct.model is model and ct.is_pinned() == (payload == "pinned")
+        size, ratio = ct.nbytes, ct.ratio
+        assert log == []
+        assert (size, ratio) == (ibp.compress(x, model=model, layout=layout).nbytes, ct.ratio)
+        ct.kinds
+        assert log == ["event"]
+
+
 def test_learner_widens_only_its_sample(cpu_as_gpu):
     """The learned model is fitted on a sample of units: only those are
     widened to int64, not the whole tensor (8 times its size for 8-bit
