@@ -352,20 +352,36 @@ def decompress_dir(src, dst, *, progress=None):
     return files, tensors, raw_nbytes(dst)
 
 
+def weight_files(path, suffix=IBP_SUFFIX):
+    """The weight files transformers reads from a model directory, in the
+    order it reads them: ``model{suffix}``, else the shards that
+    ``model{suffix}.index.json`` names; else (no such names) every
+    ``*{suffix}`` file.  Other weight files beside them (Mistral's
+    consolidated.safetensors) are not the model's."""
+    index_suffix = IBP_INDEX_SUFFIX if suffix == IBP_SUFFIX else ST_INDEX_SUFFIX
+    if os.path.isfile(os.path.join(path, "model" + suffix)):
+        return ["model" + suffix]
+    index = "model" + index_suffix
+    if os.path.isfile(os.path.join(path, index)):
+        _check_shards(path, index, suffix)
+        return sorted(set(_shard_map(os.path.join(path, index), suffix, suffix)[1]["weight_map"].values()))
+    return [n for n in _entries(path) if n.endswith(suffix) and os.path.isfile(os.path.join(path, n))]
+
+
 def load_dir(path, *, mmap=True):
-    """name -> CompressedTensor of every weight in a compressed model
-    directory (what ``offload(model, device, state=...)`` takes)."""
+    """name -> CompressedTensor of every weight of a compressed model
+    directory (the files ``weight_files`` names): what ``offload(model,
+    device, state=...)`` takes."""
     from .api import load
     if not is_compressed_dir(path):
         raise CheckpointError(f"{path}: not a compressed model directory (no .ibp weights in it)")
     state = {}
-    for name in _entries(path):
-        if name.endswith(IBP_SUFFIX):
-            tensors = load(os.path.join(path, name), mmap=mmap)
-            if not isinstance(tensors, dict):
-                raise CheckpointError(f"{os.path.join(path, name)} holds one unnamed tensor, not named weights")
-            overlap = set(tensors) & set(state)
-            if overlap:
-                raise CheckpointError(f"{path}: tensor {sorted(overlap)[0]!r} is in two shards")
-            state.update(tensors)
+    for name in weight_files(path):
+        tensors = load(os.path.join(path, name), mmap=mmap)
+        if not isinstance(tensors, dict):
+            raise CheckpointError(f"{os.path.join(path, name)} holds one unnamed tensor, not named weights")
+        overlap = set(tensors) & set(state)
+        if overlap:
+            raise CheckpointError(f"{path}: tensor {sorted(overlap)[0]!r} is in two shards")
+        state.update(tensors)
     return state

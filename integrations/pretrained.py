@@ -195,7 +195,7 @@ def _weights(path: str) -> dict[str, CompressedTensor]:
         raise ValueError(f"{path}: not a model directory")
     if checkpoints.is_compressed_dir(path):
         return checkpoints.load_dir(path, mmap=True)
-    files = sorted(n for n in os.listdir(path) if n.endswith(checkpoints.ST_SUFFIX))
+    files = checkpoints.weight_files(path, checkpoints.ST_SUFFIX)
     if not files:
         raise ValueError(f"{path}: a directory without .ibp or .safetensors weights (write one with "
                          "`ibp compress MODEL_DIR OUT`)")
@@ -223,32 +223,86 @@ def _checkpoint_dtype(config: Any, weights: Mapping[str, CompressedTensor]) -> t
     return None
 
 
-def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu", *, model_class: type | None = None,
-                    min_bytes: int = 1 << 20, **kwargs: Any) -> torch.nn.Module:
+# -- AutoModel.from_pretrained's own options -----------------------------------------
+IGNORED_OPTIONS = ("low_cpu_mem_usage", "offload_state_dict", "_fast_init", "mirror", "from_tf", "from_flax",
+                   "use_safetensors", "weights_only", "disable_mmap", "_from_auto", "_from_pipeline")
+"""Options transformers ignores too, or that choose how to read safetensors files (ibp reads its own)."""
+REFUSED_OPTIONS = ("quantization_config", "max_memory", "offload_folder", "offload_buffers", "tp_plan", "tp_size",
+                   "device_mesh", "distributed_config", "gguf_file", "adapter_kwargs", "adapter_name", "key_mapping",
+                   "state_dict", "output_loading_info", "ignore_mismatched_sizes", "variant", "use_kernels",
+                   "kernel_config", "fusion_config", "transformers_weights")
+"""Options that change which weights load or where they live: no compressed directory can honour them."""
+
+
+def _device(device: Any, device_map: Any) -> torch.device:
+    """The one device weights are decoded on: ``device``, or a ``device_map``
+    that names one device (``"cuda"``, ``0``, ``{"": "cuda:1"}``)."""
+    if device_map is None:
+        return checked_device("cpu" if device is None else device)
+    one = device_map[""] if isinstance(device_map, Mapping) and list(device_map) == [""] else device_map
+    if isinstance(one, int) and not isinstance(one, bool):
+        one = torch.device("cuda", one)
+    if not isinstance(one, (str, torch.device)) or one in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ValueError(f"device_map={device_map!r}: ibp keeps every weight compressed in host memory and "
+                         "decodes each module's on one device as it runs, so it takes one device "
+                         "(device='cuda', or device_map='cuda')")
+    if device is not None and torch.device(device) != torch.device(one):
+        raise ValueError(f"device={str(device)!r} and device_map={str(one)!r} name two devices: give one")
+    return checked_device(one)
+
+
+def _lacking(model: torch.nn.Module, state: Mapping[str, Any]) -> list[str]:
+    """Names of the model's weights still on meta that no name of theirs in
+    ``state`` gives (tied weights count once)."""
+    names: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if t.device.type == "meta":
+            names.setdefault(id(t), []).append(name)
+    return [group[0] for group in names.values() if not any(n in state for n in group)]
+
+
+def from_pretrained(path: str | os.PathLike, device: str | torch.device | None = None, *,
+                    model_class: type | None = None, min_bytes: int = 1 << 20, **kwargs: Any) -> torch.nn.Module:
     """A transformers model from a compressed model directory (what
     ``ibp compress MODEL_DIR OUT`` writes), its weights kept compressed in
-    host memory and decoded on ``device`` as each module runs (``offload``).
+    host memory and decoded on ``device`` (default cpu) as each module runs
+    (``offload``).
 
     The class comes from config.json as ``AutoModel`` chooses it, unless
     ``model_class`` (an Auto class such as ``AutoModelForCausalLM``, or a
     model class) is given.  ``kwargs`` go where ``AutoModel.from_pretrained``
-    sends them: config attributes to the config, the rest (``dtype``,
-    ``attn_implementation``, ...) to the model; ``dtype`` is "auto" (the
-    config's, else the checkpoint's) unless given, and weights of another
-    dtype are cast and compressed again.  A plain safetensors directory also works:
-    its weights are compressed as they load.  Outputs are bit-identical to
-    ``AutoModel.from_pretrained`` of the original directory.
+    sends them: config attributes to the config (or ``config=`` itself),
+    the rest (``dtype``, ``attn_implementation``, ...) to the model; ``dtype``
+    is "auto" (the config's, else the checkpoint's) unless given, and
+    weights of another dtype are cast and compressed again.  ``device_map``
+    may name one device; loading options transformers ignores are ignored,
+    and those no compressed directory can honour (``quantization_config``,
+    ``max_memory``, ...) raise ValueError.  A plain safetensors directory
+    also works: its weights are compressed as they load.  Outputs are
+    bit-identical to ``AutoModel.from_pretrained`` of the original directory.
     """
     try:
-        from transformers import AutoConfig, AutoModel, GenerationConfig
+        from transformers import AutoConfig, AutoModel, GenerationConfig, PretrainedConfig
     except ImportError:
         raise ImportError("from_pretrained needs transformers: pip install -e '.[llm]'") from None
-    path, device = os.fspath(path), checked_device(device)
+    refused = sorted(k for k in kwargs if k in REFUSED_OPTIONS)
+    if refused:
+        raise ValueError(f"from_pretrained of a compressed directory cannot take {', '.join(refused)}: the "
+                         "checkpoint's weights load as they are, kept compressed on the host")
+    for key in IGNORED_OPTIONS:
+        kwargs.pop(key, None)
+    device = _device(device, kwargs.pop("device_map", None))
+    path = os.path.join(os.fspath(path), kwargs.pop("subfolder", "") or "")
     weights = _weights(path)
     trust = {"trust_remote_code": kwargs.pop("trust_remote_code")} if "trust_remote_code" in kwargs else {}
     model_class = model_class or AutoModel
     dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", "auto"))
-    config, model_kwargs = AutoConfig.from_pretrained(path, return_unused_kwargs=True, **trust, **kwargs)
+    generation_config = kwargs.pop("generation_config", None)
+    config = kwargs.pop("config", None)
+    if isinstance(config, PretrainedConfig):   # as transformers: the other kwargs go to the model
+        config, model_kwargs = copy.deepcopy(config), kwargs
+    else:
+        config, model_kwargs = AutoConfig.from_pretrained(config or path, return_unused_kwargs=True, **trust, **kwargs)
     if dtype == "auto":
         dtype = _checkpoint_dtype(config, weights)
     elif isinstance(dtype, str):
@@ -256,9 +310,18 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be 'auto', a torch.dtype or its name, not {dtype!r}")
     model = _build(model_class, config, dtype=dtype, **(trust if _is_auto_class(model_class) else {}), **model_kwargs)
+    state = _model_state(model, weights, path)
+    lacking = _lacking(model, state)
+    if lacking:
+        raise ValueError(f"{path}: the checkpoint lacks {len(lacking)} weights {type(model).__name__} needs: "
+                         f"{', '.join(lacking[:5])}{', ...' if len(lacking) > 5 else ''} (transformers would "
+                         "initialise them at random, so no output could match): choose a model class whose "
+                         "weights it holds")
     from .llm import offload  # llm re-exports this module's names
-    offload(model, device, min_bytes=min_bytes, state=_model_state(model, weights, path))
+    offload(model, device, min_bytes=min_bytes, state=state)
     model.eval()
-    if model.can_generate() and os.path.isfile(os.path.join(path, "generation_config.json")):
+    if generation_config is not None:
+        model.generation_config = generation_config
+    elif model.can_generate() and os.path.isfile(os.path.join(path, "generation_config.json")):
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model

@@ -93,8 +93,35 @@ def test_offload_rebuilds_the_buffers_of_a_model_built_on_meta(minilm):
 def test_weights_the_checkpoint_lacks_are_refused(minilm):
     _, packed = minilm
     with pytest.warns(UserWarning, match="does not use 2 checkpoint tensors.*pooler"), \
-            pytest.raises(ValueError, match=r"cls\.predictions.* on the meta device and the state does not hold"):
+            pytest.raises(ValueError, match=r"checkpoint lacks 5 weights BertForMaskedLM needs: cls\.predictions"):
         from_pretrained(packed, model_class=BertForMaskedLM)  # an MLM head the checkpoint has not, no pooler
+
+
+def test_loading_options_are_taken_as_transformers_takes_them(minilm):
+    """What users pass to AutoModel.from_pretrained: one-device maps, a config
+    object, options transformers itself ignores, and a clear refusal of the
+    ones that cannot apply to weights decoded by offload."""
+    src, packed = minilm
+    ref = AutoModel.from_pretrained(src)
+    ids, mask = text_batch(ref.config.vocab_size, 7)
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).last_hidden_state
+    config = AutoConfig.from_pretrained(src)
+    for kwargs in ({"device_map": "cpu"}, {"device_map": {"": "cpu"}}, {"device_map": torch.device("cpu")},
+                   {"low_cpu_mem_usage": True, "use_safetensors": True, "weights_only": True},
+                   {"config": config}, {"local_files_only": True, "revision": "main"}):
+        model = from_pretrained(packed, **kwargs)
+        with torch.no_grad():
+            assert torch.equal(model(ids, attention_mask=mask).last_hidden_state, want), kwargs
+    config.output_hidden_states = True   # the config given is the one used (a copy of it)
+    assert from_pretrained(packed, config=config).config.output_hidden_states
+    assert from_pretrained(packed, output_hidden_states=True).config.output_hidden_states   # or a config attribute
+    for kwargs, match in (({"device_map": "auto"}, "one device"), ({"device_map": {"embeddings": 0, "encoder": "cpu"}}, "one device"),
+                          ({"device_map": "cuda"}, "device='cpu' and device_map='cuda'"),
+                          ({"quantization_config": {}}, "quantization_config"),
+                          ({"output_loading_info": True, "max_memory": {}}, "max_memory, output_loading_info")):
+        with pytest.raises(ValueError, match=match):
+            from_pretrained(packed, "cpu", **kwargs)
 
 
 # -- tiny decoders saved here ----------------------------------------------------------
@@ -152,6 +179,26 @@ def test_plain_safetensors_directory_and_unused_tensors(tmp_path):
     ids = prompt()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_only_the_files_transformers_loads_are_read(tmp_path):
+    """A directory may hold other safetensors files (Mistral's repositories
+    ship consolidated.safetensors beside the transformers shards):
+    transformers reads model.safetensors or its index's shards only."""
+    from safetensors.torch import save_file
+    ref = llama(seed=10)
+    ref.save_pretrained(tmp_path / "plain")
+    save_file({"layers.0.attention.wq.weight": torch.ones(8, 8)}, tmp_path / "plain" / "consolidated.safetensors")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    packed = compressed(tmp_path / "plain", tmp_path / "packed")
+    ids = prompt()
+    for folder in (tmp_path / "plain", packed):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "does not use 1 checkpoint tensors": it is not read
+            model = from_pretrained(folder, model_class=AutoModelForCausalLM, min_bytes=4096)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert "layers.0.attention.wq.weight" not in checkpoints.load_dir(str(packed))
 
 
 def test_bad_directories_are_refused(tmp_path):
