@@ -118,9 +118,15 @@ def save_file(path, tensors, metadata=None):
             os.remove(tmp)
 
 
+def _binary(stream):
+    if isinstance(stream, io.TextIOBase):
+        raise TypeError(f"{type(stream).__name__} is a text-mode file: open it in binary mode ('rb' or 'wb')")
+
+
 def write_stream(stream, tensors, metadata=None):
     """Write the file to a binary stream (anything with ``write``) at its
     position; several files can follow one another in one stream."""
+    _binary(stream)
     _write(stream, tensors, metadata)
 
 
@@ -151,6 +157,8 @@ def read_stream(stream):
     exactly as many as its header declares, so the stream is left just after
     it.  Read in bounded chunks, so a lying header cannot make this allocate
     more than the stream holds."""
+    _binary(stream)
+
     def read(n, into=None):
         into = bytearray() if into is None else into
         want = len(into) + n
@@ -184,6 +192,8 @@ def map_stream(stream):
     if not is_disk_file(stream):
         raise ValueError(f"mmap=True maps a path or a file opened with open(), not a {type(stream).__name__}: "
                          "pass mmap=False to read it")
+    if not stream.seekable():
+        raise ValueError("mmap=True cannot map a pipe or other stream without a position: pass mmap=False to read it")
     pos = stream.tell()
     try:
         size = os.fstat(stream.fileno()).st_size
@@ -219,6 +229,9 @@ def header_metadata(buf):
 
 
 def load_file(path, *, mmap_mode=False, verify=True):
+    if isinstance(path, bytes) and (path.startswith(MAGIC) or b"\0" in path):
+        raise TypeError("these bytes are a file's contents, not its path: load them with "
+                        "ibp.load(io.BytesIO(data)) or CompressedTensor.from_bytes(data)")
     with open(path, "rb") as f:
         if mmap_mode and os.fstat(f.fileno()).st_size > 0:
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

@@ -159,6 +159,28 @@ def test_file_object_misuse(tmp_path):
         ibp.save(ibp.compress(x), f)                        # a text file cannot take bytes
 
 
+def test_text_files_pipes_and_bytes_are_refused_with_the_fix(tmp_path):
+    import os
+    import threading
+    ct = ibp.compress(cora()[:300])
+    data = ct.to_bytes()
+    (tmp_path / "t.ibp").write_bytes(data)
+    with open(tmp_path / "t.ibp") as f, pytest.raises(TypeError, match="binary mode"):
+        ibp.load(f)                                           # utf-8 text mode: the bytes do not even decode
+    with open(tmp_path / "u.ibp", "w") as f, pytest.raises(TypeError, match="binary mode"):
+        ibp.save(ct, f)
+    with pytest.raises(TypeError, match="io.BytesIO"):
+        ibp.load(data)                                        # an ibp file's bytes, not a path
+    r, w = os.pipe()
+    feeder = threading.Thread(target=lambda: (os.write(w, data), os.close(w)))
+    feeder.start()
+    with os.fdopen(r, "rb") as pipe:
+        with pytest.raises(ValueError, match="pass mmap=False"):
+            ibp.load(pipe, mmap=True)
+        assert ibp.decompress(ibp.load(pipe)).tobytes() == cora()[:300].tobytes()   # nothing was consumed
+    feeder.join()
+
+
 def test_a_stream_that_takes_part_of_each_write_gets_all_of_it():
     import io
 
