@@ -14,6 +14,8 @@ memory that other processes map, and how a tensor pickles.
   the same memory in the receiver.  The plain ``pickle`` module copies it.
 """
 import mmap
+import sys
+import warnings
 import weakref
 
 import numpy as np
@@ -152,14 +154,25 @@ def _fields(ct):
                 index=index)
 
 
-def reduce(ct):
-    """``CompressedTensor.__reduce__``: a shared tensor as its segment (a torch
-    tensor, which torch.multiprocessing sends as a handle), any other as its
-    arrays by value.  Pinning, GPU state and memory maps stay behind: the
+def reduce(ct, protocol):
+    """``CompressedTensor.__reduce_ex__``: a shared tensor as its segment (a
+    torch tensor, which torch.multiprocessing sends as a handle), any other
+    as its arrays by value.  Protocols below 3 (torch.save uses 2) spell
+    numpy's bytes as latin-1 text, half again as long, so there the arrays
+    go as uint8 torch tensors when torch is loaded (torch.save writes those
+    as raw storages).  Pinning, GPU state and memory maps stay behind: the
     receiver gets plain memory, or the same shared memory."""
     if ct._shared is not None:
         return rebuild_shared, (_fields(ct), *ct._shared)
-    return rebuild, (_fields(ct), _arrays(ct))
+    arrays = _arrays(ct)
+    torch = sys.modules.get("torch")
+    if protocol < 3 and torch is not None:
+        with warnings.catch_warnings():   # a read-only array (a loaded file): torch.save only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            blobs = {name: (torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(np.uint8)), a.dtype.str)
+                     for name, a in arrays.items()}
+        return rebuild_from_torch, (_fields(ct), blobs)
+    return rebuild, (_fields(ct), arrays)
 
 
 def rebuild(fields, arrays):
@@ -170,6 +183,11 @@ def rebuild(fields, arrays):
     if index is not None:
         index = (*index, arrays["index_base"], arrays["index_rel"])
     return CompressedTensor(**fields, kinds=arrays["kinds"], payload=arrays["payload"], index=index)
+
+
+def rebuild_from_torch(fields, blobs):
+    """The receiving side of ``reduce``'s torch tensors: numpy views of them."""
+    return rebuild(fields, {name: t.numpy().view(dtype) for name, (t, dtype) in blobs.items()})
 
 
 def rebuild_shared(fields, segment, spans):

@@ -181,9 +181,9 @@ class CompressedTensor:
     def is_shared(self) -> bool:
         return self._shared is not None
 
-    def __reduce__(self):
+    def __reduce_ex__(self, protocol):
         from . import memory
-        return memory.reduce(self)
+        return memory.reduce(self, protocol)
 
     def _replace(self, **changes):
         """A tensor like this one but for ``changes``.  Arrays update_rows may

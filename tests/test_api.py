@@ -91,6 +91,34 @@ def test_model_pickles():
     assert pickle.loads(pickle.dumps(m)) == m
 
 
+@pytest.mark.parametrize("layout", ["packed", "slotted"])
+def test_torch_save_of_a_compressed_tensor_costs_its_compressed_size(tmp_path, layout):
+    """torch.save pickles with protocol 2, which spells numpy's bytes as
+    latin-1 text (half again as long): the arrays go as torch storages."""
+    torch = pytest.importorskip("torch")
+    import io
+    import pickle
+    from ibp import datasets
+    x = datasets.load("glove-50d")["glove.6B.50d"][:20000] if "glove-50d" in datasets.available() else cora()
+    ct = ibp.compress(x, layout=layout)
+    ibp.save(ct, tmp_path / "t.ibp")
+    mapped = ibp.load(tmp_path / "t.ibp", mmap=True)
+    for obj in (ct, mapped):
+        buf = io.BytesIO()
+        torch.save({"table": obj}, buf)
+        assert buf.tell() < ct.nbytes * 1.01 + 4096
+        buf.seek(0)
+        back = torch.load(buf, weights_only=False)["table"]
+        assert ibp.decompress(back).tobytes() == x.tobytes() and back.model == ct.model
+        for protocol in (2, pickle.HIGHEST_PROTOCOL):   # plain pickle's protocol 2 spells any bytes as text
+            data = pickle.dumps(obj, protocol=protocol)
+            assert protocol == 2 or len(data) < ct.nbytes * 1.01 + 4096
+            assert ibp.decompress(pickle.loads(data), index=[5, -1]).tobytes() == x[[5, -1]].tobytes()
+    if layout == "slotted":
+        back.update_rows([0], x[[1]])       # what comes back is an ordinary tensor
+        assert ibp.decompress(back, index=0).tobytes() == x[1].tobytes()
+
+
 def test_compress_on_gpu_tensor_is_refused():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
