@@ -16,6 +16,8 @@ loops with the level's fields in registers.
 import numpy as np
 from numba import njit, prange
 
+from numba.cpython.unsafe.numbers import leading_zeros
+
 from ._bits import ONE, U64, ZERO, Kernel, ctz, flush_bits, popcount, put_bits, read_bits
 
 RAW, ALL, SPARSE, BITMAP = 0, 1, 2, 3
@@ -35,11 +37,7 @@ ERRORS = {ERR_SIZE: "unit size does not match its encoding",
 
 @njit(inline="always")
 def bit_length(n):
-    r = 0
-    while n > 0:
-        n >>= 1
-        r += 1
-    return r
+    return 64 - np.int64(leading_zeros(U64(n)))
 
 
 @njit(inline="always")
@@ -55,6 +53,12 @@ def mask_of(width):
     """2**width - 1 for 0 <= width <= 64."""
     h = U64(width) >> ONE
     return ((ONE << h) << (U64(width) - h)) - ONE
+
+
+@njit(inline="always")
+def column(j, p):
+    """Model column of word j (no division for a one-column model)."""
+    return 0 if p == 1 else j % p
 
 
 @njit(inline="always")
@@ -153,11 +157,10 @@ def residuals_one_column(src, off, t0, U, res, miss):
 
 
 @njit(inline="always")
-def miss_positions(miss, U, exc):
-    """The positions of the non-zero bytes of ``miss`` (zero from byte U to
-    the next multiple of 8) into ``exc``, then U, eight bytes per load;
-    returns their number."""
-    m64 = miss.view(np.uint64)
+def miss_positions(m64, U, exc):
+    """The positions of the non-zero bytes of the miss bytes ``m64`` (as
+    uint64s; zero from byte U on) into ``exc``, then U, eight bytes per
+    load; returns their number."""
     k = 0
     for i in range((U + 7) >> 3):
         w = m64[U64(i)]
@@ -245,11 +248,11 @@ def append_stream(stream, nbits, buf, acc, nb, widx):
 
 
 @njit
-def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, stream, buf, acc, nb, widx):
+def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, buf, acc, nb, widx):
     """Append one unit in its cheapest kind to a writer (state: uint64 acc,
     nb, widx); returns (kind, bits, writer state).  ``exc``, ``flag`` and
     ``stream`` are scratch for units of up to SCRATCH_WORDS words (see
-    ``scratch``).  A one-column model's residuals wait in ``stream``, one
+    ``scratch``; ``flag64`` views ``flag``).  A one-column model's residuals wait in ``stream``, one
     per word, and are packed straight into ``buf``; others are packed into
     ``stream`` and copied."""
     if U > SCRATCH_WORDS:
@@ -257,14 +260,14 @@ def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, stream, buf, 
     pbits, kmax, kbits = unit_geometry(U)
     if p == 1:
         k = residuals_one_column(src, off, t0, U, stream, flag)
-        k = miss_positions(flag, U, exc) if k else 0
+        k = miss_positions(flag64, U, exc) if k else 0
         exc[k] = U
         sbits = (U - k) * np.int64(t0[0, WIDTH])
     else:
         k, sbits = scan(src, off, t0, p, U, exc, stream)
     excbits = 0
     for e in range(k):
-        c = exc[e] % p
+        c = column(exc[e], p)
         x = U64(src[off + exc[e]])
         second = fbits != 0 and matches(x, t1, c)
         flag[e] = second
@@ -298,7 +301,7 @@ def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, stream, buf, 
     for e in range(k):
         x = U64(src[off + exc[e]])
         if flag[e]:
-            c = exc[e] % p
+            c = column(exc[e], p)
             acc, nb, widx = put_bits(buf, acc, nb, widx, residual(x, t1, c), t1[c, WIDTH])
         else:
             acc, nb, widx = put_bits(buf, acc, nb, widx, x, Wu)
@@ -350,20 +353,22 @@ def encode_unit_in_passes(src, off, t0, t1, W, p, U, fbits, ptot, buf, acc, nb, 
 
 @njit(inline="always")
 def scratch(U, W):
-    """(exc, flag, stream) scratch arrays of ``encode_unit`` for U-word units:
-    ``flag`` also holds a miss byte per word, zero-padded to whole uint64s,
-    and ``stream`` a residual per word."""
+    """(exc, flag, flag64, stream) scratch arrays of ``encode_unit`` for
+    U-word units: ``flag`` also holds a miss byte per word, zero-padded to
+    whole uint64s (``flag64`` views them so), and ``stream`` a residual per
+    word."""
     n = min(U, SCRATCH_WORDS)
-    return np.empty(n + 1, np.int64), np.zeros((n + 15) // 8 * 8, np.uint8), np.empty(n + 2, np.uint64)
+    flag = np.zeros((n + 15) // 8 * 8, np.uint8)
+    return np.empty(n + 1, np.int64), flag, flag.view(np.uint64), np.empty(n + 2, np.uint64)
 
 
 @njit(inline="always")
-def encode_next(x, tail, u, n, t0, t1, W, p, U, fbits, ptot, exc, flag, stream, buf, acc, nb, widx):
+def encode_next(x, tail, u, n, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, buf, acc, nb, widx):
     """Encode unit ``u`` (the padded ``tail`` when it is the last and
     ``tail`` is not empty) and append it; returns (kind, size, writer)."""
     if u == n - 1 and tail.shape[0] > 0:
-        return encode_unit(tail, 0, t0, t1, W, p, U, fbits, ptot, exc, flag, stream, buf, acc, nb, widx)
-    return encode_unit(x, u * U, t0, t1, W, p, U, fbits, ptot, exc, flag, stream, buf, acc, nb, widx)
+        return encode_unit(tail, 0, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, buf, acc, nb, widx)
+    return encode_unit(x, u * U, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, buf, acc, nb, widx)
 
 
 @Kernel
@@ -373,13 +378,13 @@ def encode_chunks(x, tail, t0, t1, W, p, U, fbits, ptot, chunks, first_word, buf
     each unit's kind and bit size.  ``compact`` then closes the gaps."""
     n = kinds.shape[0]
     for ch in prange(chunks.shape[0] - 1):
-        exc, flag, stream = scratch(U, W)
+        exc, flag, flag64, stream = scratch(U, W)
         acc = ZERO
         nb = ZERO
         widx = U64(first_word[ch])
         for u in range(chunks[ch], chunks[ch + 1]):
             kinds[u], sizes[u], acc, nb, widx = encode_next(x, tail, u, n, t0, t1, W, p, U, fbits, ptot,
-                                                            exc, flag, stream, buf, acc, nb, widx)
+                                                            exc, flag, flag64, stream, buf, acc, nb, widx)
         flush_bits(buf, acc, nb, widx)
 
 
@@ -410,11 +415,11 @@ def encode_slotted(x, tail, t0, t1, W, p, U, fbits, ptot, slots, slot_words, buf
     n = kinds.shape[0]
     nchunks = min(n, 64)
     for ch in prange(nchunks):
-        exc, flag, stream = scratch(U, W)
+        exc, flag, flag64, stream = scratch(U, W)
         for i in range(ch * n // nchunks, (ch + 1) * n // nchunks):
             w0 = U64(slots[i] * slot_words)
             kinds[i], _, acc, nb, widx = encode_next(x, tail, i, n, t0, t1, W, p, U, fbits, ptot, exc, flag,
-                                                     stream, buf, ZERO, ZERO, w0)
+                                                     flag64, stream, buf, ZERO, ZERO, w0)
             flush_bits(buf, acc, nb, widx)
             if nb > ZERO:
                 widx += ONE
