@@ -377,7 +377,10 @@ def load_dir(path, *, mmap=True):
         raise CheckpointError(f"{path}: not a compressed model directory (no .ibp weights in it)")
     state = {}
     for name in weight_files(path):
-        tensors = load(os.path.join(path, name), mmap=mmap)
+        try:
+            tensors = load(os.path.join(path, name), mmap=mmap)
+        except FormatError as e:
+            raise CheckpointError(f"{os.path.join(path, name)}: {e}") from None
         if not isinstance(tensors, dict):
             raise CheckpointError(f"{os.path.join(path, name)} holds one unnamed tensor, not named weights")
         overlap = set(tensors) & set(state)

@@ -468,6 +468,9 @@ def _plan_file(buf):
     sections overlapping, the file ending where the last one does.
     (metadata, start, [(fields, geometry, spans)], padding ranges)."""
     meta, entries, start, version = _header(buf)
+    need = declared_size(entries, start, PREAMBLE.size + PREAMBLE.unpack_from(buf, 0)[2])
+    if need > len(buf):  # said first: the field that would run past the end says less
+        raise FormatError(f"truncated: {len(buf)} bytes of the {need} its header describes")
     plans, names, taken = [], set(), []
     for entry in entries:
         fields, geom, spans = _plan_entry(len(buf), start, entry, version)

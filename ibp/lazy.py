@@ -127,7 +127,7 @@ class LazyFile:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"{len(self._plans)} tensors"
+        state = "closed" if self.closed else f"{len(self._plans)} tensor{'s' * (len(self._plans) != 1)}"
         return f"<ibp.open {self.path!r}: {state}>"
 
     def _check_open(self):

@@ -108,6 +108,16 @@ def test_weights_that_are_not_safetensors_name_their_cause(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_damaged_shard_is_named_when_the_directory_loads(sharded_minilm, tmp_path):
+    packed = tmp_path / "p"
+    ok("compress", sharded_minilm, packed)
+    shard = packed / "model-00002-of-00003.ibp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 3])
+    with pytest.raises(checkpoints.CheckpointError, match=f"{shard}: truncated: {len(data) // 3} bytes of the"):
+        checkpoints.load_dir(str(packed))
+
+
 def test_stream_writer_writes_what_save_writes(tmp_path):
     w = datasets.minilm_weights()
     tensors = {k: ibp.compress(w[k]) for k in list(w)[:6]}

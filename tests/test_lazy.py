@@ -103,7 +103,7 @@ def test_header_problems_are_found_at_open(real, tmp_path):
     path, _ = real
     data = path.read_bytes()
     cases = {"empty.ibp": (b"", "too short"), "text.ibp": (b"hello, world\n" * 10, "bad magic"),
-             "cut.ibp": (data[:-100], "runs past the end|file is"), "long.ibp": (data + b"\0" * 64, "file is")}
+             "cut.ibp": (data[:-100], "truncated"), "long.ibp": (data + b"\0" * 64, "file is")}
     for name, (content, message) in cases.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ibp.FormatError, match=message):
@@ -119,6 +119,18 @@ def test_header_problems_are_found_at_open(real, tmp_path):
                       + raw + data[container.PREAMBLE.size + old_len:])
     with pytest.raises(ibp.FormatError, match="cora"):
         ibp.open(lying)
+
+
+def test_a_truncated_file_says_so_wherever_it_is_cut(real, tmp_path):
+    path, _ = real
+    data = path.read_bytes()
+    header_end = container.PREAMBLE.size + container.PREAMBLE.unpack_from(data, 0)[2]
+    cut = tmp_path / "cut.ibp"
+    for keep in np.linspace(header_end, len(data) - 1, 9).astype(int):
+        cut.write_bytes(data[:keep])
+        for read in (ibp.open, ibp.load, lambda p: ibp.load(p, mmap=True, verify=False)):
+            with pytest.raises(ibp.FormatError, match=f"truncated: {keep} bytes of the {len(data)}"):
+                read(cut)
 
 
 def test_misuse(real, tmp_path):
@@ -145,7 +157,7 @@ def test_a_lone_tensor_has_the_name_none(tmp_path):
     x = datasets.load("cora")["features"][:300]
     ibp.save(ibp.compress(x), tmp_path / "one.ibp")
     with ibp.open(tmp_path / "one.ibp") as f:
-        assert f.keys() == [None]
+        assert f.keys() == [None] and repr(f).endswith(": 1 tensor>")
         same(f.get_tensor(None), x)
         same(f.get_rows(None, -1), x[-1])
 
