@@ -13,6 +13,7 @@ Word width, period and ``E`` are chosen by encoding the sample with each
 candidate and keeping the smallest, so analysis cost depends on the sample
 size, not on the tensor size.
 """
+import functools
 import math
 
 import numpy as np
@@ -201,8 +202,9 @@ def _learn_columns(samples, W, prices, lo, hi, base):
 
 
 def learn(samples, word_bits, prices=EXCEPTION_PRICES, per_column=MAX_PER_COLUMN):
-    """One model per exception price for ``samples``, a ``[n, period]``
-    array of words (rows beyond ``per_column`` are thinned evenly)."""
+    """(lo, hi, base), each ``[len(prices), 2, period]``: one model per
+    exception price for ``samples``, a ``[n, period]`` array of words (rows
+    beyond ``per_column`` are thinned evenly)."""
     n, p = samples.shape
     if n > per_column:
         samples = samples[::-(-n // per_column)]
@@ -211,18 +213,50 @@ def learn(samples, word_bits, prices=EXCEPTION_PRICES, per_column=MAX_PER_COLUMN
     hi = np.zeros((prices.size, 2, p), np.uint8)
     base = np.zeros((prices.size, 2, p), np.uint64)
     _learn_columns(samples.size * p, np.ascontiguousarray(samples, dtype=np.uint64), word_bits, prices, lo, hi, base)
-    return [Model(word_bits, lo[e], hi[e], base[e]) for e in range(prices.size)]
+    return lo, hi, base
 
 
-def encoded_bits(words, model, unit_words):
-    """Bits the units in ``words`` (a whole number of units) encode to."""
-    t0, t1, fbits, ptot = model.tables
-    sizes = np.empty(words.shape[0] // unit_words, np.int64)
-    codec.classify_units(words.size, words, t0, t1, model.word_bits, model.period, unit_words, fbits, ptot, sizes)
-    return int(sizes.sum())
+@njit(cache=True)
+def _tables(lo, hi, base, W):
+    """``Model.tables`` of the model (lo, hi, base) ``[2, period]``."""
+    p = lo.shape[1]
+    t = np.zeros((2, p, 8), np.uint64)
+    ptot = 0
+    fbits = 0
+    for lv in range(2):
+        for c in range(p):
+            a, b = np.int64(lo[lv, c]), np.int64(hi[lv, c])
+            shift = b - a
+            width = W - shift
+            t[lv, c, codec.BASE] = base[lv, c]
+            t[lv, c, codec.FIX] = low_mask(b) & ~low_mask(a)
+            t[lv, c, codec.LOW] = low_mask(a)
+            t[lv, c, codec.HIGH] = low_mask(W) & ~low_mask(b)
+            t[lv, c, codec.SH1] = shift >> 1
+            t[lv, c, codec.SH2] = shift - (shift >> 1)
+            t[lv, c, codec.WIDTH] = width
+            t[lv, c, codec.WMASK] = low_mask(width)
+            if lv == 0:
+                ptot += width
+            elif b > a:
+                fbits = 1
+    return t[0].copy(), t[1].copy(), fbits, ptot
 
 
-def _sample_units(data, geom, rng):
+@njit(cache=True)
+def _encoded_bits(words, lo, hi, base, W, U):
+    """Bits the units in ``words`` (a whole number of U-word units) encode
+    to, under each model (lo, hi, base) ``[models, 2, period]``."""
+    p = lo.shape[2]
+    out = np.zeros(lo.shape[0], np.int64)
+    for e in range(lo.shape[0]):
+        t0, t1, fbits, ptot = _tables(lo[e], hi[e], base[e], W)
+        for u in range(words.shape[0] // U):
+            out[e] += codec.unit_size(words, u * U, t0, t1, W, p, U, fbits, ptot)[1]
+    return out
+
+
+def _sample_units(data, geom):
     """(sampled bytes as a flat uint8 array, bytes per sampled piece).  A
     piece is a unit, or a chunk of one when units are longer than the most
     a sample takes (rows that do not split): chunks are a multiple of every
@@ -239,7 +273,12 @@ def _sample_units(data, geom, rng):
     per_unit = ub // piece
     count = full * per_unit
     take = max(1, min(count, budget // piece))
-    picks = np.sort(rng.choice(count, take, replace=False)) if take < count else np.arange(count)
+    if take < count:
+        picks = np.sort(np.random.default_rng(0).choice(count, take, replace=False))
+    elif piece == ub:
+        return data[:full * ub], ub
+    else:
+        picks = np.arange(count)
     if piece == ub:
         return data[:full * ub].reshape(full, ub)[picks].reshape(-1), ub
     starts = (picks // per_unit) * ub + (picks % per_unit) * piece
@@ -256,6 +295,7 @@ def _chunk_bytes(shape, itemsize):
     return -(-SAMPLE_CHUNK_BYTES // step) * step
 
 
+@functools.lru_cache(maxsize=4096)
 def candidates(shape, itemsize, word_bits=None):
     """(word width, period) pairs to try, best guess first.  On real data
     the element's own width wins, with any period; half of it only when the
@@ -269,43 +309,79 @@ def candidates(shape, itemsize, word_bits=None):
         raise ValueError(f"no word width fits shape {shape} with {itemsize}-byte elements"
                          + (f" (asked for {word_bits})" if word_bits else ""))
     W = fit[-1]
-    return [(W, p) for p in periods(shape, itemsize, W, Geometry.choose(shape, itemsize, W).unit_words)]
+    return tuple((W, p) for p in periods(shape, itemsize, W, _geometry(shape, itemsize, W).unit_words))
 
 
-def _stranded_bits(words, model):
-    """Mean number of bits per word, outside the primary level's fixed run,
-    that at least STRANDED_AGREEMENT of the sampled words of their column
-    agree on: bits a narrower word (with more columns) could also fix."""
-    W, p = model.word_bits, model.period
-    cols = words.reshape(-1, p)
-    bits = np.arange(W, dtype=np.uint64)
-    ones = np.stack([((cols[:, c, None].astype(np.uint64) >> bits) & ONE).mean(axis=0) for c in range(p)])
-    agree = np.maximum(ones, 1.0 - ones) >= STRANDED_AGREEMENT
-    inside = (bits[None, :] >= model.lo[0][:, None]) & (bits[None, :] < model.hi[0][:, None])
-    return float((agree & ~inside).sum(axis=1).mean())
+@functools.lru_cache(maxsize=4096)
+def _geometry(shape, itemsize, word_bits):
+    return Geometry.choose(shape, itemsize, word_bits)
 
 
-def _try_narrower(shape, itemsize, model, words):
+@njit(cache=True)
+def _stranded_bits(words, p, lo, hi, W):
+    """Mean number of bits per word, outside the primary level's fixed run
+    [lo, hi) of each of the ``p`` columns, that at least STRANDED_AGREEMENT
+    of the sampled words of their column agree on: bits a narrower word
+    (with more columns) could also fix."""
+    n = words.shape[0] // p
+    nbytes = W // 8
+    hist = np.zeros((p, nbytes, 256), np.int64)  # per column and byte: bit counts come from these
+    for i in range(n):
+        for c in range(p):
+            x = U64(words[i * p + c])
+            for k in range(nbytes):
+                hist[c, k, np.int64((x >> U64(8 * k)) & U64(255))] += 1
+    ones = np.zeros((p, W), np.int64)
+    for c in range(p):
+        for k in range(nbytes):
+            for d in range(256):
+                for bit in range(8):
+                    if (d >> bit) & 1:
+                        ones[c, 8 * k + bit] += hist[c, k, d]
+    total = 0
+    for c in range(p):
+        for bit in range(W):
+            share = ones[c, bit] / n
+            if max(share, 1.0 - share) >= STRANDED_AGREEMENT and not lo[c] <= bit < hi[c]:
+                total += 1
+    return total / p
+
+
+def _try_narrower(shape, itemsize, best, words):
     """Every narrower width, each with one column per element part, when the
-    full-width model leaves agreeing bits unfixed (small integers stored as
-    float64: the exponent bits that zero and the other values share)."""
-    if _stranded_bits(words, model) < STRANDED_MIN:
+    full-width model ``best`` (W, lo, hi, base) leaves agreeing bits unfixed
+    (small integers stored as float64: the exponent bits that zero and the
+    other values share)."""
+    W, lo, hi, _ = best
+    if _stranded_bits(words, lo.shape[1], lo[0], hi[0], W) < STRANDED_MIN:
         return []
     fit = fitting_widths(shape, itemsize)
-    return [(w, periods(shape, itemsize, w, Geometry.choose(shape, itemsize, w).unit_words)[0])
-            for w in reversed(fit) if w < model.word_bits]
+    return [(w, periods(shape, itemsize, w, _geometry(shape, itemsize, w).unit_words)[0])
+            for w in reversed(fit) if w < W]
 
 
-def _try_half(model, itemsize):
-    """The half-width candidate, if the full-width model's fixed run starts at
-    bit 0 in most columns: the low bits are padding (bf16 stored as float32,
-    float32 stored as float64), and half-width words can also fix the
-    exponent bits above them, which one run per word cannot."""
-    W = model.word_bits
-    low_run = (model.lo[0] == 0) & (model.hi[0] >= W // 8)
+def _try_half(lo, hi, W, itemsize):
+    """The half-width candidate, if the full-width model's fixed run (primary
+    levels ``lo``, ``hi``) starts at bit 0 in most columns: the low bits are
+    padding (bf16 stored as float32, float32 stored as float64), and
+    half-width words can also fix the exponent bits above them, which one
+    run per word cannot."""
+    low_run = (lo == 0) & (hi >= W // 8)
     if W > 8 and low_run.mean() > 0.5:
         return [(W // 2, itemsize * 8 // (W // 2))]
     return []
+
+
+def _samples(data, geom):
+    """(train words, test words, words per piece) of the sampled pieces."""
+    W = geom.word_bits
+    sample, piece = _sample_units(data, geom)
+    piece_words = piece * 8 // W
+    units = sample.view(f"<u{W // 8}").reshape(-1, piece_words)
+    whole = piece_words == geom.unit_words and len(units) == data.size // piece  # every full unit
+    if whole or len(units) == 1:
+        return units.reshape(-1), units.reshape(-1), piece_words
+    return units[::2].reshape(-1), units[1::2].reshape(-1), piece_words
 
 
 def analyze_bytes(data, shape, itemsize, word_bits=None):
@@ -315,47 +391,48 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
     other half, so a model with many columns cannot win by overfitting.  A
     tensor the sample holds whole is learned and scored on all of it: the
     score is then its exact encoded size, so the smallest candidate wins.
+    Models are kept as arrays; only the winner becomes a Model.
     """
-    cands = candidates(shape, itemsize, word_bits)
+    shape = tuple(shape)
+    cands = list(candidates(shape, itemsize, word_bits))
     if data.size == 0:
         return Model.empty(cands[0][0])
-    best = None
+    best = None   # (cost, (W, lo, hi, base))
     samples = {}
     tried_half = bool(word_bits)
     tried_narrower = False
     half, narrower = [], []
     while cands:
         W, p = cands.pop(0)
-        geom = Geometry.choose(shape, itemsize, W)
+        geom = _geometry(shape, itemsize, W)
         if W not in samples:
-            sample, piece = _sample_units(data, geom, np.random.default_rng(0))
-            piece_words = piece * 8 // W
-            units = sample.view(f"<u{W // 8}").reshape(-1, piece_words)
-            whole = piece_words == geom.unit_words and len(units) == data.size // piece  # every full unit
-            if whole or len(units) == 1:
-                samples[W] = (units.reshape(-1), units.reshape(-1), piece_words)
-            else:
-                samples[W] = (units[::2].reshape(-1), units[1::2].reshape(-1), piece_words)
+            samples[W] = _samples(data, geom)
         train, test, piece_words = samples[W]
         if piece_words % p or (p > max(1, itemsize * 8 // W) and train.size // p < MIN_PER_COLUMN):
             continue  # too few samples per column; the per-element period is always tried
         scale = geom.nunits * geom.unit_words / test.size
         narrow = (W, p) in narrower
-        for model in learn(train.reshape(-1, p), W, per_column=NARROW_PER_COLUMN if narrow else MAX_PER_COLUMN):
-            cost = encoded_bits(test, model, piece_words) * scale + model_bits(model)
+        lo, hi, base = learn(train.reshape(-1, p), W, per_column=NARROW_PER_COLUMN if narrow else MAX_PER_COLUMN)
+        bits = _encoded_bits(test, lo, hi, base, W, piece_words)
+        for e in range(len(bits)):
+            cost = int(bits[e]) * scale + _model_bits(p, W)
             if best is None or cost < best[0]:
-                best = (cost, model)
+                best = (cost, (W, lo[e], hi[e], base[e]))
             if not tried_half:
-                half = _try_half(model, itemsize)
+                half = _try_half(lo[e][0], hi[e][0], W, itemsize)
                 cands = half + [c for c in cands if c not in half]
                 tried_half = True
         if not tried_narrower and not word_bits:
             narrower = [c for c in _try_narrower(shape, itemsize, best[1], train) if c not in half]
             cands += narrower
             tried_narrower = True
-    return best[1]
+    return Model(*best[1])
+
+
+def _model_bits(period, word_bits):
+    return period * 2 * (16 + word_bits)
 
 
 def model_bits(model):
     """Serialized size of a model, in bits."""
-    return model.period * 2 * (16 + model.word_bits)
+    return _model_bits(model.period, model.word_bits)
