@@ -23,6 +23,7 @@ Outputs are bit-identical to the uncompressed model: the codec is lossless.
 import functools
 import math
 import os
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -208,6 +209,20 @@ class _ModelHook(WeightOffloadHook):
         return output
 
 
+def _state_of(entry, decoded, module, state_dict, prefix, local_metadata):
+    """state_dict post-hook: the module's offloaded weights as their values,
+    decoded on the host (between forwards the module holds placeholders), so
+    ``save_pretrained`` writes the weights.  ``decoded`` (id of a
+    CompressedTensor -> its values while a state dict holds them) gives tied
+    weights one tensor, as they are in the model."""
+    for (kind, attr), ct in zip(entry.slots, entry.tensors):
+        if prefix + attr in state_dict:
+            value = decoded.get(id(ct))
+            if value is None:
+                value = decoded[id(ct)] = decode_whole(ct, torch.device("cpu"))
+            state_dict[prefix + attr] = value
+
+
 def _to_device(obj, device):
     """Tensors, also inside plain lists, tuples and dicts, moved to ``device``."""
     if torch.is_tensor(obj):
@@ -283,7 +298,9 @@ def offload(model: torch.nn.Module, device: str | torch.device, *, min_bytes: in
     meta that the state lacks is an error).  The model is
     changed in place and returned, with the controller as
     ``model.ibp_offloader``; between forwards its offloaded weights read as
-    broadcast zeros.  For inference: decoded weights do not require grad.
+    broadcast zeros, while ``state_dict()`` (and so ``save_pretrained``)
+    gives their values, decoded on the host.  For inference: decoded
+    weights do not require grad.
     """
     device = checked_device(device)
     if not isinstance(model, torch.nn.Module):
@@ -327,8 +344,10 @@ def offload(model: torch.nn.Module, device: str | torch.device, *, min_bytes: in
         entry.release()
     offloader = WeightOffloader(entries, device)
     _register(model, _ModelHook(offloader, None))
+    decoded = weakref.WeakValueDictionary()
     for entry in entries:
         _register(entry.module, WeightOffloadHook(offloader, entry))
+        entry.module.register_state_dict_post_hook(functools.partial(_state_of, entry, decoded))
     model.ibp_offloader = offloader
     return model
 

@@ -124,6 +124,25 @@ def test_loading_options_are_taken_as_transformers_takes_them(minilm):
             from_pretrained(packed, "cpu", **kwargs)
 
 
+def test_state_dict_and_save_pretrained_give_the_weights(minilm, tmp_path):
+    """Between forwards the offloaded weights are placeholders; state_dict
+    (and so save_pretrained) must still give the checkpoint's values."""
+    src, packed = minilm
+    ref = AutoModel.from_pretrained(src)
+    model = from_pretrained(packed)
+    state, want = model.state_dict(), ref.state_dict()
+    assert list(state) == list(want)
+    for name, t in want.items():
+        assert torch.equal(state[name], t), name
+    model.save_pretrained(tmp_path / "again")
+    again = AutoModel.from_pretrained(tmp_path / "again")
+    ids, mask = text_batch(ref.config.vocab_size, 9)
+    with torch.no_grad():
+        assert torch.equal(again(ids, attention_mask=mask).last_hidden_state,
+                           ref(ids, attention_mask=mask).last_hidden_state)
+    assert model.embeddings.word_embeddings.weight.untyped_storage().nbytes() == 4  # still offloaded
+
+
 # -- tiny decoders saved here ----------------------------------------------------------
 def test_decoder_with_rotary_buffers_in_bf16(tmp_path):
     llama(seed=4).to(torch.bfloat16).save_pretrained(tmp_path / "llama")
@@ -159,6 +178,11 @@ def test_tied_embeddings_and_the_base_model_prefix(tmp_path):
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+    model.save_pretrained(tmp_path / "resaved")   # the tied table is saved once, as transformers saves it
+    resaved = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")
+    assert resaved.lm_head.weight is resaved.transformer.wte.weight
+    with torch.no_grad():
+        assert torch.equal(resaved(ids).logits, ref(ids).logits)
     base = from_pretrained(packed, min_bytes=4096)  # AutoModel: GPT2Model, "transformer." stripped
     ref_base = AutoModel.from_pretrained(tmp_path / "gpt2")
     assert type(base) is type(ref_base)
