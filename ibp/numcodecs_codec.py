@@ -8,24 +8,28 @@ its model from; zarr's v3 format gives bytes-to-bytes codecs raw bytes, so
 there the codec would see uint8 and compress much worse: use v2.
 
 numcodecs reads a decoded chunk as bytes in memory order and views them as
-the chunk's dtype.  ibp stores values (rows are the first axis, native byte
-order), so a Fortran-ordered chunk is compressed as its C-ordered transpose
-and a big-endian one by value, and the file's metadata says so: decoding
-gives back the very bytes that went in.
+the chunk's dtype, and may hand the codec any buffer (bytes, bytearray,
+array.array).  ibp stores values (rows are the first axis, native byte
+order), so a Fortran-ordered chunk is compressed as its C-ordered
+transpose, a big-endian one by value, and a chunk of a dtype ibp has not
+(datetime64, fixed-width strings) as its bytes, one row of them per
+element; the file's metadata says so, and decoding gives back the very
+bytes that went in.
 """
 import json
+import math
 
 import numpy as np
 from numcodecs.abc import Codec
-from numcodecs.compat import ensure_contiguous_ndarray_like, ndarray_copy
+from numcodecs.compat import ensure_contiguous_ndarray_like, ensure_ndarray_like, ndarray_copy
 from numcodecs.registry import register_codec
 
-from . import container
+from . import container, dtypes
 from .api import compress, decompress
 from .errors import FormatError
 from .tensor import CompressedTensor
 
-LAYOUT_KEY = "ibp.numcodecs"   # metadata: {"order": "F"} and/or {"dtype": ">f4"}, only when not C and native
+LAYOUT_KEY = "ibp.numcodecs"   # metadata, when needed: {"order": "F", "dtype": ">f4", "view": {dtype, shape}}
 
 
 class IBP(Codec):
@@ -42,19 +46,27 @@ class IBP(Codec):
         self.word_bits = word_bits
 
     def encode(self, buf):
-        array = np.asarray(buf)
-        if array.dtype == object:
+        array = buf if isinstance(buf, np.ndarray) else ensure_contiguous_ndarray_like(buf)
+        if array.dtype.hasobject:
             raise TypeError("ibp compresses numeric arrays, not object arrays")
         layout = {}
         if array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous:
             array, layout["order"] = array.T, "F"     # the transpose's rows are the bytes in memory order
+        array = np.ascontiguousarray(array)
+        try:
+            dtypes.name_of_numpy(array.dtype)
+        except TypeError:   # a dtype ibp has not: its bytes, element by element
+            layout["view"] = {"dtype": array.dtype.str, "shape": list(array.shape)}
+            array = array.reshape(-1).view(np.uint8).reshape(-1, array.dtype.itemsize)
         if not array.dtype.isnative:
             layout["dtype"] = array.dtype.str
-        ct = compress(np.ascontiguousarray(array), word_bits=self.word_bits)
+        ct = compress(array, word_bits=self.word_bits)
         return container.dumps({None: ct}, {LAYOUT_KEY: json.dumps(layout)} if layout else None)
 
     def decode(self, buf, out=None):
         data = bytes(ensure_contiguous_ndarray_like(buf).view(np.uint8).reshape(-1))
+        if out is not None and ensure_ndarray_like(out).dtype.hasobject:
+            raise TypeError("ibp cannot decode into an object array")
         ct = CompressedTensor.from_bytes(data)
         array = _restore_layout(decompress(ct), container.header_metadata(data).get(LAYOUT_KEY))
         if out is None:
@@ -69,18 +81,27 @@ class IBP(Codec):
 
 
 def _restore_layout(array, text):
-    """The decoded values in the byte order and memory order the chunk had."""
+    """The decoded values in the dtype, byte order and memory order the chunk had."""
     if text is None:
         return array
     try:
         layout = json.loads(text)
-        dtype = np.dtype(layout.get("dtype", array.dtype.str))
-    except (ValueError, TypeError, AttributeError):
-        layout = dtype = None
-    if not isinstance(layout, dict) or set(layout) - {"order", "dtype"} or layout.get("order", "F") != "F" \
-            or dtype.newbyteorder("=") != array.dtype:
-        raise FormatError(f"the chunk's {LAYOUT_KEY} metadata is not a layout of its {array.dtype} values: {text!r}")
-    array = array.astype(dtype, copy=False)
+        if not isinstance(layout, dict) or set(layout) - {"order", "dtype", "view"} \
+                or layout.get("order", "F") != "F":
+            raise ValueError
+        if "dtype" in layout:
+            dtype = np.dtype(layout["dtype"])
+            if dtype.newbyteorder("=") != array.dtype:
+                raise ValueError
+            array = array.astype(dtype)
+        if "view" in layout:
+            dtype, shape = np.dtype(layout["view"]["dtype"]), tuple(layout["view"]["shape"])
+            if dtype.hasobject or array.shape != (math.prod(shape), dtype.itemsize) or array.dtype != np.uint8:
+                raise ValueError
+            array = array.reshape(-1).view(dtype).reshape(shape)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise FormatError(f"the chunk's {LAYOUT_KEY} metadata is not a layout of its {array.dtype} "
+                          f"{list(array.shape)} values: {text!r}") from None
     return array.T if "order" in layout else array
 
 

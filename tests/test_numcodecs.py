@@ -86,3 +86,21 @@ def test_zarr_v2_chunks_of_odd_shapes_dtypes_and_orders(tmp_path, cora, order):
         z[:] = a
         again = zarr.open_array(path, mode="r")[:]
         assert again.dtype == a.dtype and np.ascontiguousarray(again).tobytes() == np.ascontiguousarray(a).tobytes(), name
+
+
+def test_numcodecs_own_checks_pass(cora):
+    """numcodecs' own codec checks: any buffer in (bytes, bytearray,
+    array.array, not only arrays), any buffer out (into an array or a
+    bytearray), and object buffers refused both ways."""
+    common = pytest.importorskip("numcodecs.tests.common")
+    codec = IBP()
+    rows = cora[:200, :300]
+    for a in (rows, rows.astype(np.float16), rows.reshape(200, 20, 15), np.asfortranarray(rows),
+              (rows * 3).astype(">i2"), rows > 0, rows.view(np.int64)[:, :7].view("M8[ns]"),
+              rows.view(np.uint32)[:4, :12].view("m8[s]"), np.zeros((0, 3), np.float32), np.array(2.5)):
+        common.check_encode_decode(a, codec)
+    common.check_config(codec)
+    common.check_err_decode_object_buffer(codec)
+    common.check_err_encode_object_buffer(codec)
+    assert len(codec.encode(rows.tobytes())) * 5 < rows.nbytes        # raw bytes still compress
+    assert len(codec.encode(rows.view("m8[s]"))) * 5 < rows.nbytes    # so does a dtype ibp has not
