@@ -90,6 +90,11 @@ class CompressedTensor:
         """Refuse: numpy would make a 0-d object array of this tensor."""
         raise TypeError("a CompressedTensor is not an array: call ibp.decompress(ct) to get one")
 
+    def __bool__(self) -> bool:
+        """Always true, like any object: ``len`` would make a tensor of no
+        rows false and a 0-d one an error in ``if ct`` or ``ct or ...``."""
+        return True
+
     @property
     def nrows(self) -> int:
         return self.geometry.nrows

@@ -119,6 +119,12 @@ def test_torch_save_of_a_compressed_tensor_costs_its_compressed_size(tmp_path, l
         assert ibp.decompress(back, index=0).tobytes() == x[1].tobytes()
 
 
+def test_a_compressed_tensor_is_truthy():
+    for x in (np.array(3.0), np.zeros((0, 4), np.float32), cora()[:3]):
+        ct = ibp.compress(x)
+        assert bool(ct) and (ct or None) is ct          # an object, not a truth value (len 0, or no len)
+
+
 def test_compress_on_gpu_tensor_is_refused():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
