@@ -938,6 +938,9 @@ def main(argv=None):
         return args.func(args)
     except (CliError, checkpoints.CheckpointError) as e:
         message = str(e)
+    except BrokenPipeError:  # the reader of stdout went away (ibp info | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141
     except OSError as e:
         message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
     except KeyboardInterrupt:

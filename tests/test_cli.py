@@ -367,6 +367,17 @@ def test_python_dash_m_exits_with_status_and_one_line(tmp_path, cora_ibp):
     assert r.returncode == 0 and "format version 2" in r.stdout
 
 
+def test_a_closed_pipe_ends_quietly(cora_ibp):
+    """``ibp info --json x.ibp | head`` : the reader going away is not an error."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(ibp.__file__)),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.Popen([sys.executable, "-m", "ibp", "info", "--json", str(cora_ibp)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    p.stdout.close()   # before the command writes anything
+    err = p.stderr.read().decode()
+    assert p.wait() == 141 and err == ""   # 128 + SIGPIPE, as a shell pipeline reports it
+
+
 def test_an_input_is_never_overwritten(files, tmp_path, cora_ibp):
     src = tmp_path / "m.safetensors"
     src.write_bytes(files["safetensors"].read_bytes())
