@@ -99,11 +99,17 @@ class LazyFile:
         """Tensor ``name`` decoded, as the numpy array or torch tensor that was saved."""
         return decompress(self.get_compressed(name), device=device)
 
-    def get_rows(self, name: str | None, index: Index, *, device: Device = None) -> Tensor:
-        """Rows ``index`` of tensor ``name``, as ``ibp.decompress(ct,
-        index=index)``: equal to ``x[index]``.  With ``verify=False`` only the
-        row index and the units holding those rows are read."""
-        return decompress(self.get_compressed(name), index=index, device=device)
+    def get_rows(self, name: str | None, index: Index | slice, *, device: Device = None) -> Tensor:
+        """Rows ``index`` (integers of any shape, or a slice) of tensor
+        ``name``, as ``ibp.decompress(ct, index=index)``: equal to
+        ``x[index]``.  With ``verify=False`` only the row index and the units
+        holding those rows are read."""
+        ct = self.get_compressed(name)
+        if isinstance(index, slice):
+            if not ct.shape:
+                raise IndexError("a 0-d tensor has no rows to slice")
+            index = np.arange(*index.indices(ct.nrows))
+        return decompress(ct, index=index, device=device)
 
     def close(self) -> None:
         """Let go of the file.  The map itself goes when the last tensor from

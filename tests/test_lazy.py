@@ -133,6 +133,14 @@ def test_a_truncated_file_says_so_wherever_it_is_cut(real, tmp_path):
                 read(cut)
 
 
+def test_get_rows_takes_a_slice(real):
+    path, tensors = real
+    x = tensors["cora"]
+    with ibp.open(path, verify=False) as f:
+        for s in (slice(0, 3), slice(None, None, 7), slice(-5, None), slice(10, 2, -3), slice(5, 5)):
+            same(f.get_rows("cora", s), x[s])
+
+
 def test_misuse(real, tmp_path):
     path, tensors = real
     with pytest.raises(TypeError, match="takes a path"):
