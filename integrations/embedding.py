@@ -152,6 +152,8 @@ class _CompressedTable(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + "weight"
+        if strict:  # as torch's modules: any other entry under this module's prefix is unexpected
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k != key)
         if key not in state_dict:
             missing_keys.append(key)
             return

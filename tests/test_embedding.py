@@ -142,6 +142,16 @@ def test_state_dict_interchanges_with_torch():
     with pytest.raises(RuntimeError, match="size mismatch"):
         ours.load_state_dict(nn.Embedding(41, 6).state_dict())
     assert list(ours.parameters()) == []
+    extra = {**ref.state_dict(), "bias": torch.zeros(6)}
+    results = []
+    for module in (nn.Embedding(40, 6), CompressedEmbedding(40, 6)):   # strict, as torch is
+        with pytest.raises(RuntimeError, match='Unexpected key.*"bias"'):
+            module.load_state_dict(extra)
+        results.append(module.load_state_dict(extra, strict=False))
+    assert results[0] == results[1]
+    outer = nn.Sequential(CompressedEmbedding(40, 6))
+    with pytest.raises(RuntimeError, match='Unexpected key.*"0.scale"'):
+        outer.load_state_dict({"0.weight": ref.weight, "0.scale": torch.ones(1)})
 
 
 def test_bad_arguments_raise_clear_errors():
