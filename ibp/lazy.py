@@ -122,6 +122,12 @@ class LazyFile:
             except BufferError:
                 pass
 
+    def __reduce__(self):
+        """Pickled as its path: the receiver (a DataLoader worker, a spawned
+        process) opens the file again and checks its header itself."""
+        self._check_open()
+        return _reopen, (self.path, self._verify)
+
     @property
     def closed(self) -> bool:
         return self._map is None
@@ -147,6 +153,10 @@ class LazyFile:
             raise KeyError(f"{self.path} has no tensor {name!r} (it holds {len(self._plans)}: "
                            f"{', '.join(map(repr, names))}{', ...' if len(self._plans) > 5 else ''})")
         return self._plans[name]
+
+
+def _reopen(path, verify):
+    return LazyFile(path, verify=verify)
 
 
 def open(path: Path, *, verify: bool = True) -> LazyFile:

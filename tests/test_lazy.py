@@ -141,6 +141,22 @@ def test_get_rows_takes_a_slice(real):
             same(f.get_rows("cora", s), x[s])
 
 
+def test_pickles_as_its_path_for_worker_processes(real):
+    """A Dataset holding an open file goes to DataLoader workers by pickle
+    (spawn, forkserver): the receiver opens the file again, as its own map."""
+    import pickle
+    path, tensors = real
+    with ibp.open(path, verify=False) as f:
+        f.get_compressed("cora")
+        again = pickle.loads(pickle.dumps(f))
+        assert again.path == f.path and again.keys() == f.keys() and again._map is not f._map
+        same(again.get_rows("cora", [3, -1]), tensors["cora"][[3, -1]])
+        assert again._verify is False
+        again.close()
+    with pytest.raises(ValueError, match="closed"):
+        pickle.dumps(f)
+
+
 def test_misuse(real, tmp_path):
     path, tensors = real
     with pytest.raises(TypeError, match="takes a path"):
