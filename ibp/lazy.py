@@ -126,7 +126,7 @@ class LazyFile:
         """Pickled as its path: the receiver (a DataLoader worker, a spawned
         process) opens the file again and checks its header itself."""
         self._check_open()
-        return _reopen, (self.path, self._verify)
+        return _reopen, (os.path.abspath(self.path), self._verify)   # a worker may run elsewhere
 
     @property
     def closed(self) -> bool:
