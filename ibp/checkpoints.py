@@ -340,6 +340,8 @@ def decompress_dir(src, dst, *, progress=None):
                     files, tensors = files + 1, tensors + len(r.entries)
             except FormatError as e:
                 raise CheckpointError(f"{path}: not a valid ibp file: {e}") from None
+            except CheckpointError as e:  # what safetensors cannot hold
+                raise CheckpointError(f"{path}: {e}") from None
         elif name.endswith(IBP_INDEX_SUFFIX):
             _check_shards(src, name, IBP_SUFFIX)
             text, index = _shard_map(path, IBP_SUFFIX, ST_SUFFIX)

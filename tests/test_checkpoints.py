@@ -118,6 +118,15 @@ def test_a_damaged_shard_is_named_when_the_directory_loads(sharded_minilm, tmp_p
         checkpoints.load_dir(str(packed))
 
 
+def test_a_weight_file_safetensors_cannot_hold_is_named(tmp_path):
+    d = tmp_path / "d-ibp"
+    d.mkdir()
+    ibp.save(ibp.compress(np.ones((4, 4), np.float32)), d / "feat.ibp")   # one unnamed tensor
+    line = fails("decompress", d, tmp_path / "back")
+    assert f"{d / 'feat.ibp'}: " in line and "unnamed" in line
+    assert not (tmp_path / "back").exists()
+
+
 def test_stream_writer_writes_what_save_writes(tmp_path):
     w = datasets.minilm_weights()
     tensors = {k: ibp.compress(w[k]) for k in list(w)[:6]}
