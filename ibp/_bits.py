@@ -122,14 +122,17 @@ class Kernel:
 
     def __call__(self, work, *args):
         if work < PARALLEL_MIN_WORDS or numba.get_num_threads() == 1:
-            _announce_compile(self.serial)
+            if self.serial not in _loaded:
+                _announce_compile(self.serial)
             return self.serial(*args)
-        _announce_compile(self.parallel)
+        if self.parallel not in _loaded:
+            _announce_compile(self.parallel)
         with _LAUNCH:
             return self.parallel(*args)
 
 
 _announced = threading.Event()
+_loaded = set()   # dispatchers seen with a compiled signature: asking numba again costs ~15 us a call
 
 
 def _announce_compile(dispatcher):
@@ -137,7 +140,10 @@ def _announce_compile(dispatcher):
     lacks: the first use of ibp takes tens of seconds, and a silent pause
     that long looks like a hang.  Said once per process, on a terminal only
     (like progress bars), so logs and parsed error output stay as they are."""
-    if dispatcher.signatures or _announced.is_set() or not sys.stderr.isatty():
+    if dispatcher.signatures:
+        _loaded.add(dispatcher)
+        return
+    if _announced.is_set() or not sys.stderr.isatty():
         return
     try:
         cached = bool(dispatcher._cache._cache_file._load_index())

@@ -22,7 +22,7 @@ from numba import njit, prange
 from . import codec
 from ._bits import ONE, U64, ZERO, Kernel, ctz, low_mask
 from .geometry import Geometry, periods, word_widths as fitting_widths
-from .model import Model
+from .model import Model, level_tables
 
 SAMPLE_BYTES = (1 << 14, 1 << 18)  # bytes of units sampled: at least, at most
 SAMPLE_SHARE = 32             # ... and otherwise 1/32 of the tensor
@@ -217,40 +217,13 @@ def learn(samples, word_bits, prices=EXCEPTION_PRICES, per_column=MAX_PER_COLUMN
 
 
 @njit(cache=True)
-def _tables(lo, hi, base, W):
-    """``Model.tables`` of the model (lo, hi, base) ``[2, period]``."""
-    p = lo.shape[1]
-    t = np.zeros((2, p, 8), np.uint64)
-    ptot = 0
-    fbits = 0
-    for lv in range(2):
-        for c in range(p):
-            a, b = np.int64(lo[lv, c]), np.int64(hi[lv, c])
-            shift = b - a
-            width = W - shift
-            t[lv, c, codec.BASE] = base[lv, c]
-            t[lv, c, codec.FIX] = low_mask(b) & ~low_mask(a)
-            t[lv, c, codec.LOW] = low_mask(a)
-            t[lv, c, codec.HIGH] = low_mask(W) & ~low_mask(b)
-            t[lv, c, codec.SH1] = shift >> 1
-            t[lv, c, codec.SH2] = shift - (shift >> 1)
-            t[lv, c, codec.WIDTH] = width
-            t[lv, c, codec.WMASK] = low_mask(width)
-            if lv == 0:
-                ptot += width
-            elif b > a:
-                fbits = 1
-    return t[0].copy(), t[1].copy(), fbits, ptot
-
-
-@njit(cache=True)
 def _encoded_bits(words, lo, hi, base, W, U):
     """Bits the units in ``words`` (a whole number of U-word units) encode
     to, under each model (lo, hi, base) ``[models, 2, period]``."""
     p = lo.shape[2]
     out = np.zeros(lo.shape[0], np.int64)
     for e in range(lo.shape[0]):
-        t0, t1, fbits, ptot = _tables(lo[e], hi[e], base[e], W)
+        t0, t1, fbits, ptot = level_tables(lo[e], hi[e], base[e], W)
         for u in range(words.shape[0] // U):
             out[e] += codec.unit_size(words, u * U, t0, t1, W, p, U, fbits, ptot)[1]
     return out
@@ -274,7 +247,7 @@ def _sample_units(data, geom):
     count = full * per_unit
     take = max(1, min(count, budget // piece))
     if take < count:
-        picks = np.sort(np.random.default_rng(0).choice(count, take, replace=False))
+        picks = _picks(count, take)
     elif piece == ub:
         return data[:full * ub], ub
     else:
@@ -283,6 +256,15 @@ def _sample_units(data, geom):
         return data[:full * ub].reshape(full, ub)[picks].reshape(-1), ub
     starts = (picks // per_unit) * ub + (picks % per_unit) * piece
     return data[starts[:, None] + np.arange(piece)].reshape(-1), piece
+
+
+@functools.lru_cache(maxsize=256)
+def _picks(count, take):
+    """``take`` of ``count`` pieces, sorted, the same on every call (a
+    checkpoint's tensors share a few shapes, so they share their picks)."""
+    picks = np.sort(np.random.default_rng(0).choice(count, take, replace=False))
+    picks.flags.writeable = False
+    return picks
 
 
 def _chunk_bytes(shape, itemsize):

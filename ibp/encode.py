@@ -104,9 +104,9 @@ def encode_packed(data, geom, model):
     sizes = np.empty(n, np.int64)
     parallel = geom.total_words >= PARALLEL_MIN_WORDS and numba.get_num_threads() > 1  # as Kernel decides
     nchunks = max(1, min(n, 4 * numba.get_num_threads()) if parallel else min(n, 1))
-    chunks = np.linspace(0, n, nchunks + 1).astype(np.int64)
-    raw_words = -(-np.diff(chunks) * geom.unit_words * geom.word_bits // 64)
-    first_word = np.concatenate([[0], np.cumsum(raw_words)]).astype(np.int64)
+    chunks = np.arange(nchunks + 1, dtype=np.int64) * n // nchunks
+    first_word = np.zeros(nchunks + 1, np.int64)
+    np.cumsum(-(-np.diff(chunks) * geom.unit_words * geom.word_bits // 64), out=first_word[1:])
     buf = np.zeros(int(first_word[-1]) + 1, np.uint64)
     if n:
         t0, t1, fbits, ptot = model.tables

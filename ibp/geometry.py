@@ -10,6 +10,7 @@ last unit is zero-padded when the rows do not fill it.
 """
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 GROUP_BYTES = 256          # rows shorter than this are grouped into one unit
 FLAT_UNIT_BYTES = 4096     # 0-d and 1-d tensors are cut into units this long
@@ -64,7 +65,8 @@ def unit_elems(shape, itemsize, unit_rows=None):
 
 @dataclass(frozen=True)
 class Geometry:
-    """Word and unit arithmetic for one tensor at one word width."""
+    """Word and unit arithmetic for one tensor at one word width (derived
+    sizes are computed once: they are asked for on every call)."""
     shape: tuple
     itemsize: int
     word_bits: int
@@ -77,23 +79,23 @@ class Geometry:
             return cls(tuple(shape), itemsize, word_bits, 1)
         return cls(tuple(shape), itemsize, word_bits, unit_elems(shape, itemsize, unit_rows) * itemsize // wb)
 
-    @property
+    @cached_property
     def nrows(self):
         return _nrows(self.shape)
 
-    @property
+    @cached_property
     def row_words(self):
         return _row_elems(self.shape) * self.itemsize * 8 // self.word_bits
 
-    @property
+    @cached_property
     def total_words(self):
         return self.nrows * self.row_words
 
-    @property
+    @cached_property
     def nunits(self):
         return -(-self.total_words // self.unit_words)
 
-    @property
+    @cached_property
     def slot_words(self):
         """uint64 words per slot in the slotted layout."""
         return -(-self.unit_words * self.word_bits // 64)
