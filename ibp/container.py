@@ -113,6 +113,10 @@ def save_file(path, tensors, metadata=None):
         with open(tmp, "xb") as f:
             _write(f, tensors, metadata)
         os.replace(tmp, path)
+    except OSError as e:  # named by the path asked for: the temporary name means nothing to the caller
+        if e.errno is None:
+            raise
+        raise type(e)(e.errno, e.strerror, path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -193,6 +193,15 @@ def test_file_object_misuse(tmp_path):
         ibp.save(ibp.compress(x), f)                        # a text file cannot take bytes
 
 
+def test_save_errors_name_the_path_not_the_temporary_file(tmp_path):
+    ct = ibp.compress(cora()[:10])
+    for path, error in ((tmp_path / "missing" / "x.ibp", FileNotFoundError), (tmp_path, IsADirectoryError)):
+        with pytest.raises(error) as e:
+            ibp.save(ct, path)
+        assert e.value.filename == str(path) and ".tmp" not in str(e.value), e.value
+    assert sorted(p.name for p in tmp_path.iterdir()) == []     # and nothing is left behind
+
+
 def test_text_files_pipes_and_bytes_are_refused_with_the_fix(tmp_path):
     import os
     import threading
