@@ -223,6 +223,17 @@ def _state_of(entry, decoded, module, state_dict, prefix, local_metadata):
             state_dict[prefix + attr] = value
 
 
+def _refuse_load(entry, module, state_dict, prefix, *args):
+    """load_state_dict pre-hook: an offloaded weight is a placeholder that
+    cannot be copied into (torch would say 'more than one element of the
+    written-to tensor refers to a single memory location')."""
+    names = [prefix + attr for _, attr in entry.slots if prefix + attr in state_dict]
+    if names:
+        raise ValueError(f"{', '.join(names[:3])} {'is' if len(names) == 1 else 'are'} offloaded (kept compressed "
+                         "on the host): load_state_dict cannot write there; give the weights to "
+                         "offload(model, device, state=...) on a model built on meta, or to from_pretrained")
+
+
 def _to_device(obj, device):
     """Tensors, also inside plain lists, tuples and dicts, moved to ``device``."""
     if torch.is_tensor(obj):
@@ -348,6 +359,7 @@ def offload(model: torch.nn.Module, device: str | torch.device, *, min_bytes: in
     for entry in entries:
         _register(entry.module, WeightOffloadHook(offloader, entry))
         entry.module.register_state_dict_post_hook(functools.partial(_state_of, entry, decoded))
+        entry.module.register_load_state_dict_pre_hook(functools.partial(_refuse_load, entry))
     model.ibp_offloader = offloader
     return model
 
