@@ -304,19 +304,33 @@ def compress_dir(src, dst, *, progress=None, **options):
     for name in names:
         path = os.path.join(src, name)
         if name in weights:
-            with open(os.path.join(dst, name[:-len(ST_SUFFIX)] + IBP_SUFFIX), "wb") as out:
+            with open(os.path.join(dst, twin_name(name)), "wb") as out:
                 n, r = compress_safetensors(path, out, scratch_dir=dst, progress=progress, **options)
             files, tensors, raw = files + 1, tensors + n, raw + r
         elif name.endswith(ST_INDEX_SUFFIX):
             _check_shards(src, name, ST_SUFFIX)
             text, index = _shard_map(path, ST_SUFFIX, IBP_SUFFIX)
             index[SOURCE_KEY] = text
-            with open(os.path.join(dst, name[:-len(ST_INDEX_SUFFIX)] + IBP_INDEX_SUFFIX), "w",
+            with open(os.path.join(dst, twin_name(name)), "w",
                       encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
         else:
             _copy(path, os.path.join(dst, name))
     return files, tensors, raw
+
+
+def twin_name(name):
+    """The name in a compressed model directory of an original's entry."""
+    if name.endswith(ST_INDEX_SUFFIX):
+        return name[:-len(ST_INDEX_SUFFIX)] + IBP_INDEX_SUFFIX
+    return name[:-len(ST_SUFFIX)] + IBP_SUFFIX if name.endswith(ST_SUFFIX) else name
+
+
+def original_name(name):
+    """The name in the decompressed model directory of a compressed one's entry."""
+    if name.endswith(IBP_INDEX_SUFFIX):
+        return name[:-len(IBP_INDEX_SUFFIX)] + ST_INDEX_SUFFIX
+    return name[:-len(IBP_SUFFIX)] + ST_SUFFIX if name.endswith(IBP_SUFFIX) else name
 
 
 def is_compressed_dir(path):
@@ -335,7 +349,7 @@ def decompress_dir(src, dst, *, progress=None):
         path = os.path.join(src, name)
         if name.endswith(IBP_SUFFIX) and os.path.isfile(path):
             try:
-                with Reader(path) as r, open(os.path.join(dst, name[:-len(IBP_SUFFIX)] + ST_SUFFIX), "wb") as out:
+                with Reader(path) as r, open(os.path.join(dst, original_name(name)), "wb") as out:
                     decompress_to_safetensors(r, out, progress=progress)
                     files, tensors = files + 1, tensors + len(r.entries)
             except FormatError as e:
@@ -346,7 +360,7 @@ def decompress_dir(src, dst, *, progress=None):
             _check_shards(src, name, IBP_SUFFIX)
             text, index = _shard_map(path, IBP_SUFFIX, ST_SUFFIX)
             original = index.pop(SOURCE_KEY, None)
-            with open(os.path.join(dst, name[:-len(IBP_INDEX_SUFFIX)] + ST_INDEX_SUFFIX), "w",
+            with open(os.path.join(dst, original_name(name)), "w",
                       encoding="utf-8") as f:
                 f.write(original if isinstance(original, str) else json.dumps(index, indent=2))
         else:

@@ -592,7 +592,8 @@ def _compress_dir(args):
     if args.model_from:
         raise CliError("--model-from takes single files, not model directories")
     output = args.output or _dir_name(args.input) + "-ibp"
-    _check_output(output, [args.input], args.force, (checkpoints.is_compressed_dir, "a compressed model directory"))
+    _check_output(output, [args.input], args.force,
+                  (_only_names(args.input, checkpoints.twin_name), "a compressed model directory of it"))
     update, close = _progress(checkpoints.raw_nbytes(args.input), "compress")
     try:
         with _atomic(output, directory=True) as tmp:
@@ -614,8 +615,12 @@ def _dir_name(path):
     return os.path.abspath(path) if os.path.basename(path) in (".", "..") else path
 
 
-def _has_safetensors(path):
-    return any(n.endswith(checkpoints.ST_SUFFIX) for n in os.listdir(path))
+def _only_names(source, rename):
+    """Whether a directory holds nothing but names the twin of ``source``
+    will hold again (``rename`` maps each of its entries): an earlier output,
+    which --force may replace without losing anything else."""
+    names = {rename(n) for n in os.listdir(source)}
+    return lambda path: set(os.listdir(path)) <= names
 
 
 def _dir_weight_bytes(path, suffix):
@@ -684,7 +689,8 @@ def _decompress_dir(args):
         raise CliError(f"{args.input}: not a compressed model directory (no .ibp weights in it)")
     default = _dir_name(args.input)
     output = args.output or (default[:-4] if default.endswith("-ibp") else default + "-restored")
-    _check_output(output, [args.input], args.force, (_has_safetensors, "a model directory (safetensors weights)"))
+    _check_output(output, [args.input], args.force,
+                  (_only_names(args.input, checkpoints.original_name), "a model directory decompressed from it"))
     update, close = _progress(checkpoints.raw_nbytes(args.input), "decompress")
     try:
         with _atomic(output, directory=True) as tmp:

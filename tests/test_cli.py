@@ -455,6 +455,11 @@ def test_force_replaces_a_directory_only_when_it_holds_an_earlier_output(files, 
     ok("decompress", tmp_path / "model-ibp", tmp_path / "empty", "-f")   # so is an empty directory
     ok("decompress", tmp_path / "model-ibp", tmp_path / "empty", "-f")   # and a model directory
     assert (tmp_path / "empty" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    (tmp_path / "empty" / "notes.txt").write_text("mine")   # a file the output would not hold again
+    assert "not a model directory" in fails("decompress", tmp_path / "model-ibp", tmp_path / "empty", "-f")
+    (tmp_path / "model-ibp" / "notes.txt").write_text("theirs")
+    assert "not a compressed model directory" in fails("compress", model, tmp_path / "model-ibp", "-f")
+    assert (tmp_path / "empty" / "notes.txt").read_text() == "mine"
 
 
 def test_outputs_get_the_permissions_the_umask_gives(files, tmp_path):
