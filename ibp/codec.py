@@ -141,6 +141,59 @@ def classify_units(x, t0, t1, W, p, U, fbits, ptot, sizes):
 # -- encoding --------------------------------------------------------------
 
 @njit(inline="always")
+def swar_groups(src64, o, ng, G, W, t0, grp):
+    """The groups of G = 64 // W words of a unit (uint64s ``src64[o:o+ng]``)
+    against a one-column level, all G lanes per operation: per group its
+    matched residuals packed low to high (``grp[0]``), their bit count
+    (``grp[1]``) and the top bit of each lane that misses (``grp[2]``).
+    Lanes are subtracted without borrows between them (Hacker's Delight
+    2-18); returns whether a lane missed."""
+    rep = ONE
+    for _ in range(G - 1):
+        rep = (rep << U64(W)) | ONE
+    H = rep << U64(W - 1)
+    L = ~H
+    B = t0[0, BASE] * rep
+    F = t0[0, FIX] * rep
+    LO = t0[0, LOW] * rep
+    HI = t0[0, HIGH] * rep
+    sh1, sh2, width, M = t0[0, SH1], t0[0, SH2], t0[0, WIDTH], t0[0, WMASK]
+    missed = ZERO
+    for g in range(ng):
+        x = src64[U64(o + g)]
+        y = ((x | H) - (B & L)) ^ ((x ^ ~B) & H)
+        t = y & F
+        nz = (((t & L) + L) | t) & H
+        r = (y & LO) | (((y & HI) >> sh1) >> sh2)
+        v = ZERO
+        bits = ZERO
+        for lane in range(G):
+            keep = ((nz >> U64(lane * W + W - 1)) & ONE) - ONE
+            v |= ((r >> U64(lane * W)) & M & keep) << bits
+            bits += width & keep
+        grp[0, U64(g)] = v
+        grp[1, U64(g)] = bits
+        grp[2, U64(g)] = nz
+        missed |= nz
+    return missed != ZERO
+
+
+@njit(inline="always")
+def group_positions(grp, ng, W, exc):
+    """Positions of the lanes ``swar_groups`` found missing into ``exc``;
+    returns their number."""
+    G = 64 // W
+    k = 0
+    for g in range(ng):
+        m = grp[2, U64(g)]
+        while m != ZERO:
+            exc[U64(k)] = G * g + ctz(m) // W
+            k += 1
+            m &= m - ONE
+    return k
+
+
+@njit(inline="always")
 def residuals_one_column(src, off, t0, U, res, miss):
     """Every word of a unit against a one-column level: its residual into
     ``res`` and whether it misses into ``miss`` (no dependence between
@@ -248,17 +301,35 @@ def append_stream(stream, nbits, buf, acc, nb, widx):
 
 
 @njit
-def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, buf, acc, nb, widx):
+def encode_unit(src, src64, off, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, grp, buf, acc, nb,
+                widx):
     """Append one unit in its cheapest kind to a writer (state: uint64 acc,
-    nb, widx); returns (kind, bits, writer state).  ``exc``, ``flag`` and
-    ``stream`` are scratch for units of up to SCRATCH_WORDS words (see
-    ``scratch``; ``flag64`` views ``flag``).  A one-column model's residuals wait in ``stream``, one
-    per word, and are packed straight into ``buf``; others are packed into
-    ``stream`` and copied."""
+    nb, widx); returns (kind, bits, writer state).  ``exc``, ``flag``,
+    ``stream`` and ``grp`` are scratch for units of up to SCRATCH_WORDS
+    words (see ``scratch``; ``flag64`` views ``flag``).  A one-column
+    model's residuals are found 64 bits of words at a time when ``src64``
+    views ``src`` as uint64s (else it is empty) and U is a whole number of
+    them, else one per word into ``stream``; either way they are packed
+    straight into ``buf``.  Other models' are packed into ``stream`` and
+    copied."""
     if U > SCRATCH_WORDS:
         return encode_unit_in_passes(src, off, t0, t1, W, p, U, fbits, ptot, buf, acc, nb, widx)
     pbits, kmax, kbits = unit_geometry(U)
-    if p == 1:
+    G = 64 // W
+    ng = U // G
+    swar = p == 1 and G > 1 and src64.shape[0] > 0 and U % G == 0
+    if swar:
+        o = off // G
+        if W == 8:
+            missed = swar_groups(src64, o, ng, 8, 8, t0, grp)
+        elif W == 16:
+            missed = swar_groups(src64, o, ng, 4, 16, t0, grp)
+        else:
+            missed = swar_groups(src64, o, ng, 2, 32, t0, grp)
+        k = group_positions(grp, ng, W, exc) if missed else 0
+        exc[k] = U
+        sbits = (U - k) * np.int64(t0[0, WIDTH])
+    elif p == 1:
         k = residuals_one_column(src, off, t0, U, stream, flag)
         k = miss_positions(flag64, U, exc) if k else 0
         exc[k] = U
@@ -291,7 +362,10 @@ def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, strea
                 word |= ONE << U64(exc[e] - j0)
                 e += 1
             acc, nb, widx = put_bits(buf, acc, nb, widx, word, U64(n))
-    if p == 1:
+    if swar:
+        for g in range(ng):
+            acc, nb, widx = put_bits(buf, acc, nb, widx, grp[0, U64(g)], grp[1, U64(g)])
+    elif p == 1:
         acc, nb, widx = pack_matched(stream, exc, k, W, t0[0, WIDTH], buf, acc, nb, widx)
     else:
         acc, nb, widx = append_stream(stream, sbits, buf, acc, nb, widx)
@@ -353,38 +427,43 @@ def encode_unit_in_passes(src, off, t0, t1, W, p, U, fbits, ptot, buf, acc, nb, 
 
 @njit(inline="always")
 def scratch(U, W):
-    """(exc, flag, flag64, stream) scratch arrays of ``encode_unit`` for
-    U-word units: ``flag`` also holds a miss byte per word, zero-padded to
-    whole uint64s (``flag64`` views them so), and ``stream`` a residual per
-    word."""
+    """(exc, flag, flag64, stream, grp) scratch arrays of ``encode_unit``
+    for U-word units: ``flag`` also holds a miss byte per word, zero-padded
+    to whole uint64s (``flag64`` views them so), ``stream`` a residual per
+    word and ``grp`` three values per group of words (``swar_groups``)."""
     n = min(U, SCRATCH_WORDS)
     flag = np.zeros((n + 15) // 8 * 8, np.uint8)
-    return np.empty(n + 1, np.int64), flag, flag.view(np.uint64), np.empty(n + 2, np.uint64)
+    return (np.empty(n + 1, np.int64), flag, flag.view(np.uint64), np.empty(n + 2, np.uint64),
+            np.empty((3, n // 2 + 1), np.uint64))
 
 
 @njit(inline="always")
-def encode_next(x, tail, u, n, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, buf, acc, nb, widx):
+def encode_next(x, x64, tail, tail64, u, n, t0, t1, W, p, U, fbits, ptot, scratch, buf, acc, nb, widx):
     """Encode unit ``u`` (the padded ``tail`` when it is the last and
-    ``tail`` is not empty) and append it; returns (kind, size, writer)."""
+    ``tail`` is not empty) and append it; returns (kind, size, writer).
+    ``x64`` and ``tail64`` view ``x`` and ``tail`` as uint64s, or are empty."""
+    exc, flag, flag64, stream, grp = scratch
     if u == n - 1 and tail.shape[0] > 0:
-        return encode_unit(tail, 0, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, buf, acc, nb, widx)
-    return encode_unit(x, u * U, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, buf, acc, nb, widx)
+        return encode_unit(tail, tail64, 0, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, grp, buf, acc,
+                           nb, widx)
+    return encode_unit(x, x64, u * U, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, grp, buf, acc, nb,
+                       widx)
 
 
 @Kernel
-def encode_chunks(x, tail, t0, t1, W, p, U, fbits, ptot, chunks, first_word, buf, kinds, sizes):
+def encode_chunks(x, x64, tail, tail64, t0, t1, W, p, U, fbits, ptot, chunks, first_word, buf, kinds, sizes):
     """Encode the units of chunk ``ch`` back to back from word
     ``first_word[ch]`` of ``buf``, a region big enough for them raw; record
     each unit's kind and bit size.  ``compact`` then closes the gaps."""
     n = kinds.shape[0]
     for ch in prange(chunks.shape[0] - 1):
-        exc, flag, flag64, stream = scratch(U, W)
+        work = scratch(U, W)
         acc = ZERO
         nb = ZERO
         widx = U64(first_word[ch])
         for u in range(chunks[ch], chunks[ch + 1]):
-            kinds[u], sizes[u], acc, nb, widx = encode_next(x, tail, u, n, t0, t1, W, p, U, fbits, ptot,
-                                                            exc, flag, flag64, stream, buf, acc, nb, widx)
+            kinds[u], sizes[u], acc, nb, widx = encode_next(x, x64, tail, tail64, u, n, t0, t1, W, p, U, fbits,
+                                                            ptot, work, buf, acc, nb, widx)
         flush_bits(buf, acc, nb, widx)
 
 
@@ -410,16 +489,16 @@ def compact(buf, first_word, chunk_bits):
 
 
 @Kernel
-def encode_slotted(x, tail, t0, t1, W, p, U, fbits, ptot, slots, slot_words, buf, kinds):
+def encode_slotted(x, x64, tail, tail64, t0, t1, W, p, U, fbits, ptot, slots, slot_words, buf, kinds):
     """Write unit ``i`` of ``x`` into slot ``slots[i]``; zero the slot's rest."""
     n = kinds.shape[0]
     nchunks = min(n, 64)
     for ch in prange(nchunks):
-        exc, flag, flag64, stream = scratch(U, W)
+        work = scratch(U, W)
         for i in range(ch * n // nchunks, (ch + 1) * n // nchunks):
             w0 = U64(slots[i] * slot_words)
-            kinds[i], _, acc, nb, widx = encode_next(x, tail, i, n, t0, t1, W, p, U, fbits, ptot, exc, flag,
-                                                     flag64, stream, buf, ZERO, ZERO, w0)
+            kinds[i], _, acc, nb, widx = encode_next(x, x64, tail, tail64, i, n, t0, t1, W, p, U, fbits, ptot,
+                                                     work, buf, ZERO, ZERO, w0)
             flush_bits(buf, acc, nb, widx)
             if nb > ZERO:
                 widx += ONE

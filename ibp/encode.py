@@ -29,6 +29,16 @@ def _tail(words, geom):
     return _padded(words[geom.total_words - used:], geom.unit_words)
 
 
+def _as_u64(words):
+    """``words`` viewed as uint64s for the encoder's lane-parallel path, or
+    an empty array where its start is not 8-byte aligned or it is not a
+    whole number of uint64s (a view at an odd offset: then one word at a
+    time)."""
+    if words.ctypes.data % 8 or words.nbytes % 8:
+        return np.zeros(0, np.uint64)
+    return words.view(np.uint64)
+
+
 def pack_kinds(kinds):
     """Four 2-bit kinds per byte, unit 0 in the lowest bits."""
     padded = np.zeros(-(-kinds.size // 4) * 4, np.uint8)
@@ -110,8 +120,8 @@ def encode_packed(data, geom, model):
     buf = np.zeros(int(first_word[-1]) + 1, np.uint64)
     if n:
         t0, t1, fbits, ptot = model.tables
-        codec.encode_chunks(geom.total_words, body, tail, t0, t1, geom.word_bits, model.period, geom.unit_words,
-                            fbits, ptot, chunks, first_word, buf, kinds, sizes)
+        codec.encode_chunks(geom.total_words, body, _as_u64(body), tail, _as_u64(tail), t0, t1, geom.word_bits,
+                            model.period, geom.unit_words, fbits, ptot, chunks, first_word, buf, kinds, sizes)
     chunk_bits = np.add.reduceat(sizes, chunks[:-1]) if n else np.zeros(0, np.int64)
     total = codec.compact(buf, first_word[:-1], chunk_bits) if n else 0
     nwords = -(-total // 64) + 1  # + the spare zero word
@@ -131,8 +141,8 @@ def encode_slots(data, geom, model, slots, buf):
     body = words[:words.size - used]
     kinds = np.empty(len(slots), np.uint8)
     t0, t1, fbits, ptot = model.tables
-    codec.encode_slotted(words.size, body, tail, t0, t1, geom.word_bits, model.period, geom.unit_words, fbits, ptot,
-                         np.asarray(slots, np.int64), geom.slot_words, buf, kinds)
+    codec.encode_slotted(words.size, body, _as_u64(body), tail, _as_u64(tail), t0, t1, geom.word_bits, model.period,
+                         geom.unit_words, fbits, ptot, np.asarray(slots, np.int64), geom.slot_words, buf, kinds)
     return kinds
 
 
