@@ -4,8 +4,8 @@ that speaks numcodecs store chunks compressed by Invariant Bit Packing.
 Each chunk becomes a self-contained ibp file (docs/format.md): its dtype and
 shape travel with it, so decoding needs nothing but the bytes.  zarr's v2
 format hands a compressor the chunk as an array, which is what ibp learns
-its model from; zarr's v3 format gives bytes-to-bytes codecs raw bytes, so
-there the codec would see uint8 and compress much worse: use v2.
+its model from; for zarr's v3 format, whose compressors see raw bytes, ibp
+is the array-to-bytes codec instead (ibp/zarr_codec.py).
 
 numcodecs reads a decoded chunk as bytes in memory order and views them as
 the chunk's dtype, and may hand the codec any buffer (bytes, bytearray,

@@ -104,3 +104,68 @@ def test_numcodecs_own_checks_pass(cora):
     common.check_err_encode_object_buffer(codec)
     assert len(codec.encode(rows.tobytes())) * 5 < rows.nbytes        # raw bytes still compress
     assert len(codec.encode(rows.view("m8[s]"))) * 5 < rows.nbytes    # so does a dtype ibp has not
+
+
+# -- zarr's v3 format: ibp as the array-to-bytes codec ------------------------------------
+def test_zarr_v3_array_with_the_ibp_serializer(tmp_path, cora):
+    zarr = pytest.importorskip("zarr")
+    from ibp.zarr_codec import IBPCodec
+    path = str(tmp_path / "cora.zarr")
+    z = zarr.create_array(store=path, shape=cora.shape, chunks=(512, 1433), dtype=cora.dtype,
+                          serializer=IBPCodec(), compressors=None, zarr_format=3)
+    z[:] = cora
+    again = zarr.open_array(path, mode="r")
+    assert again.metadata.zarr_format == 3 and isinstance(again.metadata.codecs[0], IBPCodec)
+    assert again[:].tobytes() == cora.tobytes()
+    assert again[100:700:3].tobytes() == cora[100:700:3].tobytes()
+    stored = sum(f.stat().st_size for f in (tmp_path / "cora.zarr" / "c").rglob("*") if f.is_file())
+    assert stored * 20 < cora.nbytes
+    assert IBPCodec.from_dict(IBPCodec(word_bits=16).to_dict()) == IBPCodec(word_bits=16)
+    with pytest.raises(ValueError):
+        IBPCodec(word_bits=12)
+
+
+def test_zarr_v3_opens_through_the_entry_point_without_importing_ibp(tmp_path, cora):
+    zarr = pytest.importorskip("zarr")
+    import subprocess
+    import sys
+    from ibp.zarr_codec import IBPCodec
+    path = str(tmp_path / "a.zarr")
+    z = zarr.create_array(store=path, shape=(300, 200), chunks=(64, 64), dtype="f4", serializer=IBPCodec())
+    z[:] = cora[:300, :200]
+    np.save(tmp_path / "want.npy", cora[:300, :200])
+    code = ("import sys, zarr, numpy as np\n"
+            f"z = zarr.open_array({path!r}, mode='r')\n"
+            "assert type(z.metadata.codecs[0]).__module__ == 'ibp.zarr_codec', z.metadata.codecs\n"
+            f"assert np.array_equal(z[:], np.load({str(tmp_path / 'want.npy')!r}))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_zarr_v3_chunks_of_odd_shapes_and_dtypes(tmp_path, cora):
+    zarr = pytest.importorskip("zarr")
+    from ibp.zarr_codec import IBPCodec
+    rows = cora[:257, :131]
+    arrays = {"f4": rows, "be_f4": rows.astype(">f4"), "f2": rows.astype(np.float16), "i1": (rows * 7).astype(np.int8),
+              "bool": rows > 0, "u8": rows.view(np.uint32).astype(np.uint64) << 7,
+              "3d": rows[:256, :130].reshape(256, 10, 13)}
+    for name, a in arrays.items():
+        chunks = (37, 19) if a.ndim == 2 else (17, 3, 5)   # edge chunks everywhere
+        path = str(tmp_path / f"{name}.zarr")
+        z = zarr.create_array(store=path, shape=a.shape, chunks=chunks, dtype=a.dtype, fill_value=0,
+                              serializer=IBPCodec(word_bits=8 if name == "f4" else None))
+        z[:] = a
+        again = zarr.open_array(path, mode="r")[:]   # v3 arrays read back native-endian, as with its bytes codec
+        assert again.dtype == a.dtype.newbyteorder("=") and np.array_equal(again, a), name
+
+
+def test_zarr_v3_chunk_of_another_shape_is_a_format_error(tmp_path, cora):
+    zarr = pytest.importorskip("zarr")
+    from ibp.zarr_codec import IBPCodec
+    for name, chunks in (("a", (64, 64)), ("b", (32, 64))):
+        z = zarr.create_array(store=str(tmp_path / name), shape=(128, 128), chunks=chunks, dtype="f4",
+                              serializer=IBPCodec(), compressors=None)
+        z[:] = cora[:128, :128]
+    (tmp_path / "b" / "c" / "0" / "0").write_bytes((tmp_path / "a" / "c" / "0" / "0").read_bytes())
+    with pytest.raises(ibp.FormatError, match="chunks are"):
+        zarr.open_array(str(tmp_path / "b"), mode="r")[:]
