@@ -726,6 +726,7 @@ def _info_dir(args):
     """``info`` of a compressed model directory: each weight file's totals."""
     if not checkpoints.is_compressed_dir(args.input):
         raise CliError(f"{args.input}: not a compressed model directory (no .ibp weights in it)")
+    checkpoints.weight_files(args.input)   # a shard index naming missing shards: say so, as decompress does
     files = {}
     for name in sorted(os.listdir(args.input)):
         path = os.path.join(args.input, name)

@@ -92,6 +92,10 @@ def test_single_file_directory_and_missing_shards(tmp_path):
     (small / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
     assert "not there: gone.safetensors" in fails("compress", small, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+    (tmp_path / "m-ibp" / "model.ibp").rename(tmp_path / "m-ibp" / "model-1.ibp")
+    (tmp_path / "m-ibp" / "model.ibp.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.ibp",
+                                                                                        "b": "gone.ibp"}}))
+    assert "not there: gone.ibp" in fails("info", tmp_path / "m-ibp")
     assert not any(n.startswith(".") for n in os.listdir(tmp_path))  # no temporary left behind
 
 
