@@ -564,7 +564,7 @@ def parse_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, exc
         matched -= U64(k) * t0[0, WIDTH]
     else:
         for e in range(k):
-            matched -= t0[exc[e] % p, WIDTH]
+            matched -= t0[column(exc[e], p), WIDTH]
     mstart = pos
     fstart = mstart + matched
     xstart = fstart + U64(k * fbits)
@@ -574,7 +574,7 @@ def parse_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, exc
     for e in range(k):
         f = np.uint8(read_bits(words, fstart + U64(e), ONE)) if fbits else np.uint8(0)
         flag[e] = f
-        stop += t1[exc[e] % p, WIDTH] if f else Wu
+        stop += t1[column(exc[e], p), WIDTH] if f else Wu
     status = ERR_SIZE if stop > end or (exact and stop != end) else OK
     return status, k, mstart, xstart, stop
 
@@ -661,7 +661,7 @@ def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, ou
     else:
         j = 0
         for e in range(k + 1):
-            c = j % p
+            c = column(j, p)
             for i in range(j, exc[e]):
                 out[U64(o + i)] = restore(read_bits(words, pos, t0[c, WMASK]), t0, c, wmask)
                 pos += t0[c, WIDTH]
@@ -672,7 +672,7 @@ def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, ou
     pos = xstart
     for e in range(k):
         if flag[e]:
-            c = exc[e] % p
+            c = column(exc[e], p)
             out[o + exc[e]] = restore(read_bits(words, pos, t1[c, WMASK]), t1, c, wmask)
             pos += t1[c, WIDTH]
         else:
@@ -743,7 +743,7 @@ def parse_unit_in_passes(words, start, end, exact, kind, t0, t1, W, p, U, fbits,
         if q <= prev or q >= U:
             return ERR_POSITION, 0, pos, pos, pos, pos
         prev = q
-        matched -= t0[q % p, WIDTH]
+        matched -= t0[column(q, p), WIDTH]
     fstart = mstart + matched
     xstart = fstart + U64(k * fbits)
     if xstart > end:
@@ -754,7 +754,7 @@ def parse_unit_in_passes(words, start, end, exact, kind, t0, t1, W, p, U, fbits,
     for e in range(k):
         q, j0, word = next_exception(words, kind, pstart, pbits, U, e, j0, word)
         second = fbits != 0 and read_bits(words, fstart + U64(e), ONE) != ZERO
-        stop += t1[q % p, WIDTH] if second else U64(W)
+        stop += t1[column(q, p), WIDTH] if second else U64(W)
     status = ERR_SIZE if stop > end or (exact and stop != end) else OK
     return status, k, pstart, mstart, xstart, stop
 
@@ -792,7 +792,7 @@ def decode_unit_in_passes(words, start, end, exact, kind, t0, t1, W, p, U, fbits
                 decode_run_one_column(words, pos + U64(a - j) * width, W, a, b, out, o, t0)
             pos += U64(q - j) * width
         else:
-            c = j % p
+            c = column(j, p)
             for i in range(j, q):
                 if a <= i < b:
                     out[U64(o + i)] = restore(read_bits(words, pos, t0[c, WMASK]), t0, c, wmask)
@@ -801,7 +801,7 @@ def decode_unit_in_passes(words, start, end, exact, kind, t0, t1, W, p, U, fbits
                 if c == p:
                     c = 0
         if e < k:
-            c = q % p
+            c = column(q, p)
             second = fbits != 0 and read_bits(words, fstart + U64(e), ONE) != ZERO
             width = t1[c, WIDTH] if second else Wu
             if s <= q < s + n:
