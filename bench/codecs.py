@@ -255,6 +255,47 @@ class Reference(Codec):
                 "raw_tensors": sum(rt.word_bits is None for rt in rts)}
 
 
+class FileCodec:
+    """A byte codec applied to a whole file's bytes, as its command-line
+    tool would be (``zstd -3 model.safetensors``): ``compress(bytearray)``
+    and ``decompress(bytes)`` give bytes-like objects.  ``dtype`` is the
+    element type of most of the file's bytes (blosc2's type size, ZipNN's
+    float type)."""
+
+    def __init__(self, codec, dtype):
+        self.codec, self.name = codec, codec.name
+        self._dtype = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
+
+    def compress(self, data):
+        c = self.codec
+        if isinstance(c, Blosc2):
+            return b"".join(len(ch).to_bytes(8, "little") + ch
+                            for ch in c.compress(np.frombuffer(data, np.uint8).view(
+                                f"<u{self._dtype.itemsize}") if len(data) % self._dtype.itemsize == 0
+                                else np.frombuffer(data, np.uint8))[0])
+        if isinstance(c, ZipNN):
+            return c.compress((data, self._dtype, (len(data) // self._dtype.itemsize,)))[0]
+        return c._pack(data)
+
+    def decompress(self, packed):
+        c = self.codec
+        if isinstance(c, Blosc2):
+            chunks, pos = [], 0
+            while pos < len(packed):
+                n = int.from_bytes(packed[pos:pos + 8], "little")
+                chunks.append(packed[pos + 8:pos + 8 + n])
+                pos += 8 + n
+            return c._unpack(chunks)
+        if isinstance(c, ZipNN):
+            return c._coder(self._dtype).decompress(packed)
+        return c._unpack(packed)
+
+
+def file_codecs(dtype):
+    """Each installed byte codec, for whole files of mostly ``dtype``."""
+    return [FileCodec(cls(*args), dtype) for cls, args in BYTE_CODECS if cls.module not in MISSING]
+
+
 BYTE_CODECS = ((Zstd, (3,)), (Zstd, (19,)), (Lz4, ()), (Blosc2, ()), (ZipNN, ()))   # (class, arguments), table order
 MISSING = tuple(dict.fromkeys(cls.module for cls, _ in BYTE_CODECS if not installed(cls.module)))
 

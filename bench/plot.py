@@ -18,8 +18,9 @@ def plot_ratio_speed(results, path):
     codecs = list(dict.fromkeys(c for r in results["datasets"].values() for c in r["codecs"]))
     colour = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(codecs)}
     marker = {c: MARKERS[i % len(MARKERS)] for i, c in enumerate(codecs)}
-    cols = min(3, max(1, len(names)))
-    rows = max(1, math.ceil(len(names) / cols))
+    extra = [k for k in ("checkpoints", "threads") if results.get(k)]
+    cols = min(3, max(1, len(names) + len(extra)))
+    rows = max(1, math.ceil((len(names) + len(extra)) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols + 1.8, 3.6 * rows), squeeze=False)
     for ax, d in zip(axes.flat, names):
         ratios = []
@@ -42,7 +43,20 @@ def plot_ratio_speed(results, path):
         ax.set_ylabel("ratio raw / compressed", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(True, which="both", alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
+    panels = list(axes.flat)[len(names):]
+    if "checkpoints" in extra:
+        files = results["checkpoints"]
+        _bars(panels.pop(0), list(files), {
+            "compress": [f["codecs"]["ibp"]["compress_mb_s"] / f["codecs"]["zstd-3"]["compress_mb_s"]
+                         if "zstd-3" in f["codecs"] else 0 for f in files.values()],
+            "decompress": [f["codecs"]["ibp"]["decompress_mb_s"] / f["codecs"]["zstd-3"]["decompress_mb_s"]
+                           if "zstd-3" in f["codecs"] else 0 for f in files.values()]},
+            "checkpoint files: ibp speed / zstd-3 speed", "x zstd-3 (1 thread)")
+    if "threads" in extra:
+        t = results["threads"]
+        _bars(panels.pop(0), list(t), {k: [e["speedup"][k] for e in t.values()] for k in ("compress", "decompress")},
+              "ibp on two threads / one thread", "speedup")
+    for ax in panels:
         ax.set_visible(False)
     handles = [Line2D([], [], linestyle="", marker=marker[c], color=colour[c], label=c) for c in codecs]
     fig.legend(handles=handles, fontsize=8, loc="center right", frameon=False)
@@ -52,3 +66,18 @@ def plot_ratio_speed(results, path):
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def _bars(ax, labels, series, title, ylabel):
+    """Grouped bars: one group per label, one bar per series, a line at 1."""
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(labels))], values, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.6)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=6)
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    ax.grid(True, axis="y", alpha=0.3)

@@ -7,6 +7,14 @@ compress and decompress speed (uncompressed MB per second, MB = 10^6 bytes,
 best of ``repeats`` passes over all tensors of the dataset in sequence, one
 thread), and whether every round trip was bit-exact.
 
+Each dataset is also written as one safetensors file and converted as a
+user converts a checkpoint, file to file, in the same run: ``ibp compress``
+(``checkpoints.compress_safetensors``, every tensor analysed and encoded)
+and ``ibp decompress`` back to the same bytes, against each byte codec on
+the whole file (read, compress, write; read, decompress, write).  Tensors
+of SCALING_MIN_BYTES and more (and the KV cache stacked into one tensor)
+are timed again with two threads, against one.
+
     python -m ibp.bench.ratio [--datasets cora glove-50d] [--data FILE] [--out DIR]
 """
 import argparse
@@ -19,6 +27,7 @@ import os
 from pathlib import Path
 import platform
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -28,10 +37,13 @@ if __package__ in (None, ""):  # run as a script: python bench/ratio.py
 else:
     from . import codecs as codec_lib, plot
 
+import numba
+
 import ibp
-from ibp import datasets
+from ibp import checkpoints, datasets, stream
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SCALING_MIN_BYTES = 64 << 20     # tensors this big are also timed on two threads
 
 
 # -- inputs ------------------------------------------------------------------
@@ -126,7 +138,7 @@ def bench_dataset(tensors, repeats=3, log=None):
             for x in codec.inputs(xs):
                 codec.decompress(codec.compress(x))
         t_c, objs = _best_time(lambda ins: [codec.compress(x) for x in ins], repeats, lambda: codec.inputs(xs))
-        t_d, ys = _best_time(lambda _: [codec.decompress(o) for o in objs], repeats)
+        t_d, ys = _best_time(lambda _, objs=objs: [codec.decompress(o) for o in objs], repeats)
         size = sum(codec.size(o) for o in objs)
         entry = {"bytes": size, "ratio": round(raw / size, 4) if size else None,
                  "compress_mb_s": round(raw / 1e6 / t_c, 2), "decompress_mb_s": round(raw / 1e6 / t_d, 2),
@@ -141,6 +153,107 @@ def bench_dataset(tensors, repeats=3, log=None):
     return out
 
 
+def _save_safetensors(tensors, path):
+    """Write a dict of numpy arrays / torch tensors as one safetensors file."""
+    try:
+        import torch
+        from safetensors.torch import save_file
+    except ImportError:
+        from safetensors.numpy import save_file
+        save_file({k: np.ascontiguousarray(codec_lib.as_numpy(v)) for k, v in tensors.items()}, str(path))
+        return
+    save_file({k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))).contiguous()
+               for k, v in tensors.items()}, str(path))
+
+
+def _read(path):
+    data = bytearray(os.path.getsize(path))
+    with open(path, "rb", buffering=0) as f:
+        f.readinto(data)
+    return data
+
+
+def _write(path, data):
+    with open(path, "wb", buffering=0) as f:
+        f.write(data)
+
+
+def bench_checkpoint(tensors, workdir, repeats=3, log=None):
+    """Every codec on the dataset written as one safetensors file, file to
+    file: ibp as ``ibp compress`` / ``ibp decompress`` convert it, the byte
+    codecs on the whole file's bytes."""
+    src, packed, back = (Path(workdir) / n for n in ("model.safetensors", "packed", "back.safetensors"))
+    _save_safetensors(tensors, src)
+    raw = os.path.getsize(src)
+    xs = [codec_lib.as_numpy(t) for t in tensors.values()]
+    main = max(xs, key=lambda x: x.nbytes).dtype
+    out = {"file_bytes": raw, "tensors": len(xs), "dtype": str(main), "codecs": {}}
+
+    def ibp_compress(_):
+        with open(packed, "wb") as f:
+            checkpoints.compress_safetensors(src, f, scratch_dir=workdir)
+
+    def ibp_decompress(_):
+        with stream.Reader(packed) as r, open(back, "wb") as f:
+            checkpoints.decompress_to_safetensors(r, f)
+
+    runs = [("ibp", ibp_compress, ibp_decompress)]
+    for c in codec_lib.file_codecs(main):
+        runs.append((c.name, lambda _, c=c: _write(packed, c.compress(_read(src))),
+                     lambda _, c=c: _write(back, c.decompress(bytes(_read(packed))))))
+    for name, comp, decomp in runs:
+        if name == "ibp":  # compile (or load from cache) the numba kernels untimed
+            comp(None)
+            decomp(None)
+        t_c, _ = _best_time(comp, repeats)
+        size = os.path.getsize(packed)
+        t_d, _ = _best_time(decomp, repeats)
+        exact = _read(back) == _read(src)
+        out["codecs"][name] = {"bytes": size, "ratio": round(raw / size, 4),
+                               "compress_mb_s": round(raw / 1e6 / t_c, 2), "decompress_mb_s": round(raw / 1e6 / t_d, 2),
+                               "compress_s": t_c, "decompress_s": t_d, "exact": exact}
+        if log:
+            e = out["codecs"][name]
+            log(f"  file {name:12s} ratio {e['ratio']}  compress {e['compress_mb_s']} MB/s  "
+                f"decompress {e['decompress_mb_s']} MB/s  exact {exact}")
+    for path in (packed, back, src):
+        path.unlink(missing_ok=True)
+    return out
+
+
+def bench_threads(name, x, repeats=3, log=None):
+    """ibp compress (analysis included) and decompress of one tensor on one
+    and on two threads."""
+    x = codec_lib.as_numpy(x)
+    entry = {"bytes": x.nbytes, "shape": list(x.shape), "dtype": str(x.dtype)}
+    for threads in (1, 2):
+        numba.set_num_threads(threads)
+        ibp.decompress(ibp.compress(x))  # the parallel kernels, compiled or loaded untimed
+        t_c, ct = _best_time(lambda _: ibp.compress(x), repeats)
+        t_d, y = _best_time(lambda _: ibp.decompress(ct), repeats)
+        entry[f"threads_{threads}"] = {"compress_mb_s": round(x.nbytes / 1e6 / t_c, 2),
+                                       "decompress_mb_s": round(x.nbytes / 1e6 / t_d, 2),
+                                       "exact": _same(x, y)}
+    one, two = entry["threads_1"], entry["threads_2"]
+    entry["speedup"] = {k: round(two[f"{k}_mb_s"] / one[f"{k}_mb_s"], 3) for k in ("compress", "decompress")}
+    if log:
+        log(f"  {name}: two threads / one: compress {entry['speedup']['compress']}x, "
+            f"decompress {entry['speedup']['decompress']}x")
+    return entry
+
+
+def _scaling_tensors(name, tensors, min_bytes):
+    """(label, tensor) of the dataset's tensors of ``min_bytes`` and more, and
+    of its tensors stacked into one when they share a shape (the KV cache
+    of every layer) and together are that big."""
+    xs = {k: codec_lib.as_numpy(t) for k, t in tensors.items()}
+    out = [(f"{name}/{k}", x) for k, x in xs.items() if x.nbytes >= min_bytes]
+    shapes = {(x.shape, x.dtype) for x in xs.values()}
+    if len(xs) > 1 and len(shapes) == 1 and sum(x.nbytes for x in xs.values()) >= min_bytes:
+        out.append((f"{name} (all {len(xs)} stacked)", np.stack(list(xs.values()))))
+    return out
+
+
 def _summary(results):
     per = {}
     for name, r in results["datasets"].items():
@@ -149,13 +262,20 @@ def _summary(results):
                      "reference_over_ibp": round(ref / mine, 4) if mine else None}
     factors = [p["reference_over_ibp"] for p in per.values() if p["reference_over_ibp"]]
     geo = round(math.exp(sum(map(math.log, factors)) / len(factors)), 4) if factors else None
-    return {"per_dataset": per, "geomean_reference_over_ibp": geo}
+    files = {}
+    for name, r in results.get("checkpoints", {}).items():
+        mine, base = r["codecs"]["ibp"], r["codecs"].get("zstd-3")
+        if base:
+            files[name] = {k: round(mine[f"{k}_mb_s"] / base[f"{k}_mb_s"], 3) for k in ("compress", "decompress")}
+    return {"per_dataset": per, "geomean_reference_over_ibp": geo, "checkpoint_ibp_over_zstd3": files}
 
 
-def run(names=None, data=None, repeats=3, log=None):
+def run(names=None, data=None, repeats=3, log=None, scaling_min_bytes=SCALING_MIN_BYTES):
     """Benchmark every codec on the named datasets (default: every one of
     ibp.datasets.DATASETS installed here) or on the tensors of the file
-    ``data``; returns a JSON-ready dict.  ``log`` gets progress lines."""
+    ``data``, each also as a safetensors file, and ibp's two-thread scaling
+    on tensors of ``scaling_min_bytes`` and more; returns a JSON-ready dict.
+    ``log`` gets progress lines."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if data is not None:
@@ -169,8 +289,12 @@ def run(names=None, data=None, repeats=3, log=None):
     results = {"machine": machine(),
                "settings": {"repeats": repeats, "threads": 1, "mb": 10 ** 6, "codecs": list(codec_lib.NAMES),
                             "missing_packages": list(codec_lib.MISSING), "blosc2_clevel": codec_lib.BLOSC2_CLEVEL},
-               "datasets": {}}
-    with codec_lib.single_threaded():
+               "datasets": {}, "checkpoints": {}, "threads": {}}
+    two_threads = min(os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS) >= 2
+    results["settings"]["scaling"] = {"min_bytes": scaling_min_bytes, "threads": [1, 2] if two_threads else [],
+                                      "note": None if two_threads else "fewer than two cores: not measured"}
+    scratch = "/dev/shm" if os.path.isdir("/dev/shm") else None  # files in memory: the codecs, not the disk
+    with codec_lib.single_threaded(), tempfile.TemporaryDirectory(dir=scratch) as workdir:
         for name, load in sources.items():
             try:
                 tensors = load()
@@ -182,6 +306,11 @@ def run(names=None, data=None, repeats=3, log=None):
                 mb = sum(codec_lib.as_numpy(t).nbytes for t in tensors.values()) / 1e6
                 log(f"{name}: {len(tensors)} tensors, {mb:.1f} MB")
             results["datasets"][name] = bench_dataset(tensors, repeats, log)
+            results["checkpoints"][name] = bench_checkpoint(tensors, workdir, repeats, log)
+            if two_threads:
+                for label, x in _scaling_tensors(name, tensors, scaling_min_bytes):
+                    results["threads"][label] = bench_threads(label, x, repeats, log)
+                numba.set_num_threads(1)
             del tensors
     results["summary"] = _summary(results)
     return results
@@ -192,8 +321,9 @@ def run(names=None, data=None, repeats=3, log=None):
 def format_table(results):
     """Markdown table (dataset x codec) and the ibp-vs-reference summary."""
     m = results["machine"]
-    lines = [f"Single thread on {m['cpu']} ({m['cores']} cores), {m['date']}; MB = 10^6 bytes, "
-             f"best of {results['settings']['repeats']}.", "",
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; {m['date']}.", "",
+             f"Single thread unless said; MB = 10^6 bytes, best of {results['settings']['repeats']}.", "",
+             "## Tensors (each codec on every tensor of the dataset, in memory)", "",
              "| dataset | codec | ratio | compress MB/s | decompress MB/s | exact |",
              "|---|---|---:|---:|---:|:---:|"]
     for name, r in results["datasets"].items():
@@ -210,6 +340,29 @@ def format_table(results):
     geo = s["geomean_reference_over_ibp"]
     lines.append(f"- geometric mean of reference/ibp bytes over {len(s['per_dataset'])} datasets: "
                  f"{'-' if geo is None else f'{geo:.4f}'}")
+    if results.get("checkpoints"):
+        lines += ["", "## Checkpoint files (each dataset as one safetensors file, file to file)", "",
+                  "ibp converts it as `ibp compress` / `ibp decompress` do (every tensor analysed and encoded; "
+                  "the original file comes back byte for byte); the byte codecs compress the whole file.", "",
+                  "| file | codec | ratio | compress MB/s | decompress MB/s | exact |",
+                  "|---|---|---:|---:|---:|:---:|"]
+        for name, r in results["checkpoints"].items():
+            for codec, e in r["codecs"].items():
+                lines.append(f"| {name}.safetensors | {codec} | {e['ratio']:.4f} | {e['compress_mb_s']:.2f} | "
+                             f"{e['decompress_mb_s']:.2f} | {'yes' if e['exact'] else 'NO'} |")
+        lines.append("")
+        for name, f in s.get("checkpoint_ibp_over_zstd3", {}).items():
+            lines.append(f"- {name}.safetensors: ibp / zstd-3 speed: compress {f['compress']:.3f}x, "
+                         f"decompress {f['decompress']:.3f}x")
+    if results.get("threads"):
+        lines += ["", "## Two threads against one (ibp, analysis included)", "",
+                  "| tensor | MB | compress 1 / 2 threads MB/s | speedup | decompress 1 / 2 threads MB/s | speedup |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for label, e in results["threads"].items():
+            one, two = e["threads_1"], e["threads_2"]
+            lines.append(f"| {label} | {e['bytes'] / 1e6:.1f} | {one['compress_mb_s']:.2f} / {two['compress_mb_s']:.2f} | "
+                         f"{e['speedup']['compress']:.3f} | {one['decompress_mb_s']:.2f} / "
+                         f"{two['decompress_mb_s']:.2f} | {e['speedup']['decompress']:.3f} |")
     return "\n".join(lines)
 
 

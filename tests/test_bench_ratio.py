@@ -10,16 +10,18 @@ import sys
 import numpy as np
 import pytest
 
+import ibp.datasets
+
 from ibp.bench import codecs, plot, ratio
 
 
 @pytest.fixture(scope="module")
 def results():
-    return ratio.run(["cora"], repeats=1)
+    return ratio.run(["cora"], repeats=1, scaling_min_bytes=1 << 20)  # Cora's 15.5 MB table is timed on two threads
 
 
 def test_structure(results):
-    assert set(results) == {"machine", "settings", "datasets", "summary"}
+    assert set(results) == {"machine", "settings", "datasets", "checkpoints", "threads", "summary"}
     m = results["machine"]
     assert m["cpu"] and m["cores"] >= 1 and m["date"]
     assert {"python", "numpy", "numba", "torch"} <= set(m["versions"])
@@ -36,6 +38,44 @@ def test_structure(results):
 
 def test_every_codec_round_trips_exactly(results):
     assert all(e["exact"] is True for e in results["datasets"]["cora"]["codecs"].values())
+    assert all(e["exact"] is True for e in results["checkpoints"]["cora"]["codecs"].values())
+
+
+def test_checkpoint_file_is_converted_by_every_codec(results):
+    f = results["checkpoints"]["cora"]
+    assert f["tensors"] == 1 and f["dtype"] == "float32"
+    assert f["file_bytes"] > 2708 * 1433 * 4   # the tensor's bytes and the safetensors header
+    assert list(f["codecs"]) == ["ibp"] + [n for n in codecs.NAMES if n not in ("ibp", "ibp-model-reuse",
+                                                                              "reference")]
+    for name, e in f["codecs"].items():
+        assert e["ratio"] == round(f["file_bytes"] / e["bytes"], 4), name
+        assert e["compress_mb_s"] > 0 and e["decompress_mb_s"] > 0, name
+    mine = f["codecs"]["ibp"]["bytes"]
+    tensor = results["datasets"]["cora"]["codecs"]["ibp"]["bytes"]
+    assert tensor < mine < tensor + 4096   # the same tensor, plus the recorded safetensors header
+    if "zstd-3" in f["codecs"]:
+        z = f["codecs"]["zstd-3"]
+        assert results["summary"]["checkpoint_ibp_over_zstd3"]["cora"] == {
+            k: round(f["codecs"]["ibp"][f"{k}_mb_s"] / z[f"{k}_mb_s"], 3) for k in ("compress", "decompress")}
+
+
+def test_two_thread_scaling_is_measured_on_big_tensors(results):
+    if not results["settings"]["scaling"]["threads"]:
+        pytest.skip("fewer than two cores")
+    e = results["threads"]["cora/features"]
+    assert e["bytes"] == 2708 * 1433 * 4
+    for k in ("compress", "decompress"):
+        assert e["speedup"][k] == round(e["threads_2"][f"{k}_mb_s"] / e["threads_1"][f"{k}_mb_s"], 3)
+    assert e["threads_1"]["exact"] and e["threads_2"]["exact"]
+    cora = ibp.datasets.load("cora")
+    assert ratio._scaling_tensors("cora", cora, ratio.SCALING_MIN_BYTES) == []   # 15.5 MB: under the default 64 MB
+
+
+def test_stacked_tensors_of_one_shape_are_timed_together():
+    xs = {f"l{i}": np.zeros((4, 8), np.float32) for i in range(3)}
+    got = ratio._scaling_tensors("kv", xs, 3 * 4 * 8 * 4)
+    assert [label for label, _ in got] == ["kv (all 3 stacked)"] and got[0][1].shape == (3, 4, 8)
+    assert ratio._scaling_tensors("kv", dict(xs, odd=np.zeros(3, np.float32)), 1)[-1][0] == "kv/odd"
 
 
 def test_reference_and_summary(results):
@@ -63,6 +103,12 @@ def test_table_numbers_equal_json(results):
     line = next(line for line in table.splitlines() if line.startswith("- cora:"))
     numbers = [float(n.replace(",", "")) for n in re.findall(r"[\d,]+(?:\.\d+)?", line)]
     assert numbers == [p["ibp_bytes"], p["reference_bytes"], p["reference_over_ibp"]]
+    files = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| cora.safetensors |")]
+    assert [r[1].strip() for r in files] == list(results["checkpoints"]["cora"]["codecs"])
+    for r in files:
+        e = results["checkpoints"]["cora"]["codecs"][r[1].strip()]
+        assert [float(r[2]), float(r[3]), float(r[4])] == [e["ratio"], e["compress_mb_s"], e["decompress_mb_s"]]
+    assert results["machine"]["cpu"] in table.splitlines()[0]
 
 
 def test_plot_writes_a_png(results, tmp_path):
