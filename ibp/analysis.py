@@ -149,17 +149,21 @@ def _best_levels(v, W, prices):
             stale += 1
             if hopeless or stale > PLATEAU:
                 break
-    ones = np.zeros(W, np.int64)  # per bit, from a histogram of each byte
-    hist8 = np.zeros(256, np.int64)
-    for byte in range(W // 8):
-        hist8[:] = 0
-        sh = U64(8 * byte)
+    ones = np.zeros(W, np.int64)  # per bit: directly for few words, else from a histogram of each byte
+    if m <= 256:
         for i in range(m):
-            hist8[np.int64((v[i] >> sh) & U64(255))] += 1
-        for d in range(256):
-            for k in range(8):
-                if (d >> k) & 1:
-                    ones[8 * byte + k] += hist8[d]
+            for bit in range(W):
+                ones[bit] += np.int64((v[i] >> U64(bit)) & ONE)
+    else:
+        hist8 = np.zeros(256, np.int64)
+        for byte in range(W // 8):
+            hist8[:] = 0
+            sh = U64(8 * byte)
+            for i in range(m):
+                hist8[np.int64((v[i] >> sh) & U64(255))] += 1
+            for d in range(256):
+                for k in range(8):
+                    ones[8 * byte + k] += hist8[d] * ((d >> k) & 1)
     majority = ZERO
     for bit in range(W):
         if 2 * ones[bit] > m:
