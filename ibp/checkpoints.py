@@ -88,11 +88,12 @@ def _tensor_entries(header):
 ST_NAMES = {code: name for name, code in ST_DTYPES.items()}
 
 
-def _read_tensor(f, path, data_start, name, entry, size, framework):
-    """One tensor of a safetensors file, read with plain file reads into a
-    new buffer.  A memory map (safetensors' ``safe_open``) would leave every
-    page read so far resident in this process, so memory would grow to the
-    whole checkpoint."""
+def _read_tensor(f, path, data_start, name, entry, size, framework, buf):
+    """One tensor of a safetensors file, read with plain file reads into the
+    start of ``buf`` (one buffer for every tensor: fresh memory costs more
+    to touch than to encode).  A memory map (safetensors' ``safe_open``)
+    would leave every page read so far resident in this process, so memory
+    would grow to the whole checkpoint."""
     code, shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets")) \
         if isinstance(entry, dict) else (None, None, None)
     if code not in ST_NAMES:
@@ -108,14 +109,17 @@ def _read_tensor(f, path, data_start, name, entry, size, framework):
                               f"its {nbytes} bytes")
     if data_start + offsets[1] > size:
         raise CheckpointError(f"{path}: truncated: tensor {name!r} runs past the end of the file")
+    if nbytes > buf.size:  # the file holds them: no header can make this allocate more than the file
+        buf = np.frombuffer(scratch(nbytes), np.uint8)
+    flat = buf[:nbytes]
     try:
-        tensor, flat = dtypes.empty(tuple(shape), ST_NAMES[code], framework)
+        tensor = dtypes.view(flat, tuple(shape), ST_NAMES[code], framework)
     except TypeError as e:
         raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
     f.seek(data_start + offsets[0])
     if nbytes and f.readinto(flat) != nbytes:
         raise CheckpointError(f"{path}: truncated: tensor {name!r} runs past the end of the file")
-    return tensor, nbytes
+    return tensor, nbytes, buf
 
 
 def compress_safetensors(path, stream, *, scratch_dir=None, progress=None, **options):
@@ -133,8 +137,9 @@ def compress_safetensors(path, stream, *, scratch_dir=None, progress=None, **opt
     raw = 0
     with open(path, "rb", buffering=0) as f, Writer(scratch_dir) as w:
         size = os.fstat(f.fileno()).st_size
+        buf = np.zeros(0, np.uint8)
         for name in names:
-            t, nbytes = _read_tensor(f, path, data_start, name, header[name], size, framework)
+            t, nbytes, buf = _read_tensor(f, path, data_start, name, header[name], size, framework, buf)
             try:
                 w.add(name, compress(t, **options))
             except (TypeError, ValueError) as e:
@@ -218,14 +223,15 @@ def decompress_to_safetensors(reader, stream, *, progress=None):
     data = text.encode()
     stream.write(struct.pack("<Q", len(data)))
     stream.write(data)
+    # one buffer for every tensor: fresh memory costs more to touch than to decode into
+    buf = np.frombuffer(scratch(max((s[2] for s in specs.values()), default=0)), np.uint8)
     for name in order:
         ct = reader.tensor(name)
         nbytes = specs[name][2]
-        buf = scratch(nbytes)
-        flat = np.frombuffer(buf, np.uint8, count=nbytes)
+        flat = buf[:nbytes]
         decode_into(ct, flat)
         stream.write(flat)
-        del ct, flat, buf
+        del ct, flat
         if progress is not None:
             progress(nbytes)
 

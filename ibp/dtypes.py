@@ -6,6 +6,8 @@ from ``ml_dtypes`` when it is installed; torch is optional everywhere.
 """
 import numpy as np
 
+from . import pages
+
 # name -> item size in bytes.  Names follow torch where numpy has no type.
 ITEMSIZE = {
     "bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4,
@@ -98,9 +100,23 @@ def empty(shape, name, framework):
         torch = _torch()
         if torch is not None:
             t = torch.empty(shape, dtype=torch_dtype(name))
-            return t, t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+            if not t.numel():
+                return t, np.zeros(0, np.uint8)
+            flat = t.reshape(-1).view(torch.uint8).numpy()
+            pages.advise(flat)  # torch does not ask for huge pages (numpy does)
+            return t, flat
     a = np.empty(shape, numpy_dtype(name))
     return a, a.reshape(-1).view(np.uint8)
+
+
+def view(flat, shape, name, framework):
+    """An array or tensor of ``shape`` and type ``name`` over the flat uint8
+    array ``flat`` (its memory, not a copy)."""
+    if framework == "torch":
+        torch = _torch()
+        if torch is not None:
+            return torch.from_numpy(flat).view(torch_dtype(name)).reshape(shape)
+    return flat.view(numpy_dtype(name)).reshape(shape)
 
 
 def output_view(out, shape, name):

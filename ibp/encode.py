@@ -73,8 +73,13 @@ def build_index(starts, total):
     size, as raw or all-matching data does, else ``blocked_index``."""
     n = starts.size
     if n and total % n == 0 and np.array_equal(starts, np.arange(n, dtype=np.int64) * (total // n)):
-        return 1, 0, np.zeros(0, np.uint64), np.zeros(0, np.uint16)
+        return uniform_index()
     return blocked_index(starts)
+
+
+def uniform_index():
+    """The index of units that all have the same size: no bytes at all."""
+    return 1, 0, np.zeros(0, np.uint64), np.zeros(0, np.uint16)
 
 
 def unit_start_bits(index, units, payload_bits, nunits):
@@ -99,6 +104,25 @@ def blocked_index(starts):
     return block, rel_bits, block_base, rel
 
 
+@njit(cache=True)
+def _layout(kinds, sizes):
+    """(packed kinds, unit start bits, total bits, whether every unit has
+    the same size) from each unit's kind and size: one compiled pass, as
+    the numpy steps cost more than encoding a small tensor."""
+    n = kinds.shape[0]
+    packed = np.zeros((n + 3) // 4, np.uint8)
+    starts = np.empty(n, np.int64)
+    pos = 0
+    for u in range(n):
+        packed[u >> 2] |= np.uint8(kinds[u] << (2 * (u & 3)))
+        starts[u] = pos
+        pos += sizes[u]
+    uniform = n > 0
+    for u in range(1, n):
+        uniform &= sizes[u] == sizes[0]
+    return packed, starts, pos, uniform
+
+
 def encode_packed(data, geom, model):
     """(packed kinds, payload words, payload bits, index) of the packed layout.
 
@@ -112,24 +136,27 @@ def encode_packed(data, geom, model):
     n = geom.nunits
     kinds = np.empty(n, np.uint8)
     sizes = np.empty(n, np.int64)
+    raw_words = -(-geom.unit_words * geom.word_bits // 64)   # a unit at most, in uint64s
     parallel = geom.total_words >= PARALLEL_MIN_WORDS and numba.get_num_threads() > 1  # as Kernel decides
-    nchunks = max(1, min(n, 4 * numba.get_num_threads()) if parallel else min(n, 1))
-    chunks = np.arange(nchunks + 1, dtype=np.int64) * n // nchunks
-    first_word = np.zeros(nchunks + 1, np.int64)
-    np.cumsum(-(-np.diff(chunks) * geom.unit_words * geom.word_bits // 64), out=first_word[1:])
+    if parallel:
+        nchunks = min(n, 4 * numba.get_num_threads())
+        chunks = np.arange(nchunks + 1, dtype=np.int64) * n // nchunks
+        first_word = np.zeros(nchunks + 1, np.int64)
+        np.cumsum(np.diff(chunks) * raw_words, out=first_word[1:])
+    else:
+        chunks, first_word = np.array([0, n], np.int64), np.array([0, n * raw_words], np.int64)
     buf = np.zeros(int(first_word[-1]) + 1, np.uint64)
     if n:
         t0, t1, fbits, ptot = model.tables
         codec.encode_chunks(geom.total_words, body, _as_u64(body), tail, _as_u64(tail), t0, t1, geom.word_bits,
                             model.period, geom.unit_words, fbits, ptot, chunks, first_word, buf, kinds, sizes)
-    chunk_bits = np.add.reduceat(sizes, chunks[:-1]) if n else np.zeros(0, np.int64)
-    total = codec.compact(buf, first_word[:-1], chunk_bits) if n else 0
-    nwords = -(-total // 64) + 1  # + the spare zero word
-    buf.resize(nwords, refcheck=False)
+    packed, starts, total, uniform = _layout(kinds, sizes)
+    if parallel:
+        codec.compact(buf, first_word[:-1], np.add.reduceat(sizes, chunks[:-1]))
+    buf.resize(-(-total // 64) + 1, refcheck=False)   # + the spare zero word
     buf[-1] = 0
-    starts = np.zeros(n, np.int64)
-    np.cumsum(sizes[:-1], out=starts[1:])
-    return pack_kinds(kinds), buf, total, build_index(starts, total)
+    index = uniform_index() if uniform else blocked_index(starts)
+    return packed, buf, total, index
 
 
 def encode_slots(data, geom, model, slots, buf):

@@ -15,16 +15,24 @@ import shutil
 import tempfile
 import zlib
 
-from . import container
+from . import container, pages
 from .errors import FormatError
 
 
 def scratch(nbytes):
-    """A new zeroed buffer of ``nbytes`` in its own anonymous memory map.  A
+    """A new zeroed buffer of ``nbytes`` in its own private anonymous memory
+    map, in huge pages where the system grants them (see ``pages``).  A
     large buffer from malloc can stay in the process after it is freed (the
     heap does not shrink around live blocks), so memory would creep up by a
     tensor or two per tensor converted; an unmapped map is gone at once."""
-    return mmap.mmap(-1, max(nbytes, 1))
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    buf = mmap.mmap(-1, max(nbytes, 1), flags=flags) if flags else mmap.mmap(-1, max(nbytes, 1))
+    if nbytes >= pages.HUGE_PAGE and pages.MADV_HUGEPAGE is not None:
+        try:
+            buf.madvise(pages.MADV_HUGEPAGE)
+        except OSError:  # no transparent huge pages here: small pages it is
+            pass
+    return buf
 
 
 class Writer:
