@@ -352,8 +352,7 @@ def _try_half(lo, hi, W, itemsize):
     padding (bf16 stored as float32, float32 stored as float64), and
     half-width words can also fix the exponent bits above them, which one
     run per word cannot."""
-    low_run = (lo == 0) & (hi >= W // 8)
-    if W > 8 and low_run.mean() > 0.5:
+    if W > 8 and 2 * np.count_nonzero((lo == 0) & (hi >= W // 8)) > lo.size:
         return [(W // 2, itemsize * 8 // (W // 2))]
     return []
 

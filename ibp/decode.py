@@ -4,28 +4,49 @@ import time
 
 import numba
 import numpy as np
+from numba import njit
 
 from . import codec
 from ._bits import PARALLEL_MIN_WORDS
-from .encode import unit_start_bits, unpack_kinds
 from .errors import FormatError
+
+NO_BASE, NO_REL = np.zeros(0, np.uint64), np.zeros(0, np.uint16)  # a slotted tensor's (absent) row index
+
+
+@njit(cache=True)
+def _spans(units, packed_kinds, slot_bits, block, rel_bits, block_base, rel, payload_bits, nunits):
+    """(start bit, end bit, kind) of each of ``units``: slots of
+    ``slot_bits`` (slotted), else the packed row index (docs/format.md).
+    One compiled pass: the numpy steps cost more than decoding a small
+    tensor."""
+    n = units.shape[0]
+    starts = np.empty(n, np.int64)
+    ends = np.empty(n, np.int64)
+    kinds = np.empty(n, np.uint8)
+    size = payload_bits // nunits if nunits else 0
+    for i in range(n):
+        u = units[i]
+        kinds[i] = (packed_kinds[u >> 2] >> np.uint8(2 * (u & 3))) & np.uint8(3)
+        if slot_bits:
+            starts[i] = u * slot_bits
+            ends[i] = starts[i] + slot_bits
+        elif rel_bits == 0:
+            starts[i] = u * size
+            ends[i] = payload_bits if u == nunits - 1 else starts[i] + size
+        else:
+            starts[i] = np.int64(block_base[u // block]) + np.int64(rel[u])
+            v = u + 1
+            ends[i] = payload_bits if v >= nunits else np.int64(block_base[v // block]) + np.int64(rel[v])
+    return starts, ends, kinds
 
 
 def unit_spans(ct, units):
     """(start bit, end bit, kind) of the given units."""
     units = np.asarray(units, np.int64)
-    kinds = unpack_kinds(ct.kinds, units)
     if ct.layout == "slotted":
-        slot = ct.geometry.slot_words * 64
-        starts = units * slot
-        return starts, starts + slot, kinds
-    n = ct.geometry.nunits
-    starts = unit_start_bits(ct.index, units, ct.payload_bits, n)
-    nxt = units + 1
-    last = nxt >= n
-    nxt[last] = 0
-    ends = np.where(last, ct.payload_bits, unit_start_bits(ct.index, nxt, ct.payload_bits, n))
-    return starts, ends, kinds
+        return _spans(units, ct.kinds, ct.geometry.slot_words * 64, 1, 0, NO_BASE, NO_REL, 0, ct.geometry.nunits)
+    block, rel_bits, block_base, rel = ct.index
+    return _spans(units, ct.kinds, 0, block, rel_bits, block_base, rel, ct.payload_bits, ct.geometry.nunits)
 
 
 def normalize_index(index, nrows):
@@ -44,15 +65,20 @@ def normalize_index(index, nrows):
     return np.where(flat < 0, flat + nrows, flat), idx.shape
 
 
+@njit(cache=True)
+def _all_jobs(nunits, U, total_words):
+    """``jobs`` of the whole tensor: every unit whole, the last one cut."""
+    units = np.arange(nunits)
+    length = np.minimum(U, total_words - units * U)
+    return units, np.zeros(nunits, np.int64), length, units * U
+
+
 def jobs(ct, rows=None):
     """(unit, src word, length, dst word) per job, for all rows or ``rows``."""
     g = ct.geometry
     U, R = g.unit_words, g.row_words
     if rows is None:
-        units = np.arange(g.nunits, dtype=np.int64)
-        src = np.zeros_like(units)
-        length = np.minimum(U, g.total_words - units * U)
-        return units, src, length, units * U
+        return _all_jobs(g.nunits, U, g.total_words)
     slot = np.arange(rows.size, dtype=np.int64)
     if U >= R:
         per = U // R
