@@ -103,8 +103,7 @@ def empty(shape, name, framework):
             if not t.numel():
                 return t, np.zeros(0, np.uint8)
             flat = t.reshape(-1).view(torch.uint8).numpy()
-            if flat.nbytes >= pages.HUGE_PAGE:
-                pages.advise(flat)  # torch does not ask for huge pages (numpy does)
+            pages.advise(flat)  # torch does not ask for huge pages (numpy does)
             return t, flat
     a = np.empty(shape, numpy_dtype(name))
     return a, a.reshape(-1).view(np.uint8)

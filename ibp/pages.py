@@ -34,8 +34,10 @@ def advise(array):
     """Ask for huge pages over the whole 2 MiB pages inside a numpy array's
     memory, before anything touches it; a no-op where the system cannot
     (the memory then simply stays in small pages)."""
+    if array.nbytes < HUGE_PAGE or _libc_madvise is None:
+        return
     address, nbytes = array.ctypes.data, array.nbytes
     lo = -(-address // HUGE_PAGE) * HUGE_PAGE
     hi = (address + nbytes) // HUGE_PAGE * HUGE_PAGE
-    if _libc_madvise is not None and hi > lo:
+    if hi > lo:
         _libc_madvise(lo, hi - lo, MADV_HUGEPAGE)   # refused (EINVAL without THP): nothing to do

@@ -15,6 +15,8 @@ import shutil
 import tempfile
 import zlib
 
+import numpy as np
+
 from . import container, pages
 from .errors import FormatError
 
@@ -27,11 +29,7 @@ def scratch(nbytes):
     tensor or two per tensor converted; an unmapped map is gone at once."""
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
     buf = mmap.mmap(-1, max(nbytes, 1), flags=flags) if flags else mmap.mmap(-1, max(nbytes, 1))
-    if nbytes >= pages.HUGE_PAGE and pages.MADV_HUGEPAGE is not None:
-        try:
-            buf.madvise(pages.MADV_HUGEPAGE)
-        except OSError:  # no transparent huge pages here: small pages it is
-            pass
+    pages.advise(np.frombuffer(buf, np.uint8))
     return buf
 
 
