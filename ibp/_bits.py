@@ -12,7 +12,8 @@ import types as pytypes
 import numba
 import numpy as np
 from numba import njit
-from numba.core import types
+from llvmlite import ir
+from numba.core import cgutils, types
 from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
@@ -33,6 +34,49 @@ def popcount(typingctx, x):
         return builder.call(fn, [args[0]])
 
     return x(x), codegen
+
+
+def _fast_bit_gather():
+    """Whether this CPU has BMI2's pext/pdep at full speed: Intel since
+    Haswell and AMD since Zen 3 do them in a cycle or three; AMD's Zen 1
+    and 2 microcode them (hundreds of cycles), slower than shifting lanes.
+    IBP_NO_PEXT=1 turns them off (to test the portable path)."""
+    if os.environ.get("IBP_NO_PEXT"):
+        return False
+    try:
+        import llvmlite.binding as ll
+        return bool(ll.get_host_cpu_features().get("bmi2")) and ll.get_host_cpu_name() not in (
+            "znver1", "znver2", "bdver4", "btver2")
+    except Exception:   # an llvmlite without these queries: take the portable path
+        return False
+
+
+FAST_PEXT = _fast_bit_gather()
+
+
+def _bmi2(name):
+    """A numba intrinsic for ``llvm.x86.bmi.<name>.64`` (only ever reached
+    when FAST_PEXT: elsewhere it is compiled to a constant 0 so that no
+    CPU without BMI2 is asked to select the instruction)."""
+    def impl(typingctx, x, m):
+        if not (isinstance(x, types.Integer) and isinstance(m, types.Integer)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            i64 = args[0].type
+            if not FAST_PEXT:
+                return i64(0)
+            fnty = ir.FunctionType(i64, [i64, i64])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.x86.bmi.{name}.64")
+            return builder.call(fn, [args[0], builder.zext(args[1], i64) if args[1].type != i64 else args[1]])
+
+        return types.uint64(types.uint64, types.uint64), codegen
+    impl.__name__ = name
+    return intrinsic(impl)
+
+
+pext = _bmi2("pext")  # pext(x, m): the bits of x under m, packed to the bottom
+pdep = _bmi2("pdep")  # pdep(x, m): the low bits of x spread to the set bits of m
 
 
 @njit(inline="always")

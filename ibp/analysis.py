@@ -21,18 +21,22 @@ from numba import njit, prange
 
 from . import codec
 from ._bits import ONE, U64, ZERO, Kernel, ctz, low_mask
+from .codec import bit_length
 from .geometry import Geometry, periods, word_widths as fitting_widths
 from .model import Model, level_tables
 
-SAMPLE_BYTES = (1 << 14, 1 << 18)  # bytes of units sampled: at least, at most
+SAMPLE_BYTES = (1 << 13, 1 << 18)  # bytes of units sampled: at least, at most
 SAMPLE_SHARE = 32             # ... and otherwise 1/32 of the tensor
 SAMPLE_CHUNK_BYTES = 1 << 12  # pieces sampled from units longer than SAMPLE_BYTES[1]
 MIN_PER_COLUMN = 32           # sampled words a column needs to be learned
-MAX_PER_COLUMN = 4096         # sampled words a column is learned from at most
+MAX_PER_COLUMN = 4096         # sampled words a column is learned from at most ...
+LEARN_SHARE = 64              # ... and otherwise one per this many of the tensor's words in the column,
+MIN_LEARN = 128               # ... but at least this many (learning costs ~20 ns a word; encoding 1)
 NARROW_PER_COLUMN = 512       # ... for a width narrower than the element (a cheap second opinion)
 STRANDED_AGREEMENT = 0.7      # a bit this share of sampled words agree on could be fixed (the reference's lowest threshold) ...
 STRANDED_MIN = 2.0            # ... and this many such bits per word outside the fixed run ask for narrower words
 EXCEPTION_PRICES = (3.0, 8.0)  # bits an exception costs: measured best on real data
+PRICES = np.array(EXCEPTION_PRICES)
 PLATEAU = 4                   # stop lengthening a fixed run after this many steps without gain
 
 
@@ -62,108 +66,171 @@ def _radix_sort(v, W):
 
 
 @njit(inline="always")
-def _window_end(z2, i, j, m, mb, width):
-    """First j' >= j (j > i) where the cyclic window from z2[i] reaches width."""
-    while j < i + m and ((z2[j] - z2[i]) & mb) < width:
-        j += 1
-    return j
+def _fits(z2, m, mb, k, i, width):
+    """Whether the k sorted values from ``i`` on (cyclically) lie in a
+    window of ``width``; a run that wraps around spans ``z2[i + k - 1] -
+    z2[i] + 2**b``, compared less one (``2**b`` overflows 64 bits)."""
+    j = i + U64(k - 1)
+    if j < m:
+        return ((z2[j] - z2[i]) & mb) < width
+    return ((z2[j] - z2[i] - ONE) & mb) < width - ONE
 
 
-@njit(cache=True)
-def _densest_windows(z, z2, b, a, bound, seed):
-    """(count, first) of the densest cyclic window [z[i], z[i] + 2**a) of
-    the sorted b-bit values ``z`` (twice over in ``z2``), the lowest such i
-    on ties.  ``bound[i]``
-    is an upper bound of i's count (its count for a + 1) and is lowered to
-    it: starting from the last best window ``seed``, only windows that can
-    beat the best so far are measured."""
-    m = z.shape[0]
+@njit(inline="always")
+def _k_fit(z2, m, mb, k, width):
+    """Whether some k cyclically consecutive sorted values (``z2`` holds
+    them twice over) lie in a window of ``width``: branch-free minima over
+    the runs that do not wrap around and over those that do, so both loops
+    vectorize."""
+    off = U64(k - 1)
+    split = m - off   # runs from i >= split wrap around
+    narrow = mb
+    for i in range(split):
+        narrow = min(narrow, (z2[i + off] - z2[i]) & mb)
+    wrapped = mb   # their spans less one
+    for i in range(split, m):
+        wrapped = min(wrapped, (z2[i + off] - z2[i] - ONE) & mb)
+    return narrow < width or wrapped < width - ONE
+
+
+@njit(inline="always")
+def _densest(z2, m, b, a, least, most):
+    """(count, first) of the densest cyclic window ``[z[first], z[first] +
+    2**a)`` of the m sorted b-bit values in ``z2`` (twice over), the lowest
+    such first on ties, given that the count lies in [least, most]: a
+    binary search for the largest k whose narrowest k-value run fits."""
     mb = low_mask(b)
     width = ONE << U64(a)
-    cnt = _window_end(z2, seed, seed + 1, m, mb, width) - seed
-    bound[seed] = cnt
-    first = seed
-    j = 0
-    for i in range(m):
-        if bound[i] < cnt or (bound[i] == cnt and i >= first):
+    m = U64(m)
+    while least < most:
+        k = (least + most + 1) >> 1
+        if _k_fit(z2, m, mb, k, width):
+            least = k
+        else:
+            most = k - 1
+    first = ZERO
+    while not _fits(z2, m, mb, least, first, width):
+        first += ONE
+    return least, np.int64(first)
+
+
+@njit(inline="always")
+def _without_top_bit(full, W):
+    """The sorted W-bit words ``full`` with their top bit cleared, still
+    sorted: a merge of the words below the top bit and those above it."""
+    m = full.shape[0]
+    top = ONE << U64(W - 1)
+    split = 0
+    while split < m and full[split] < top:
+        split += 1
+    z = np.empty(m, np.uint64)
+    i, j = 0, split
+    for o in range(m):
+        if j == m or (i < split and full[i] <= full[j] - top):
+            z[o] = full[i]
+            i += 1
+        else:
+            z[o] = full[j] - top
+            j += 1
+    return z
+
+
+@njit(inline="always")
+def _search_windows(z, b, prices, best, lo, hi, base, cap, counts):
+    """The fixed runs ``[a, b)`` of the sorted b-bit values ``z``: for each
+    a from b - 1 down, the densest window ``[base, base + 2**a)`` scores
+    ``(b - a) * count - price * misses`` per price.  A window is measured
+    only where ``cap[a]``, an upper bound of its count, lets it beat the
+    best so far; measured counts land in ``counts`` (-1 elsewhere)."""
+    m = z.shape[0]
+    ne = prices.shape[0]
+    mb = low_mask(b)
+    first = 0      # the shortest cyclic window that holds every word starts after the widest gap
+    span = z[m - 1] - z[0]
+    for i in range(m - 1):
+        if z[i + 1] != z[i] and ((z[i] - z[i + 1]) & mb) < span:
+            span = (z[i] - z[i + 1]) & mb
+            first = i + 1
+    top = min(bit_length(span), b)    # windows of 2**top words and wider hold them all
+    if top < b:
+        for e in range(ne):
+            score = (b - top) * m
+            if score > best[e]:
+                best[e] = score
+                lo[e] = top
+                hi[e] = b
+                base[e] = z[first]
+    z2 = np.empty(2 * m, np.uint64)
+    z2[:m] = z
+    z2[m:] = z
+    stale = 0
+    up = m
+    least = m    # a window holds at least half of what one twice as wide does
+    for a in range(top - 1, -1, -1):
+        least = (least + 1) >> 1
+        c = min(up, cap[a])
+        hopeless = True
+        promising = False
+        for e in range(ne):
+            if b * c - prices[e] * (m - c) > best[e]:
+                hopeless = False
+            if (b - a) * c - prices[e] * (m - c) > best[e]:
+                promising = True
+        if hopeless or stale > PLATEAU:
+            break
+        if not promising:
             continue
-        j = _window_end(z2, i, max(j, i + 1), m, mb, width)
-        c = j - i
-        bound[i] = c
-        if c > cnt or (c == cnt and i < first):
-            cnt = c
-            first = i
-    return cnt, first
+        cnt, first = _densest(z2, m, b, a, min(least, c), c)
+        least = cnt
+        counts[a] = cnt
+        up = cnt
+        stale += 1
+        for e in range(ne):
+            score = (b - a) * cnt - prices[e] * (m - cnt)
+            if score > best[e]:
+                best[e] = score
+                lo[e] = a
+                hi[e] = b
+                base[e] = z[first]
+                stale = 0
 
 
 @njit(cache=True)
 def _best_levels(v, W, prices):
-    """Best (lo, hi, base) of the words ``v`` for each exception price; the
-    empty level (0, 0, 0) where nothing pays."""
+    """(lo, hi, base) of the best level of the words ``v`` for each
+    exception price (the empty level (0, 0, 0) where nothing pays), and
+    the number of set words per bit.
+
+    Fixed runs ending just below the top bit come first (signed values:
+    the sign varies); a run that also fixes the top bit can then gain at
+    most one bit per word over them, since its windows are windows of the
+    shorter run too, which bounds the windows worth measuring."""
     m = v.shape[0]
     ne = prices.shape[0]
     best = np.zeros(ne)
     lo = np.zeros(ne, np.int64)
     hi = np.zeros(ne, np.int64)
     base = np.zeros(ne, np.uint64)
+    ones = np.zeros(W, np.int64)
     if m == 0:
-        return lo, hi, base
+        return lo, hi, base, ones
     full = _radix_sort(v, W)
-    top = ONE << U64(W - 1)
-    split = 0  # words below the top bit: the order without it is a merge
-    while split < m and full[split] < top:
-        split += 1
-    bound = np.empty(m, np.int64)
-    z2 = np.empty(2 * m, np.uint64)
-    for b in (W, W - 1):
-        stale = 0
-        if b == W:
-            z = full
-        else:
-            z = np.empty(m, np.uint64)
-            i, j = 0, split
-            for o in range(m):
-                if j == m or (i < split and full[i] <= full[j] - top):
-                    z[o] = full[i]
-                    i += 1
-                else:
-                    z[o] = full[j] - top
-                    j += 1
-        z2[:m] = z
-        z2[m:] = z
-        bound[:] = m
-        first = 0
-        for a in range(b - 1, -1, -1):
-            cnt, first = _densest_windows(z, z2, b, a, bound, first)
-            hopeless = True
-            for e in range(ne):
-                score = (b - a) * cnt - prices[e] * (m - cnt)
-                if score > best[e]:
-                    best[e] = score
-                    lo[e] = a
-                    hi[e] = b
-                    base[e] = z[first]
-                    stale = 0
-                if b * cnt - prices[e] * (m - cnt) > best[e]:
-                    hopeless = False
-            stale += 1
-            if hopeless or stale > PLATEAU:
-                break
-    ones = np.zeros(W, np.int64)  # per bit: directly for few words, else from a histogram of each byte
-    if m <= 256:
+    below = np.full(W + 1, -1, np.int64)    # counts of the run ending below the top bit, per a
+    _search_windows(_without_top_bit(full, W), W - 1, prices, best, lo, hi, base, np.full(W + 1, m, np.int64),
+                    below)
+    cap = np.full(W + 1, m, np.int64)   # a window of the full run holds at most what the shorter one does
+    c = m
+    for a in range(W - 2, -1, -1):
+        if below[a] >= 0:
+            c = below[a]
+        cap[a] = c
+    _search_windows(full, W, prices, best, lo, hi, base, cap, np.full(W + 1, -1, np.int64))
+    for bit in range(W):   # bit-major: vectorizes
+        n = 0
+        sh = U64(bit)
         for i in range(m):
-            for bit in range(W):
-                ones[bit] += np.int64((v[i] >> U64(bit)) & ONE)
-    else:
-        hist8 = np.zeros(256, np.int64)
-        for byte in range(W // 8):
-            hist8[:] = 0
-            sh = U64(8 * byte)
-            for i in range(m):
-                hist8[np.int64((v[i] >> sh) & U64(255))] += 1
-            for d in range(256):
-                for k in range(8):
-                    ones[8 * byte + k] += hist8[d] * ((d >> k) & 1)
+            n += np.int64((v[i] >> sh) & ONE)
+        ones[bit] = n
     majority = ZERO
     for bit in range(W):
         if 2 * ones[bit] > m:
@@ -182,93 +249,143 @@ def _best_levels(v, W, prices):
                 lo[e] = 0
                 hi[e] = b
                 base[e] = majority & low_mask(b)
-    return lo, hi, base
+    return lo, hi, base, ones
+
+
+@njit(inline="always")
+def _same_model(lo, hi, base, e):
+    """Whether the models of prices e and e - 1 are the same."""
+    for lv in range(2):
+        for c in range(lo.shape[2]):
+            if lo[e, lv, c] != lo[e - 1, lv, c] or hi[e, lv, c] != hi[e - 1, lv, c] or \
+                    base[e, lv, c] != base[e - 1, lv, c]:
+                return False
+    return True
 
 
 @Kernel
-def _learn_columns(samples, W, prices, lo, hi, base):
-    """Fill lo/hi/base ``[len(prices), 2, period]``: per price, the primary
-    level and the secondary level learned on the primary's exceptions."""
-    m, p = samples.shape
+def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base, bits, stranded, halves):
+    """Learn one model per exception price from every ``step``-th period of
+    the sampled pieces of ``words`` that start at ``train``, and measure it
+    on those at ``test`` (as units of ``piece_words``).  Fills lo/hi/base
+    ``[len(prices), 2, period]`` (per column the primary level and the
+    secondary level learned on the primary's exceptions) and, per price,
+    the bits the test pieces encode to, the mean number of *stranded* bits
+    per column (bits outside the primary run that at least
+    STRANDED_AGREEMENT of the words agree on: a narrower word, with more
+    columns, could also fix them) and how many columns' primary run starts
+    at bit 0 and spans at least W/8 bits (low bits that are padding: see
+    ``_try_half``)."""
+    p = lo.shape[2]
+    rows = piece_words // p   # periods per piece
+    m = (train.shape[0] * rows + step - 1) // step
+    ne = prices.shape[0]
     free = np.zeros(1)
+    per_column = np.zeros((ne, p), np.int64)
     for c in prange(p):
-        v = samples[:, c].copy()
-        a, b, bs = _best_levels(v, W, prices)
-        for e in range(prices.shape[0]):
+        v = np.empty(m, np.uint64)
+        for i in range(m):
+            r = i * step
+            v[i] = words[train[r // rows] + (r % rows) * p + c]
+        a, b, bs, ones = _best_levels(v, W, prices)
+        for e in range(ne):
             lo[e, 0, c] = a[e]
             hi[e, 0, c] = b[e]
             base[e, 0, c] = bs[e]
-            fixed = low_mask(b[e]) & ~low_mask(a[e])
-            a2, b2, bs2 = _best_levels(v[((v - bs[e]) & fixed) != ZERO], W, free)
-            lo[e, 1, c] = a2[0]
-            hi[e, 1, c] = b2[0]
-            base[e, 1, c] = bs2[0]
-
-
-def learn(samples, word_bits, prices=EXCEPTION_PRICES, per_column=MAX_PER_COLUMN):
-    """(lo, hi, base), each ``[len(prices), 2, period]``: one model per
-    exception price for ``samples``, a ``[n, period]`` array of words (rows
-    beyond ``per_column`` are thinned evenly)."""
-    n, p = samples.shape
-    if n > per_column:
-        samples = samples[::-(-n // per_column)]
-    prices = np.asarray(prices, np.float64)
-    lo = np.zeros((prices.size, 2, p), np.uint8)
-    hi = np.zeros((prices.size, 2, p), np.uint8)
-    base = np.zeros((prices.size, 2, p), np.uint64)
-    _learn_columns(samples.size * p, np.ascontiguousarray(samples, dtype=np.uint64), word_bits, prices, lo, hi, base)
-    return lo, hi, base
-
-
-@njit(cache=True)
-def _encoded_bits(words, lo, hi, base, W, U):
-    """Bits the units in ``words`` (a whole number of U-word units) encode
-    to, under each model (lo, hi, base) ``[models, 2, period]``."""
-    p = lo.shape[2]
-    out = np.zeros(lo.shape[0], np.int64)
-    for e in range(lo.shape[0]):
+            if e and a[e] == a[e - 1] and b[e] == b[e - 1] and bs[e] == bs[e - 1]:   # the same exceptions
+                lo[e, 1, c] = lo[e - 1, 1, c]
+                hi[e, 1, c] = hi[e - 1, 1, c]
+                base[e, 1, c] = base[e - 1, 1, c]
+            else:
+                fixed = low_mask(b[e]) & ~low_mask(a[e])
+                a2, b2, bs2, _ = _best_levels(v[((v - bs[e]) & fixed) != ZERO], W, free)
+                lo[e, 1, c] = a2[0]
+                hi[e, 1, c] = b2[0]
+                base[e, 1, c] = bs2[0]
+            k = 0
+            for bit in range(W):
+                share = ones[bit] / m
+                if max(share, 1.0 - share) >= STRANDED_AGREEMENT and not a[e] <= bit < b[e]:
+                    k += 1
+            per_column[e, c] = k
+    for e in range(ne):
+        stranded[e] = per_column[e].sum() / p
+        halves[e] = 0
+        for c in range(p):
+            if lo[e, 0, c] == 0 and hi[e, 0, c] >= W // 8:
+                halves[e] += 1
+        if e and _same_model(lo, hi, base, e):
+            bits[e] = bits[e - 1]
+            continue
         t0, t1, fbits, ptot = level_tables(lo[e], hi[e], base[e], W)
-        for u in range(words.shape[0] // U):
-            out[e] += codec.unit_size(words, u * U, t0, t1, W, p, U, fbits, ptot)[1]
-    return out
+        bits[e] = 0
+        for t in range(test.shape[0]):
+            bits[e] += codec.unit_size(words, test[t], t0, t1, W, p, piece_words, fbits, ptot)[1]
 
 
-def _sample_units(data, geom):
-    """(sampled bytes as a flat uint8 array, bytes per sampled piece).  A
-    piece is a unit, or a chunk of one when units are longer than the most
-    a sample takes (rows that do not split): chunks are a multiple of every
-    period that can be learned, aligned to it inside their unit, so analysis
-    costs the same whatever the unit size."""
-    ub = geom.unit_words * geom.word_bits // 8
-    full = data.size // ub
+def learn(sample, word_bits, period, per_column, prices=None):
+    """One model per exception price, learned from the ``sample`` of
+    ``_samples`` (its train pieces thinned evenly to ``per_column`` words a
+    column) and measured on its test pieces: (lo, hi, base) each
+    ``[len(prices), 2, period]``, and per price the bits the test pieces
+    encode to, the stranded bits per column and the columns whose low bits
+    look like padding (see ``_fit``)."""
+    words, train, test, piece_words = sample
+    prices = PRICES if prices is None else np.asarray(prices, np.float64)
+    ne = prices.size
+    lo = np.zeros((ne, 2, period), np.uint8)
+    hi = np.zeros((ne, 2, period), np.uint8)
+    base = np.zeros((ne, 2, period), np.uint64)
+    bits = np.empty(ne, np.int64)
+    stranded = np.empty(ne)
+    halves = np.empty(ne, np.int64)
+    step = -(-train.size * piece_words // period // per_column)
+    _fit(train.size * piece_words // step, words, train, test, piece_words, step, word_bits, prices, lo, hi, base,
+         bits, stranded, halves)
+    return lo, hi, base, bits, stranded, halves
+
+
+def _samples(data, geom):
+    """(words, train starts, test starts, words per piece): the tensor's
+    bytes as W-bit words and the word offsets of the sampled pieces, half
+    of them to learn from and half to score on (all of them for both when
+    the sample holds every unit, or one piece).  A piece is a unit, or a
+    chunk of one when units are longer than the most a sample takes (rows
+    that do not split): chunks are a multiple of every period that can be
+    learned, aligned to it inside their unit, so analysis costs the same
+    whatever the unit size.  A tensor shorter than one unit is its padded
+    copy."""
+    wb = geom.word_bits // 8
+    U = geom.unit_words
+    full = data.size // (U * wb)
     if full == 0:
-        padded = np.zeros(ub, np.uint8)
+        padded = np.zeros(U * wb, np.uint8)
         padded[:data.size] = data
-        return padded, ub
+        return padded.view(f"<u{wb}"), ORIGIN, ORIGIN, U
     budget = min(max(data.size // SAMPLE_SHARE, SAMPLE_BYTES[0]), SAMPLE_BYTES[1])
-    piece = ub if ub <= SAMPLE_BYTES[1] else _chunk_bytes(geom.shape, geom.itemsize)
-    per_unit = ub // piece
-    count = full * per_unit
-    take = max(1, min(count, budget // piece))
-    if take < count:
-        picks = _picks(count, take)
-    elif piece == ub:
-        return data[:full * ub], ub
-    else:
-        picks = np.arange(count)
-    if piece == ub:
-        return data[:full * ub].reshape(full, ub)[picks].reshape(-1), ub
-    starts = (picks // per_unit) * ub + (picks % per_unit) * piece
-    return data[starts[:, None] + np.arange(piece)].reshape(-1), piece
+    piece = U if U * wb <= SAMPLE_BYTES[1] else _chunk_bytes(geom.shape, geom.itemsize) // wb
+    count = full * (U // piece)
+    return (data.view(f"<u{wb}"), *_piece_starts(count, max(1, min(count, budget // (piece * wb))), U, piece), piece)
+
+
+ORIGIN = np.zeros(1, np.int64)
+ORIGIN.flags.writeable = False
 
 
 @functools.lru_cache(maxsize=256)
-def _picks(count, take):
-    """``take`` of ``count`` pieces, sorted, the same on every call (a
-    checkpoint's tensors share a few shapes, so they share their picks)."""
-    picks = np.sort(np.random.default_rng(0).choice(count, take, replace=False))
-    picks.flags.writeable = False
-    return picks
+def _piece_starts(count, take, U, piece):
+    """(train, test) word offsets of ``take`` of the ``count`` pieces of
+    ``piece`` words in U-word units, picked at random but the same on every
+    call (a checkpoint's tensors share a few shapes, so they share them)."""
+    picks = np.arange(count) if take == count else \
+        np.sort(np.random.default_rng(0).choice(count, take, replace=False))
+    per_unit = U // piece
+    starts = (picks // per_unit) * U + (picks % per_unit) * piece
+    train, test = (starts, starts) if take in (1, count) and (take == 1 or piece == U) else (starts[::2], starts[1::2])
+    train, test = np.ascontiguousarray(train), np.ascontiguousarray(test)
+    for a in (train, test):
+        a.flags.writeable = False
+    return train, test
 
 
 def _chunk_bytes(shape, itemsize):
@@ -303,70 +420,27 @@ def _geometry(shape, itemsize, word_bits):
     return Geometry.choose(shape, itemsize, word_bits)
 
 
-@njit(cache=True)
-def _stranded_bits(words, p, lo, hi, W):
-    """Mean number of bits per word, outside the primary level's fixed run
-    [lo, hi) of each of the ``p`` columns, that at least STRANDED_AGREEMENT
-    of the sampled words of their column agree on: bits a narrower word
-    (with more columns) could also fix."""
-    n = words.shape[0] // p
-    nbytes = W // 8
-    hist = np.zeros((p, nbytes, 256), np.int64)  # per column and byte: bit counts come from these
-    for i in range(n):
-        for c in range(p):
-            x = U64(words[i * p + c])
-            for k in range(nbytes):
-                hist[c, k, np.int64((x >> U64(8 * k)) & U64(255))] += 1
-    ones = np.zeros((p, W), np.int64)
-    for c in range(p):
-        for k in range(nbytes):
-            for d in range(256):
-                for bit in range(8):
-                    if (d >> bit) & 1:
-                        ones[c, 8 * k + bit] += hist[c, k, d]
-    total = 0
-    for c in range(p):
-        for bit in range(W):
-            share = ones[c, bit] / n
-            if max(share, 1.0 - share) >= STRANDED_AGREEMENT and not lo[c] <= bit < hi[c]:
-                total += 1
-    return total / p
-
-
-def _try_narrower(shape, itemsize, best, words):
+def _try_narrower(shape, itemsize, W, stranded):
     """Every narrower width, each with one column per element part, when the
-    full-width model ``best`` (W, lo, hi, base) leaves agreeing bits unfixed
-    (small integers stored as float64: the exponent bits that zero and the
-    other values share)."""
-    W, lo, hi, _ = best
-    if _stranded_bits(words, lo.shape[1], lo[0], hi[0], W) < STRANDED_MIN:
+    best full-width model leaves ``stranded`` agreeing bits per column
+    unfixed (small integers stored as float64: the exponent bits that zero
+    and the other values share)."""
+    if stranded < STRANDED_MIN:
         return []
     fit = fitting_widths(shape, itemsize)
     return [(w, periods(shape, itemsize, w, _geometry(shape, itemsize, w).unit_words)[0])
             for w in reversed(fit) if w < W]
 
 
-def _try_half(lo, hi, W, itemsize):
-    """The half-width candidate, if the full-width model's fixed run (primary
-    levels ``lo``, ``hi``) starts at bit 0 in most columns: the low bits are
+def _try_half(padded, period, W, itemsize):
+    """The half-width candidate, if the full-width model's fixed run starts
+    at bit 0 in most columns (``padded`` of ``period``): the low bits are
     padding (bf16 stored as float32, float32 stored as float64), and
     half-width words can also fix the exponent bits above them, which one
     run per word cannot."""
-    if W > 8 and 2 * np.count_nonzero((lo == 0) & (hi >= W // 8)) > lo.size:
+    if W > 8 and 2 * padded > period:
         return [(W // 2, itemsize * 8 // (W // 2))]
     return []
-
-
-def _samples(data, geom):
-    """(train words, test words, words per piece) of the sampled pieces."""
-    W = geom.word_bits
-    sample, piece = _sample_units(data, geom)
-    piece_words = piece * 8 // W
-    units = sample.view(f"<u{W // 8}").reshape(-1, piece_words)
-    whole = piece_words == geom.unit_words and len(units) == data.size // piece  # every full unit
-    if whole or len(units) == 1:
-        return units.reshape(-1), units.reshape(-1), piece_words
-    return units[::2].reshape(-1), units[1::2].reshape(-1), piece_words
 
 
 def analyze_bytes(data, shape, itemsize, word_bits=None):
@@ -382,7 +456,7 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
     cands = list(candidates(shape, itemsize, word_bits))
     if data.size == 0:
         return Model.empty(cands[0][0])
-    best = None   # (cost, (W, lo, hi, base))
+    best = None   # (cost, (W, lo, hi, base), stranded bits per column)
     samples = {}
     tried_half = bool(word_bits)
     tried_narrower = False
@@ -392,26 +466,26 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
         geom = _geometry(shape, itemsize, W)
         if W not in samples:
             samples[W] = _samples(data, geom)
-        train, test, piece_words = samples[W]
-        if piece_words % p or (p > max(1, itemsize * 8 // W) and train.size // p < MIN_PER_COLUMN):
+        _, train, test, piece_words = samples[W]
+        if piece_words % p or (p > max(1, itemsize * 8 // W) and train.size * piece_words // p < MIN_PER_COLUMN):
             continue  # too few samples per column; the per-element period is always tried
-        scale = geom.nunits * geom.unit_words / test.size
-        narrow = (W, p) in narrower
-        lo, hi, base = learn(train.reshape(-1, p), W, per_column=NARROW_PER_COLUMN if narrow else MAX_PER_COLUMN)
-        bits = _encoded_bits(test, lo, hi, base, W, piece_words)
+        scale = geom.nunits * geom.unit_words / (test.size * piece_words)
+        cap = NARROW_PER_COLUMN if (W, p) in narrower else MAX_PER_COLUMN
+        per_column = min(cap, max(MIN_LEARN, geom.total_words // (LEARN_SHARE * p)))
+        lo, hi, base, bits, stranded, halves = learn(samples[W], W, p, per_column)
         for e in range(len(bits)):
             cost = int(bits[e]) * scale + _model_bits(p, W)
             if best is None or cost < best[0]:
-                best = (cost, (W, lo[e], hi[e], base[e]))
-            if not tried_half:
-                half = _try_half(lo[e][0], hi[e][0], W, itemsize)
-                cands = half + [c for c in cands if c not in half]
-                tried_half = True
+                best = (cost, (W, lo[e], hi[e], base[e]), stranded[e])
+        if not tried_half:
+            half = _try_half(int(halves[0]), p, W, itemsize)
+            cands = half + [c for c in cands if c not in half]
+            tried_half = True
         if not tried_narrower and not word_bits:
-            narrower = [c for c in _try_narrower(shape, itemsize, best[1], train) if c not in half]
+            narrower = [c for c in _try_narrower(shape, itemsize, best[1][0], best[2]) if c not in half]
             cands += narrower
             tried_narrower = True
-    return Model(*best[1])
+    return Model._learned(*best[1])
 
 
 def _model_bits(period, word_bits):

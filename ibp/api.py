@@ -70,8 +70,7 @@ def compress(x: Tensor, *, model: Model | None = None, word_bits: int | None = N
         raise TypeError(f"model must be an ibp.Model, not {type(model).__name__}")
     elif word_bits is not None and word_bits != model.word_bits:
         raise ValueError(f"word_bits={word_bits} contradicts the model's {model.word_bits}-bit words")
-    geom = Geometry.choose(shape, itemsize, model.word_bits, unit_rows)
-    geom.check()
+    geom = Geometry.checked(shape, itemsize, model.word_bits, unit_rows)
     if geom.unit_words % model.period:
         raise ValueError(f"the model's period {model.period} does not divide this tensor's "
                          f"{geom.unit_words}-word units")

@@ -18,7 +18,8 @@ from numba import njit, prange
 
 from numba.cpython.unsafe.numbers import leading_zeros
 
-from ._bits import ONE, U64, ZERO, Kernel, ctz, flush_bits, popcount, put_bits, read_bits
+from ._bits import (FAST_PEXT, ONE, U64, ZERO, Kernel, ctz, flush_bits, pdep, popcount,
+                    put_bits, read_bits)
 
 RAW, ALL, SPARSE, BITMAP = 0, 1, 2, 3
 # Fields of a level table row.
@@ -27,6 +28,9 @@ BASE, FIX, LOW, HIGH, SH1, SH2, WIDTH, WMASK = range(8)
 # are encoded and decoded in several passes without scratch arrays, so the
 # codec's memory stays a small multiple of its output.
 SCRATCH_WORDS = 1 << 16
+# A one-column unit with at least one exception per this many words is decoded in two
+# passes (matched words, then put in place) rather than run by run.
+DENSE_EXCEPTIONS = 16
 
 # Status codes of decode_jobs, turned into FormatError messages by the caller.
 OK, ERR_SIZE, ERR_COUNT, ERR_POSITION = 0, 1, 2, 3
@@ -141,6 +145,15 @@ def classify_units(x, t0, t1, W, p, U, fbits, ptot, sizes):
 # -- encoding --------------------------------------------------------------
 
 @njit(inline="always")
+def lanes(G, W):
+    """Bit 0 of each of G lanes of W bits in a uint64."""
+    rep = ONE
+    for _ in range(G - 1):
+        rep = (rep << U64(W)) | ONE
+    return rep
+
+
+@njit(inline="always")
 def swar_groups(src64, o, ng, G, W, t0, grp):
     """The groups of G = 64 // W words of a unit (uint64s ``src64[o:o+ng]``)
     against a one-column level, all G lanes per operation: per group its
@@ -148,9 +161,7 @@ def swar_groups(src64, o, ng, G, W, t0, grp):
     (``grp[1]``) and the top bit of each lane that misses (``grp[2]``).
     Lanes are subtracted without borrows between them (Hacker's Delight
     2-18); returns whether a lane missed."""
-    rep = ONE
-    for _ in range(G - 1):
-        rep = (rep << U64(W)) | ONE
+    rep = lanes(G, W)
     H = rep << U64(W - 1)
     L = ~H
     B = t0[0, BASE] * rep
@@ -450,31 +461,51 @@ def encode_next(x, x64, tail, tail64, u, n, t0, t1, W, p, U, fbits, ptot, scratc
                        widx)
 
 
+@njit(inline="always")
+def as_u64(x):
+    """``x`` viewed as uint64s for the lane-parallel path, or empty where
+    it does not start on an 8-byte boundary or is not a whole number of
+    them (a view at an odd offset: then one word at a time)."""
+    if x.ctypes.data % 8 == 0 and (x.shape[0] * x.itemsize) % 8 == 0:
+        return x.view(np.uint64)
+    return x[:0].view(np.uint64)
+
+
 @Kernel
-def encode_chunks(x, x64, tail, tail64, t0, t1, W, p, U, fbits, ptot, chunks, first_word, buf, kinds, sizes):
-    """Encode the units of chunk ``ch`` back to back from word
-    ``first_word[ch]`` of ``buf``, a region big enough for them raw; record
-    each unit's kind and bit size.  ``compact`` then closes the gaps."""
+def encode_chunks(x, tail, t0, t1, W, p, U, fbits, ptot, nchunks, raw_words, buf, kinds, sizes):
+    """Encode the units of each of ``nchunks`` runs of units back to back
+    from the run's first unit's raw position (``raw_words`` uint64s a unit)
+    in ``buf``; record each unit's kind and bit size.  ``compact`` then
+    closes the gaps."""
     n = kinds.shape[0]
-    for ch in prange(chunks.shape[0] - 1):
+    x64 = as_u64(x)
+    tail64 = as_u64(tail)
+    for ch in prange(nchunks):
         work = scratch(U, W)
         acc = ZERO
         nb = ZERO
-        widx = U64(first_word[ch])
-        for u in range(chunks[ch], chunks[ch + 1]):
+        first = ch * n // nchunks
+        widx = U64(first * raw_words)
+        for u in range(first, (ch + 1) * n // nchunks):
             kinds[u], sizes[u], acc, nb, widx = encode_next(x, x64, tail, tail64, u, n, t0, t1, W, p, U, fbits,
                                                             ptot, work, buf, acc, nb, widx)
         flush_bits(buf, acc, nb, widx)
 
 
 @njit(cache=True)
-def compact(buf, first_word, chunk_bits):
-    """Slide each chunk's bits down to follow the previous chunk's, in order
-    (a chunk only moves towards the start, so nothing unread is overwritten)."""
+def compact(buf, sizes, nchunks, raw_words):
+    """Slide the bits of each of ``encode_chunks``' runs down to follow the
+    previous run's, in order (a run only moves towards the start, so
+    nothing unread is overwritten)."""
+    n = sizes.shape[0]
     pos = 0
-    for ch in range(first_word.shape[0]):
-        src = first_word[ch]
-        nw = (chunk_bits[ch] + 63) >> 6
+    for ch in range(nchunks):
+        first, last = ch * n // nchunks, (ch + 1) * n // nchunks
+        src = first * raw_words
+        bits = 0
+        for u in range(first, last):
+            bits += sizes[u]
+        nw = (bits + 63) >> 6
         d = pos >> 6
         sh = U64(pos & 63)
         if d * 64 + (pos & 63) != src * 64:
@@ -484,14 +515,16 @@ def compact(buf, first_word, chunk_bits):
                 buf[d + i] = carry | (w << sh)
                 carry = ((w >> ONE) >> (U64(63) - sh)) if sh else ZERO
             buf[d + nw] = carry
-        pos += chunk_bits[ch]
+        pos += bits
     return pos
 
 
 @Kernel
-def encode_slotted(x, x64, tail, tail64, t0, t1, W, p, U, fbits, ptot, slots, slot_words, buf, kinds):
+def encode_slotted(x, tail, t0, t1, W, p, U, fbits, ptot, slots, slot_words, buf, kinds):
     """Write unit ``i`` of ``x`` into slot ``slots[i]``; zero the slot's rest."""
     n = kinds.shape[0]
+    x64 = as_u64(x)
+    tail64 = as_u64(tail)
     nchunks = min(n, 64)
     for ch in prange(nchunks):
         work = scratch(U, W)
@@ -571,12 +604,76 @@ def parse_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, exc
     if xstart > end:
         return ERR_SIZE, 0, pos, pos, pos
     stop = xstart
-    for e in range(k):
-        f = np.uint8(read_bits(words, fstart + U64(e), ONE)) if fbits else np.uint8(0)
-        flag[e] = f
-        stop += t1[column(exc[e], p), WIDTH] if f else Wu
+    if fbits == 0:
+        flag[:k] = 0
+        stop += U64(k) * Wu
+    elif p == 1:   # 64 flags a read; the secondary width or W each, without branches
+        w1 = t1[0, WIDTH]
+        for e0 in range(0, k, 64):
+            f64 = read_bits(words, fstart + U64(e0), mask_of(min(64, k - e0)))
+            stop += U64(popcount(f64)) * w1 + U64(min(64, k - e0) - popcount(f64)) * Wu
+            for e in range(e0, min(e0 + 64, k)):
+                flag[e] = np.uint8((f64 >> U64(e - e0)) & ONE)
+    else:
+        for e in range(k):
+            f = np.uint8(read_bits(words, fstart + U64(e), ONE))
+            flag[e] = f
+            stop += t1[column(exc[e], p), WIDTH] if f else Wu
     status = ERR_SIZE if stop > end or (exact and stop != end) else OK
     return status, k, mstart, xstart, stop
+
+
+@njit(inline="always")
+def lane_constants(G, mask, low, sh1, sh2, base):
+    """(W, free, H, L, B, B & L) for decoding G residuals of a one-column
+    level from one 64-bit read: ``pdep`` spreads them to the free bits of
+    G lanes of W bits, then B (the base in every lane) is added lane by
+    lane, the top bits H apart so no carry crosses lanes."""
+    W = U64(64 // G)
+    rep = lanes(G, W)
+    H = rep << (W - ONE)
+    L = ~H
+    free = ((mask & low) | (((mask & ~low) << sh1) << sh2)) * rep
+    B = base * rep
+    return W, free, H, L, B, B & L
+
+
+@njit(inline="always")
+def expand(out, o, U, k, exc, vals, xmap):
+    """``vals`` (the matched words in order) to the positions of
+    ``out[o:o+U]`` that are not among the k in ``exc``; exception positions
+    get any value, to be written afterwards.  Branch-free, with a byte per
+    word (``xmap``) saying whether it is an exception, so no iteration
+    waits on the one before: for units with many exceptions, cheaper than
+    a run between each two."""
+    xmap[:U] = 0
+    for e in range(k):
+        xmap[exc[e]] = 1
+    c = U64(0)
+    for j in range(U64(U)):
+        out[U64(o) + j] = vals[c]
+        c += ONE - U64(xmap[j])
+
+
+@njit(inline="always")
+def decode_dense_exceptions(words, pos, G, U, k, exc, out, o, t0, tmp, xmap):
+    """The matched words of a one-column unit with many exceptions: G
+    residuals per read into ``tmp`` (one 64-bit store each), then put in
+    place by ``expand``; returns the bit after them."""
+    W, free, H, L, B, BL = lane_constants(G, t0[0, WMASK], t0[0, LOW], t0[0, SH1], t0[0, SH2], t0[0, BASE])
+    width = t0[0, WIDTH]
+    n = U - k
+    step = width * U64(G)
+    for g in range((n + G - 1) // G):
+        d = pdep(read_bits(words, pos + step * U64(g), ~ZERO), free)
+        tmp[U64(g)] = ((d & L) + BL) ^ ((d ^ B) & H)
+    if G == 8:
+        expand(out, o, U, k, exc, tmp.view(np.uint8), xmap)
+    elif G == 4:
+        expand(out, o, U, k, exc, tmp.view(np.uint16), xmap)
+    else:
+        expand(out, o, U, k, exc, tmp.view(np.uint32), xmap)
+    return pos + width * U64(n)
 
 
 @njit(inline="always")
@@ -586,6 +683,22 @@ def decode_group_run(words, pos, G, j0, j1, out, o, mask, low, sh1, sh2, base, w
     j = j0
     step = width * U64(G)
     nlow = ~low
+    if FAST_PEXT and G > 1:  # G words from one read: spread to their lanes, base added lane-wise
+        W, free, H, L, B, BL = lane_constants(G, mask, low, sh1, sh2, base)
+        while j + G <= j1:
+            d = pdep(read_bits(words, pos, ~ZERO), free)
+            x = ((d & L) + BL) ^ ((d ^ B) & H)
+            for g in range(G):
+                out[U64(o + j + g)] = x >> (W * U64(g))
+            pos += step
+            j += G
+        if j < j1:  # the last few from one read too (what follows them is read and dropped)
+            d = pdep(read_bits(words, pos, ~ZERO), free)
+            x = ((d & L) + BL) ^ ((d ^ B) & H)
+            for g in range(j1 - j):
+                out[U64(o + j + g)] = x >> (W * U64(g))
+            pos += width * U64(j1 - j)
+        return pos
     while j + G <= j1:
         v = read_bits(words, pos, ~ZERO)
         for g in range(G):
@@ -617,9 +730,11 @@ def decode_run_one_column(words, pos, W, j0, j1, out, o, t0):
 
 
 @njit(inline="always")
-def decode_matched_one_column(words, pos, W, k, exc, out, o, t0):
+def decode_matched_one_column(words, pos, W, U, k, exc, out, o, t0, tmp, xmap):
     """The matched words of a unit with a one-column model; returns the bit
     after them.  The output's type drops the bits above W."""
+    if FAST_PEXT and W < 64 and DENSE_EXCEPTIONS * k >= U:
+        return decode_dense_exceptions(words, pos, 64 // W, U, k, exc, out, o, t0, tmp, xmap)
     mask, low, sh1, sh2, base, width = t0[0, WMASK], t0[0, LOW], t0[0, SH1], t0[0, SH2], t0[0, BASE], t0[0, WIDTH]
     j = 0
     if W == 8:
@@ -642,7 +757,7 @@ def decode_matched_one_column(words, pos, W, k, exc, out, o, t0):
 
 
 @njit
-def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, out, o, exc, flag):
+def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, out, o, exc, flag, tmp):
     """Decode the unit at bits [start, end) into ``out[o:o+U]``, after
     ``parse_unit`` checked it; returns its status."""
     status, k, pos, xstart, _ = parse_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot,
@@ -657,7 +772,7 @@ def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, ou
             pos += Wu
         return OK
     if p == 1:
-        decode_matched_one_column(words, pos, W, k, exc, out, o, t0)
+        decode_matched_one_column(words, pos, W, U, k, exc, out, o, t0, tmp, flag[U:])
     else:
         j = 0
         for e in range(k + 1):
@@ -670,6 +785,15 @@ def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, ou
                     c = 0
             j = exc[e] + 1
     pos = xstart
+    if p == 1:   # without branches: exceptions split unpredictably between the two kinds
+        w1, m1 = t1[0, WIDTH], t1[0, WMASK]
+        for e in range(k):
+            f = U64(flag[e])
+            second = ZERO - f
+            v = read_bits(words, pos, (m1 & second) | (wmask & ~second))
+            out[U64(o + exc[e])] = (restore(v, t1, 0, wmask) & second) | (v & ~second)
+            pos += (w1 & second) | (Wu & ~second)
+        return OK
     for e in range(k):
         if flag[e]:
             c = column(exc[e], p)
@@ -683,10 +807,12 @@ def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, ou
 
 @njit(inline="always")
 def decode_scratch(U):
-    """(exc, flag) scratch of ``parse_unit`` for U-word units (empty beyond
-    SCRATCH_WORDS: those units are read in passes)."""
+    """(exc, flag, tmp) scratch of ``parse_unit`` and ``decode_unit`` for
+    U-word units (empty beyond SCRATCH_WORDS: those units are read in
+    passes): ``flag`` has a byte per exception then one per word (see
+    ``expand``), ``tmp`` holds a unit's matched words."""
     n = U if U <= SCRATCH_WORDS else 0
-    return np.empty(n + 1, np.int64), np.empty(n, np.uint8)
+    return np.empty(n + 1, np.int64), np.empty(2 * n, np.uint8), np.empty(n + 1, np.uint64)
 
 
 @njit(inline="always")
@@ -818,7 +944,7 @@ def unit_sizes(words, t0, t1, W, p, U, fbits, ptot, exact, starts, ends, kinds, 
     n = starts.shape[0]
     nchunks = min(n, 64)
     for ch in prange(nchunks):
-        exc, flag = decode_scratch(U)
+        exc, flag, _ = decode_scratch(U)
         for u in range(ch * n // nchunks, (ch + 1) * n // nchunks):
             if U > SCRATCH_WORDS:
                 status, _, _, _, _, stop = parse_unit_in_passes(words, starts[u], ends[u], exact, kinds[u], t0, t1,
@@ -839,20 +965,75 @@ def decode_jobs(words, t0, t1, W, p, U, fbits, ptot, exact, jstart, jend, jkind,
     nj = jstart.shape[0]
     for ch in prange(nchunks):
         scratch = np.empty(min(U, SCRATCH_WORDS), out.dtype)
-        exc, flag = decode_scratch(U)
+        exc, flag, tmp = decode_scratch(U)
         for i in range(ch * nj // nchunks, (ch + 1) * nj // nchunks):
             if U > SCRATCH_WORDS:
                 status[i] = decode_unit_in_passes(words, jstart[i], jend[i], exact, jkind[i], t0, t1, W, p, U,
                                                   fbits, ptot, out, jdst[i], jsrc[i], jlen[i])
             elif jsrc[i] == 0 and jlen[i] == U:
                 status[i] = decode_unit(words, jstart[i], jend[i], exact, jkind[i], t0, t1, W, p, U, fbits,
-                                        ptot, out, jdst[i], exc, flag)
+                                        ptot, out, jdst[i], exc, flag, tmp)
             else:
                 st = decode_unit(words, jstart[i], jend[i], exact, jkind[i], t0, t1, W, p, U, fbits,
-                                 ptot, scratch, 0, exc, flag)
+                                 ptot, scratch, 0, exc, flag, tmp)
                 status[i] = st
                 if st == OK:
                     d = jdst[i]
                     s = jsrc[i]
                     for j in range(jlen[i]):
                         out[d + j] = scratch[s + j]
+
+
+@njit(inline="always")
+def unit_span(u, packed_kinds, slot_bits, block, rel_bits, block_base, rel, payload_bits, nunits):
+    """(start bit, end bit, kind) of unit ``u``: its slot of ``slot_bits``
+    (slotted), else from the packed row index (docs/format.md section 6)."""
+    kind = (packed_kinds[u >> 2] >> np.uint8(2 * (u & 3))) & np.uint8(3)
+    if slot_bits:
+        start = u * slot_bits
+        return start, start + slot_bits, kind
+    if rel_bits == 0:
+        size = payload_bits // nunits
+        return u * size, payload_bits if u == nunits - 1 else (u + 1) * size, kind
+    start = np.int64(block_base[u // block]) + np.int64(rel[u])
+    v = u + 1
+    end = payload_bits if v >= nunits else np.int64(block_base[v // block]) + np.int64(rel[v])
+    return start, end, kind
+
+
+@Kernel
+def decode_all(words, t0, t1, W, p, U, fbits, ptot, packed_kinds, slot_bits, block, rel_bits, block_base, rel,
+               payload_bits, nunits, total_words, out, nchunks):
+    """Decode every unit into ``out`` (the last one cut to the tensor's
+    end), in ``nchunks`` runs of units; returns ``8 * unit + status`` of
+    the first malformed unit, or -1."""
+    first_bad = np.full(nchunks, -1, np.int64)
+    exact = slot_bits == 0
+    for ch in prange(nchunks):
+        exc, flag, tmp = decode_scratch(U)
+        scratch = np.empty(0, out.dtype)
+        for u in range(ch * nunits // nchunks, (ch + 1) * nunits // nchunks):
+            start, end, kind = unit_span(u, packed_kinds, slot_bits, block, rel_bits, block_base, rel,
+                                         payload_bits, nunits)
+            n = min(U, total_words - u * U)
+            if U > SCRATCH_WORDS:
+                st = decode_unit_in_passes(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, out,
+                                           u * U, 0, n)
+            elif n == U:
+                st = decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, out, u * U, exc,
+                                 flag, tmp)
+            else:
+                if scratch.shape[0] == 0:
+                    scratch = np.empty(U, out.dtype)
+                st = decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, scratch, 0, exc,
+                                 flag, tmp)
+                if st == OK:
+                    for j in range(n):
+                        out[u * U + j] = scratch[j]
+            if st != OK:
+                first_bad[ch] = 8 * u + st
+                break
+    for ch in range(nchunks):
+        if first_bad[ch] >= 0:
+            return first_bad[ch]
+    return -1

@@ -91,9 +91,36 @@ def jobs(ct, rows=None):
 
 def decode_into(ct, out_bytes, rows=None):
     """Decode all rows, or ``rows`` in order, into the flat byte buffer."""
-    if ct.geometry.row_words == 0:
+    g = ct.geometry
+    if g.row_words == 0:
         return
-    _run(ct, *jobs(ct, rows), out_bytes)
+    if rows is not None:
+        _run(ct, *jobs(ct, rows), out_bytes)
+        return
+    while True:   # as _run: again if update_rows wrote the tensor meanwhile
+        seen = ct._writes
+        if seen % 2:
+            time.sleep(0)
+            continue
+        bad = _decode_all(ct, out_bytes)
+        if ct._writes == seen:
+            break
+    if bad >= 0:
+        raise FormatError(f"unit {bad >> 3}: {codec.ERRORS[bad & 7]}")
+
+
+def _decode_all(ct, out_bytes):
+    g, model = ct.geometry, ct.model
+    t0, t1, fbits, ptot = model.tables
+    if ct.layout == "slotted":
+        slot_bits, (block, rel_bits, block_base, rel), payload_bits = g.slot_words * 64, (1, 0, NO_BASE, NO_REL), 0
+    else:
+        slot_bits, (block, rel_bits, block_base, rel), payload_bits = 0, ct.index, ct.payload_bits
+    work = g.total_words
+    nchunks = min(g.nunits, 8 * numba.get_num_threads()) if work >= PARALLEL_MIN_WORDS else 1
+    return codec.decode_all(work, ct.payload, t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
+                            ct.kinds, slot_bits, block, rel_bits, block_base, rel, payload_bits, g.nunits,
+                            g.total_words, out_bytes.view(f"<u{g.word_bits // 8}"), nchunks)
 
 
 def decode_units(ct, units, out_bytes):

@@ -4,6 +4,9 @@ The codec only ever sees bytes, so a type needs a name, an item size, and a
 way to view arrays of it as bytes and back.  numpy gets bfloat16 and float8
 from ``ml_dtypes`` when it is installed; torch is optional everywhere.
 """
+import functools
+import sys
+
 import numpy as np
 
 from . import pages
@@ -27,7 +30,7 @@ def _torch():
 
 
 def is_torch(x):
-    torch = _torch()
+    torch = sys.modules.get("torch")   # not imported yet: x cannot be a tensor (and importing costs)
     return torch is not None and isinstance(x, torch.Tensor)
 
 
@@ -40,6 +43,7 @@ def name_of_numpy(dtype):
     raise TypeError(f"ibp cannot compress numpy dtype {dtype!r}: use one of {sorted(ITEMSIZE)}")
 
 
+@functools.lru_cache(maxsize=None)
 def name_of_torch(dtype):
     name = str(dtype).removeprefix("torch.")
     if name in ITEMSIZE:
@@ -80,8 +84,11 @@ def as_bytes(x):
         if x.device.type != "cpu":
             raise ValueError(f"compress takes CPU tensors; this one is on {x.device}")
         name = name_of_torch(x.dtype)
-        t = x.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
-        data = t.view(_torch().uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+        t = x.detach()
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
+        t = t.contiguous().reshape(-1)
+        data = t.view(sys.modules["torch"].uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
         return data, name, tuple(x.shape), "torch"
     if isinstance(x, np.generic):
         x = np.asarray(x)

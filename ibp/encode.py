@@ -29,16 +29,6 @@ def _tail(words, geom):
     return _padded(words[geom.total_words - used:], geom.unit_words)
 
 
-def _as_u64(words):
-    """``words`` viewed as uint64s for the encoder's lane-parallel path, or
-    an empty array where its start is not 8-byte aligned or it is not a
-    whole number of uint64s (a view at an odd offset: then one word at a
-    time)."""
-    if words.ctypes.data % 8 or words.nbytes % 8:
-        return np.zeros(0, np.uint64)
-    return words.view(np.uint64)
-
-
 def pack_kinds(kinds):
     """Four 2-bit kinds per byte, unit 0 in the lowest bits."""
     padded = np.zeros(-(-kinds.size // 4) * 4, np.uint8)
@@ -93,14 +83,26 @@ def unit_start_bits(index, units, payload_bits, nunits):
 def blocked_index(starts):
     """(block, rel_bits, block_base, rel) with start(u) = block_base[u // block] + rel[u],
     choosing the block size and offset width that take the fewest bytes."""
-    n = starts.size
-    options = []
-    for rel_bits in (16, 32):
-        block = _largest_block(starts, 1 << rel_bits)
-        options.append((-(-n // block) * 8 + n * rel_bits // 8, block, rel_bits))
-    _, block, rel_bits = min(options)
-    block_base = np.ascontiguousarray(starts[::block]).astype(np.uint64)
-    rel = (starts - np.repeat(block_base.astype(np.int64), block)[:n]).astype(f"<u{rel_bits // 8}")
+    block, rel_bits, block_base, rel = _blocked_index(np.ascontiguousarray(starts, np.int64))
+    return block, rel_bits, block_base, rel.astype(np.uint16) if rel_bits == 16 else rel
+
+
+@njit(cache=True)
+def _blocked_index(starts):
+    """``blocked_index`` in one compiled pass (offsets as uint32)."""
+    n = starts.shape[0]
+    best, block, rel_bits = -1, 1, 16
+    for bits in (16, 32):
+        b = _largest_block(starts, 1 << bits)
+        size = -(-n // b) * 8 + n * bits // 8
+        if best < 0 or size < best:
+            best, block, rel_bits = size, b, bits
+    block_base = np.empty(-(-n // block), np.uint64)
+    rel = np.empty(n, np.uint32)
+    for u in range(n):
+        if u % block == 0:
+            block_base[u // block] = starts[u]
+        rel[u] = starts[u] - np.int64(block_base[u // block])
     return block, rel_bits, block_base, rel
 
 
@@ -126,33 +128,27 @@ def _layout(kinds, sizes):
 def encode_packed(data, geom, model):
     """(packed kinds, payload words, payload bits, index) of the packed layout.
 
-    Units are classified and written in one pass: each thread's chunk of
+    Units are classified and written in one pass: each thread's run of
     units goes to its own raw-size region of one buffer, then ``compact``
     closes the gaps and the buffer shrinks to fit.
     """
     words = _word_view(data, geom.word_bits)
     tail = _tail(words, geom)
-    body = words[:(geom.nunits - (tail.size > 0)) * geom.unit_words]
+    body = words[:(geom.nunits - 1) * geom.unit_words] if tail.size else words
     n = geom.nunits
     kinds = np.empty(n, np.uint8)
     sizes = np.empty(n, np.int64)
     raw_words = -(-geom.unit_words * geom.word_bits // 64)   # a unit at most, in uint64s
     parallel = geom.total_words >= PARALLEL_MIN_WORDS and numba.get_num_threads() > 1  # as Kernel decides
-    if parallel:
-        nchunks = min(n, 4 * numba.get_num_threads())
-        chunks = np.arange(nchunks + 1, dtype=np.int64) * n // nchunks
-        first_word = np.zeros(nchunks + 1, np.int64)
-        np.cumsum(np.diff(chunks) * raw_words, out=first_word[1:])
-    else:
-        chunks, first_word = np.array([0, n], np.int64), np.array([0, n * raw_words], np.int64)
-    buf = np.zeros(int(first_word[-1]) + 1, np.uint64)
+    nchunks = min(n, 4 * numba.get_num_threads()) if parallel else 1
+    buf = np.zeros(n * raw_words + 1, np.uint64)
     if n:
         t0, t1, fbits, ptot = model.tables
-        codec.encode_chunks(geom.total_words, body, _as_u64(body), tail, _as_u64(tail), t0, t1, geom.word_bits,
-                            model.period, geom.unit_words, fbits, ptot, chunks, first_word, buf, kinds, sizes)
-    packed, starts, total, uniform = _layout(kinds, sizes)
+        codec.encode_chunks(geom.total_words, body, tail, t0, t1, geom.word_bits, model.period, geom.unit_words,
+                            fbits, ptot, nchunks, raw_words, buf, kinds, sizes)
     if parallel:
-        codec.compact(buf, first_word[:-1], np.add.reduceat(sizes, chunks[:-1]))
+        codec.compact(buf, sizes, nchunks, raw_words)
+    packed, starts, total, uniform = _layout(kinds, sizes)
     buf.resize(-(-total // 64) + 1, refcheck=False)   # + the spare zero word
     buf[-1] = 0
     index = uniform_index() if uniform else blocked_index(starts)
@@ -168,7 +164,7 @@ def encode_slots(data, geom, model, slots, buf):
     body = words[:words.size - used]
     kinds = np.empty(len(slots), np.uint8)
     t0, t1, fbits, ptot = model.tables
-    codec.encode_slotted(words.size, body, _as_u64(body), tail, _as_u64(tail), t0, t1, geom.word_bits, model.period,
+    codec.encode_slotted(words.size, body, tail, t0, t1, geom.word_bits, model.period,
                          geom.unit_words, fbits, ptot, np.asarray(slots, np.int64), geom.slot_words, buf, kinds)
     return kinds
 

@@ -10,7 +10,7 @@ last unit is zero-padded when the rows do not fill it.
 """
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 GROUP_BYTES = 256          # rows shorter than this are grouped into one unit
 FLAT_UNIT_BYTES = 4096     # 0-d and 1-d tensors are cut into units this long
@@ -78,6 +78,15 @@ class Geometry:
         if math.prod(shape) == 0:  # no words: the format's only unit is one word
             return cls(tuple(shape), itemsize, word_bits, 1)
         return cls(tuple(shape), itemsize, word_bits, unit_elems(shape, itemsize, unit_rows) * itemsize // wb)
+
+    @staticmethod
+    @lru_cache(maxsize=4096)
+    def checked(shape, itemsize, word_bits, unit_rows=None):
+        """``choose`` then ``check``, cached: a checkpoint's tensors share
+        a few shapes, and small tensors cannot afford the arithmetic."""
+        geom = Geometry.choose(shape, itemsize, word_bits, unit_rows)
+        geom.check()
+        return geom
 
     @cached_property
     def nrows(self):

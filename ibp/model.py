@@ -93,6 +93,18 @@ class Model:
             a.flags.writeable = False
         self._validate()
 
+    @classmethod
+    def _learned(cls, word_bits: int, lo: np.ndarray, hi: np.ndarray, base: np.ndarray) -> Model:
+        """A model from ibp's own learner: valid by construction, so not
+        checked again (checking costs as much as compressing a small
+        tensor)."""
+        model = cls.__new__(cls)
+        model.word_bits = int(word_bits)
+        model.lo, model.hi, model.base = lo, hi, base
+        for a in (lo, hi, base):
+            a.flags.writeable = False
+        return model
+
     def _validate(self):
         W = self.word_bits
         if W not in WORD_BITS:
