@@ -28,6 +28,7 @@ from .model import Model, level_tables
 SAMPLE_BYTES = (1 << 13, 1 << 18)  # bytes of units sampled: at least, at most
 SAMPLE_SHARE = 32             # ... and otherwise 1/32 of the tensor
 SAMPLE_CHUNK_BYTES = 1 << 12  # pieces sampled from units longer than SAMPLE_BYTES[1]
+TEST_WORDS = 1 << 14          # candidates are scored on at most about this many sampled words
 MIN_PER_COLUMN = 32           # sampled words a column needs to be learned
 MAX_PER_COLUMN = 4096         # sampled words a column is learned from at most ...
 LEARN_SHARE = 64              # ... and otherwise one per this many of the tensor's words in the column,
@@ -38,6 +39,7 @@ STRANDED_MIN = 2.0            # ... and this many such bits per word outside the
 EXCEPTION_PRICES = (3.0, 8.0)  # bits an exception costs: measured best on real data
 PRICES = np.array(EXCEPTION_PRICES)
 PLATEAU = 4                   # stop lengthening a fixed run after this many steps without gain
+MODE_SHARE = 8                # a word at least this share (1/8) of a column's is also tried as its whole primary level
 
 
 @njit(cache=True)
@@ -198,8 +200,8 @@ def _search_windows(z, b, prices, best, lo, hi, base, cap, counts):
 @njit(cache=True)
 def _best_levels(v, W, prices):
     """(lo, hi, base) of the best level of the words ``v`` for each
-    exception price (the empty level (0, 0, 0) where nothing pays), and
-    the number of set words per bit.
+    exception price (the empty level (0, 0, 0) where nothing pays), the
+    number of set words per bit, and the most frequent word and its count.
 
     Fixed runs ending just below the top bit come first (signed values:
     the sign varies); a run that also fixes the top bit can then gain at
@@ -213,8 +215,13 @@ def _best_levels(v, W, prices):
     base = np.zeros(ne, np.uint64)
     ones = np.zeros(W, np.int64)
     if m == 0:
-        return lo, hi, base, ones
+        return lo, hi, base, ones, ZERO, 0
     full = _radix_sort(v, W)
+    mode, most, run = full[0], 1, 1   # the most frequent word
+    for i in range(1, m):
+        run = run + 1 if full[i] == full[i - 1] else 1
+        if run > most:
+            mode, most = full[i], run
     below = np.full(W + 1, -1, np.int64)    # counts of the run ending below the top bit, per a
     _search_windows(_without_top_bit(full, W), W - 1, prices, best, lo, hi, base, np.full(W + 1, m, np.int64),
                     below)
@@ -249,100 +256,118 @@ def _best_levels(v, W, prices):
                 lo[e] = 0
                 hi[e] = b
                 base[e] = majority & low_mask(b)
-    return lo, hi, base, ones
+    return lo, hi, base, ones, mode, most
 
 
 @njit(inline="always")
-def _same_model(lo, hi, base, e):
-    """Whether the models of prices e and e - 1 are the same."""
+def _same_model(lo, hi, base, e, f):
+    """Whether models e and f are the same."""
     for lv in range(2):
         for c in range(lo.shape[2]):
-            if lo[e, lv, c] != lo[e - 1, lv, c] or hi[e, lv, c] != hi[e - 1, lv, c] or \
-                    base[e, lv, c] != base[e - 1, lv, c]:
+            if lo[e, lv, c] != lo[f, lv, c] or hi[e, lv, c] != hi[f, lv, c] or base[e, lv, c] != base[f, lv, c]:
                 return False
     return True
 
 
 @Kernel
-def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base, bits, stranded, halves):
-    """Learn one model per exception price from every ``step``-th period of
-    the sampled pieces of ``words`` that start at ``train``, and measure it
-    on those at ``test`` (as units of ``piece_words``).  Fills lo/hi/base
-    ``[len(prices), 2, period]`` (per column the primary level and the
-    secondary level learned on the primary's exceptions) and, per price,
-    the bits the test pieces encode to, the mean number of *stranded* bits
-    per column (bits outside the primary run that at least
-    STRANDED_AGREEMENT of the words agree on: a narrower word, with more
-    columns, could also fix them) and how many columns' primary run starts
-    at bit 0 and spans at least W/8 bits (low bits that are padding: see
-    ``_try_half``)."""
+def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base):
+    """Learn one model per exception price, and one whose primary level is
+    each column's most frequent word where that word is frequent (two or
+    three values: a one-run level cannot fix the bits they share on both
+    sides of those where they differ, but two exact levels fix them all),
+    from every ``step``-th period of the sampled pieces of ``words`` that
+    start at ``train``, and measure them on those at ``test`` (as units of
+    ``piece_words``).  Fills lo/hi/base ``[models, 2, period]`` (per
+    column the primary level and the secondary level learned on the
+    primary's exceptions).  Returns the model whose test pieces encode
+    smallest and their bits, the most *stranded* bits per column any model
+    leaves (bits outside the primary run that at least STRANDED_AGREEMENT
+    of the words agree on: a narrower word, with more columns, could also
+    fix them), and how many columns' primary run under the first price
+    starts at bit 0 and spans at least W/8 bits (low bits that are
+    padding: see ``_try_half``)."""
     p = lo.shape[2]
     rows = piece_words // p   # periods per piece
     m = (train.shape[0] * rows + step - 1) // step
     ne = prices.shape[0]
     free = np.zeros(1)
-    per_column = np.zeros((ne, p), np.int64)
+    per_column = np.zeros((ne + 1, p), np.int64)
     for c in prange(p):
         v = np.empty(m, np.uint64)
         for i in range(m):
             r = i * step
             v[i] = words[train[r // rows] + (r % rows) * p + c]
-        a, b, bs, ones = _best_levels(v, W, prices)
-        for e in range(ne):
-            lo[e, 0, c] = a[e]
-            hi[e, 0, c] = b[e]
-            base[e, 0, c] = bs[e]
-            if e and a[e] == a[e - 1] and b[e] == b[e - 1] and bs[e] == bs[e - 1]:   # the same exceptions
+        a, b, bs, ones, mode, most = _best_levels(v, W, prices)
+        for e in range(ne + 1):
+            if e == ne:   # the most frequent word fixed whole, when it is frequent: low-cardinality data
+                if most * MODE_SHARE < m:   # else the first price's model again
+                    lo[e, 0, c], hi[e, 0, c], base[e, 0, c] = lo[0, 0, c], hi[0, 0, c], base[0, 0, c]
+                    lo[e, 1, c], hi[e, 1, c], base[e, 1, c] = lo[0, 1, c], hi[0, 1, c], base[0, 1, c]
+                    per_column[e, c] = per_column[0, c]
+                    continue
+                x, y, z = 0, W, mode
+            else:
+                x, y, z = a[e], b[e], bs[e]
+            lo[e, 0, c] = x
+            hi[e, 0, c] = y
+            base[e, 0, c] = z
+            if 0 < e < ne and x == a[e - 1] and y == b[e - 1] and z == bs[e - 1]:   # the same exceptions
                 lo[e, 1, c] = lo[e - 1, 1, c]
                 hi[e, 1, c] = hi[e - 1, 1, c]
                 base[e, 1, c] = base[e - 1, 1, c]
             else:
-                fixed = low_mask(b[e]) & ~low_mask(a[e])
-                a2, b2, bs2, _ = _best_levels(v[((v - bs[e]) & fixed) != ZERO], W, free)
+                fixed = low_mask(y) & ~low_mask(x)
+                a2, b2, bs2, _, _, _ = _best_levels(v[((v - z) & fixed) != ZERO], W, free)
                 lo[e, 1, c] = a2[0]
                 hi[e, 1, c] = b2[0]
                 base[e, 1, c] = bs2[0]
             k = 0
             for bit in range(W):
                 share = ones[bit] / m
-                if max(share, 1.0 - share) >= STRANDED_AGREEMENT and not a[e] <= bit < b[e]:
+                if max(share, 1.0 - share) >= STRANDED_AGREEMENT and not x <= bit < y:
                     k += 1
             per_column[e, c] = k
-    for e in range(ne):
-        stranded[e] = per_column[e].sum() / p
-        halves[e] = 0
-        for c in range(p):
-            if lo[e, 0, c] == 0 and hi[e, 0, c] >= W // 8:
-                halves[e] += 1
-        if e and _same_model(lo, hi, base, e):
-            bits[e] = bits[e - 1]
-            continue
-        t0, t1, fbits, ptot = level_tables(lo[e], hi[e], base[e], W)
-        bits[e] = 0
-        for t in range(test.shape[0]):
-            bits[e] += codec.unit_size(words, test[t], t0, t1, W, p, piece_words, fbits, ptot)[1]
+    bits = np.full(ne + 1, -1, np.int64)
+    best = 0
+    for e in range(ne + 1):
+        for f in range(e):
+            if _same_model(lo, hi, base, e, f):
+                bits[e] = bits[f]
+                break
+        if bits[e] < 0:
+            t0, t1, fbits, ptot = level_tables(lo[e], hi[e], base[e], W)
+            bits[e] = 0
+            for t in range(test.shape[0]):
+                bits[e] += codec.unit_size(words, test[t], t0, t1, W, p, piece_words, fbits, ptot)[1]
+        if bits[e] < bits[best]:
+            best = e
+    stranded = 0.0
+    for e in range(ne + 1):
+        stranded = max(stranded, per_column[e].sum() / p)
+    halves = 0
+    for c in range(p):
+        if lo[0, 0, c] == 0 and hi[0, 0, c] >= W // 8:
+            halves += 1
+    return best, bits[best], stranded, halves
 
 
 def learn(sample, word_bits, period, per_column, prices=None):
-    """One model per exception price, learned from the ``sample`` of
+    """The best of the models ``_fit`` learns from the ``sample`` of
     ``_samples`` (its train pieces thinned evenly to ``per_column`` words a
-    column) and measured on its test pieces: (lo, hi, base) each
-    ``[len(prices), 2, period]``, and per price the bits the test pieces
-    encode to, the stranded bits per column and the columns whose low bits
-    look like padding (see ``_fit``)."""
+    column), measured on its test pieces: (lo, hi, base) each ``[2,
+    period]``, the bits the test pieces encode to, the most stranded bits
+    per column any model leaves, and the columns whose low bits look like
+    padding under the first price's model (see ``_fit``)."""
     words, train, test, piece_words = sample
     prices = PRICES if prices is None else np.asarray(prices, np.float64)
-    ne = prices.size
-    lo = np.zeros((ne, 2, period), np.uint8)
-    hi = np.zeros((ne, 2, period), np.uint8)
-    base = np.zeros((ne, 2, period), np.uint64)
-    bits = np.empty(ne, np.int64)
-    stranded = np.empty(ne)
-    halves = np.empty(ne, np.int64)
+    models = prices.size + 1
+    lo = np.zeros((models, 2, period), np.uint8)
+    hi = np.zeros((models, 2, period), np.uint8)
+    base = np.zeros((models, 2, period), np.uint64)
     step = -(-train.size * piece_words // period // per_column)
-    _fit(train.size * piece_words // step, words, train, test, piece_words, step, word_bits, prices, lo, hi, base,
-         bits, stranded, halves)
-    return lo, hi, base, bits, stranded, halves
+    e, bits, stranded, halves = _fit(train.size * piece_words // step, words, train, test, piece_words, step,
+                                     word_bits, prices, lo, hi, base)
+    return lo[e], hi[e], base[e], bits, stranded, halves
 
 
 def _samples(data, geom):
@@ -361,13 +386,14 @@ def _samples(data, geom):
     if full == 0:
         padded = np.zeros(U * wb, np.uint8)
         padded[:data.size] = data
-        return padded.view(f"<u{wb}"), ORIGIN, ORIGIN, U
+        return padded.view(WORDS[wb]), ORIGIN, ORIGIN, U
     budget = min(max(data.size // SAMPLE_SHARE, SAMPLE_BYTES[0]), SAMPLE_BYTES[1])
     piece = U if U * wb <= SAMPLE_BYTES[1] else _chunk_bytes(geom.shape, geom.itemsize) // wb
     count = full * (U // piece)
-    return (data.view(f"<u{wb}"), *_piece_starts(count, max(1, min(count, budget // (piece * wb))), U, piece), piece)
+    return (data.view(WORDS[wb]), *_piece_starts(count, max(1, min(count, budget // (piece * wb))), U, piece), piece)
 
 
+WORDS = {b: np.dtype(f"<u{b}") for b in (1, 2, 4, 8)}   # word dtypes by bytes
 ORIGIN = np.zeros(1, np.int64)
 ORIGIN.flags.writeable = False
 
@@ -382,6 +408,8 @@ def _piece_starts(count, take, U, piece):
     per_unit = U // piece
     starts = (picks // per_unit) * U + (picks % per_unit) * piece
     train, test = (starts, starts) if take in (1, count) and (take == 1 or piece == U) else (starts[::2], starts[1::2])
+    if test.size * piece > TEST_WORDS:   # every few: enough to rank the candidates, at a bounded cost
+        test = test[::-(-test.size * piece // TEST_WORDS)]
     train, test = np.ascontiguousarray(train), np.ascontiguousarray(test)
     for a in (train, test):
         a.flags.writeable = False
@@ -456,7 +484,7 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
     cands = list(candidates(shape, itemsize, word_bits))
     if data.size == 0:
         return Model.empty(cands[0][0])
-    best = None   # (cost, (W, lo, hi, base), stranded bits per column)
+    best = None   # (cost, (W, lo, hi, base), stranded bits per column of its candidate)
     samples = {}
     tried_half = bool(word_bits)
     tried_narrower = False
@@ -473,12 +501,11 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
         cap = NARROW_PER_COLUMN if (W, p) in narrower else MAX_PER_COLUMN
         per_column = min(cap, max(MIN_LEARN, geom.total_words // (LEARN_SHARE * p)))
         lo, hi, base, bits, stranded, halves = learn(samples[W], W, p, per_column)
-        for e in range(len(bits)):
-            cost = int(bits[e]) * scale + _model_bits(p, W)
-            if best is None or cost < best[0]:
-                best = (cost, (W, lo[e], hi[e], base[e]), stranded[e])
+        cost = bits * scale + _model_bits(p, W)
+        if best is None or cost < best[0]:
+            best = (cost, (W, lo, hi, base), stranded)
         if not tried_half:
-            half = _try_half(int(halves[0]), p, W, itemsize)
+            half = _try_half(halves, p, W, itemsize)
             cands = half + [c for c in cands if c not in half]
             tried_half = True
         if not tried_narrower and not word_bits:

@@ -194,11 +194,12 @@ def group_positions(grp, ng, W, exc):
     """Positions of the lanes ``swar_groups`` found missing into ``exc``;
     returns their number."""
     G = 64 // W
+    lw = 3 if W == 8 else (4 if W == 16 else 5)   # log2(W): no division per miss
     k = 0
     for g in range(ng):
         m = grp[2, U64(g)]
         while m != ZERO:
-            exc[U64(k)] = G * g + ctz(m) // W
+            exc[U64(k)] = G * g + (ctz(m) >> lw)
             k += 1
             m &= m - ONE
     return k
@@ -471,13 +472,29 @@ def as_u64(x):
     return x[:0].view(np.uint64)
 
 
-@Kernel
-def encode_chunks(x, tail, t0, t1, W, p, U, fbits, ptot, nchunks, raw_words, buf, kinds, sizes):
+@njit(inline="always")
+def padded_tail(words, U, total_words):
+    """The last unit completed to U words by repeating its own words (whole
+    rows, so each keeps its model column and matches the model like its
+    rows do, where zeros would be exceptions), or an empty array when the
+    rows fill it; decoders drop the padding."""
+    n = (total_words + U - 1) // U
+    used = total_words - (n - 1) * U
+    tail = np.empty(U if 0 < used < U else 0, words.dtype)
+    for j in range(tail.shape[0]):
+        tail[j] = words[(n - 1) * U + j % used]
+    return tail
+
+
+@njit(inline="always")
+def encode_runs(words, U, total_words, t0, t1, W, p, fbits, ptot, nchunks, raw_words, buf, kinds, sizes):
     """Encode the units of each of ``nchunks`` runs of units back to back
     from the run's first unit's raw position (``raw_words`` uint64s a unit)
     in ``buf``; record each unit's kind and bit size.  ``compact`` then
     closes the gaps."""
     n = kinds.shape[0]
+    tail = padded_tail(words, U, total_words)
+    x = words[:(n - 1) * U if tail.shape[0] else total_words]
     x64 = as_u64(x)
     tail64 = as_u64(tail)
     for ch in prange(nchunks):
@@ -520,9 +537,11 @@ def compact(buf, sizes, nchunks, raw_words):
 
 
 @Kernel
-def encode_slotted(x, tail, t0, t1, W, p, U, fbits, ptot, slots, slot_words, buf, kinds):
-    """Write unit ``i`` of ``x`` into slot ``slots[i]``; zero the slot's rest."""
+def encode_slotted(words, U, total_words, t0, t1, W, p, fbits, ptot, slots, slot_words, buf, kinds):
+    """Write unit ``i`` of ``words`` into slot ``slots[i]``; zero the slot's rest."""
     n = kinds.shape[0]
+    tail = padded_tail(words, U, total_words)
+    x = words[:(n - 1) * U if tail.shape[0] else total_words]
     x64 = as_u64(x)
     tail64 = as_u64(tail)
     nchunks = min(n, 64)

@@ -4,29 +4,13 @@ import numpy as np
 from numba import njit
 
 from . import codec
-from ._bits import PARALLEL_MIN_WORDS
+from ._bits import PARALLEL_MIN_WORDS, Kernel
 
 MAX_BLOCK = 1 << 16
 
 
 def _word_view(data, word_bits):
     return data.view(f"<u{word_bits // 8}")
-
-
-def _padded(last, unit_words):
-    """The short last unit completed to ``unit_words`` by repeating its own
-    words (whole rows, so every word keeps its model column): decoders drop
-    the padding, and repeated rows match the model where zeros would be
-    exceptions (a 20-row float32 table in 8-row units: 723 -> 699 bytes)."""
-    return np.resize(last, unit_words)
-
-
-def _tail(words, geom):
-    """A padded copy of the last unit when the rows do not fill it."""
-    used = geom.total_words - (geom.nunits - 1) * geom.unit_words
-    if geom.nunits == 0 or used == geom.unit_words:
-        return words[:0]
-    return _padded(words[geom.total_words - used:], geom.unit_words)
 
 
 def pack_kinds(kinds):
@@ -126,46 +110,49 @@ def _layout(kinds, sizes):
 
 
 def encode_packed(data, geom, model):
-    """(packed kinds, payload words, payload bits, index) of the packed layout.
-
-    Units are classified and written in one pass: each thread's run of
-    units goes to its own raw-size region of one buffer, then ``compact``
-    closes the gaps and the buffer shrinks to fit.
-    """
-    words = _word_view(data, geom.word_bits)
-    tail = _tail(words, geom)
-    body = words[:(geom.nunits - 1) * geom.unit_words] if tail.size else words
+    """(packed kinds, payload words, payload bits, index) of the packed layout."""
     n = geom.nunits
-    kinds = np.empty(n, np.uint8)
-    sizes = np.empty(n, np.int64)
-    raw_words = -(-geom.unit_words * geom.word_bits // 64)   # a unit at most, in uint64s
     parallel = geom.total_words >= PARALLEL_MIN_WORDS and numba.get_num_threads() > 1  # as Kernel decides
-    nchunks = min(n, 4 * numba.get_num_threads()) if parallel else 1
-    buf = np.zeros(n * raw_words + 1, np.uint64)
-    if n:
-        t0, t1, fbits, ptot = model.tables
-        codec.encode_chunks(geom.total_words, body, tail, t0, t1, geom.word_bits, model.period, geom.unit_words,
-                            fbits, ptot, nchunks, raw_words, buf, kinds, sizes)
-    if parallel:
-        codec.compact(buf, sizes, nchunks, raw_words)
-    packed, starts, total, uniform = _layout(kinds, sizes)
+    t0, t1, fbits, ptot = model.tables
+    buf = np.zeros(n * -(-geom.unit_words * geom.word_bits // 64) + 1, np.uint64)   # every unit raw, at most
+    packed, total, uniform, block, rel_bits, block_base, rel = _encode_packed(
+        geom.total_words, _word_view(data, geom.word_bits), geom.unit_words, geom.total_words, t0, t1,
+        geom.word_bits, model.period, fbits, ptot, min(n, 4 * numba.get_num_threads()) if parallel else 1, buf)
     buf.resize(-(-total // 64) + 1, refcheck=False)   # + the spare zero word
     buf[-1] = 0
-    index = uniform_index() if uniform else blocked_index(starts)
-    return packed, buf, total, index
+    if uniform:
+        return packed, buf, total, uniform_index()
+    return packed, buf, total, (block, rel_bits, block_base, rel.astype(np.uint16) if rel_bits == 16 else rel)
+
+
+@Kernel
+def _encode_packed(words, U, total_words, t0, t1, W, p, fbits, ptot, nchunks, buf):
+    """Encode every unit into ``buf``, each run of units (one per thread)
+    into its own raw-size region, then close the gaps (``compact``) and lay
+    out the kinds and the row index: (packed kinds, payload bits, whether
+    the index is uniform, and the blocked index's block, offset width,
+    bases and offsets as uint32)."""
+    n = (total_words + U - 1) // U
+    kinds = np.empty(n, np.uint8)
+    sizes = np.empty(n, np.int64)
+    raw_words = (U * W + 63) // 64   # a unit at most, in uint64s
+    if n:
+        codec.encode_runs(words, U, total_words, t0, t1, W, p, fbits, ptot, nchunks, raw_words, buf, kinds, sizes)
+    if nchunks > 1:
+        codec.compact(buf, sizes, nchunks, raw_words)
+    packed, starts, total, uniform = _layout(kinds, sizes)
+    block, rel_bits, block_base, rel = _blocked_index(starts)
+    return packed, total, uniform, block, rel_bits, block_base, rel
 
 
 def encode_slots(data, geom, model, slots, buf):
     """Encode the units in ``data`` (whole units, last one may be short) into
     ``slots`` of the slotted payload ``buf``; returns their kinds."""
     words = _word_view(data, geom.word_bits)
-    used = words.size % geom.unit_words
-    tail = _padded(words[words.size - used:], geom.unit_words) if used else words[:0]
-    body = words[:words.size - used]
     kinds = np.empty(len(slots), np.uint8)
     t0, t1, fbits, ptot = model.tables
-    codec.encode_slotted(words.size, body, tail, t0, t1, geom.word_bits, model.period,
-                         geom.unit_words, fbits, ptot, np.asarray(slots, np.int64), geom.slot_words, buf, kinds)
+    codec.encode_slotted(words.size, words, geom.unit_words, words.size, t0, t1, geom.word_bits, model.period, fbits,
+                         ptot, np.asarray(slots, np.int64), geom.slot_words, buf, kinds)
     return kinds
 
 

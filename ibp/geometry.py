@@ -57,10 +57,26 @@ def unit_elems(shape, itemsize, unit_rows=None):
     if unit_rows is not None:
         return min(nrows, unit_rows, max(1, MAX_UNIT_BYTES // row_bytes)) * row
     if len(shape) <= 1:
-        return min(nrows, max(1, FLAT_UNIT_BYTES // itemsize))
+        return _balanced(nrows, max(1, FLAT_UNIT_BYTES // itemsize))
     if row_bytes < GROUP_BYTES:
-        return min(nrows, -(-GROUP_BYTES // row_bytes)) * row
+        return _balanced(nrows, -(-GROUP_BYTES // row_bytes)) * row
     return row
+
+
+def _balanced(nrows, least):
+    """Rows per unit, at least ``least`` (or all rows) and below twice it:
+    one that divides the rows when there is one, else as many units as
+    ``least`` rows each would take with the rows spread evenly over them.
+    The last unit's padding is stored, so it is then none, or less than a
+    row per unit, instead of up to a whole unit (20 rows grouped by 16
+    padded 12; as one unit of 20, none)."""
+    if least >= nrows:
+        return nrows
+    for rows in range(least, min(2 * least, nrows + 1)):
+        if nrows % rows == 0:
+            return rows
+    units = -(-nrows // least)
+    return -(-nrows // units)
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ class Model:
         model.word_bits = int(word_bits)
         model.lo, model.hi, model.base = lo, hi, base
         for a in (lo, hi, base):
-            a.flags.writeable = False
+            a.setflags(write=False)
         return model
 
     def _validate(self):
