@@ -487,63 +487,106 @@ def padded_tail(words, U, total_words):
 
 
 @njit(inline="always")
-def encode_runs(words, U, total_words, t0, t1, W, p, fbits, ptot, nchunks, raw_words, buf, kinds, sizes):
-    """Encode the units of each of ``nchunks`` runs of units back to back
-    from the run's first unit's raw position (``raw_words`` uint64s a unit)
-    in ``buf``; record each unit's kind and bit size.  ``compact`` then
-    closes the gaps."""
-    n = kinds.shape[0]
+def encode_run(x, x64, tail, tail64, n, ch, nchunks, t0, t1, W, p, U, fbits, ptot, raw_words, buf, kinds, sizes):
+    """Encode the units of run ``ch`` of ``nchunks`` back to back from its
+    first unit's raw position (``raw_words`` uint64s a unit) in ``buf``;
+    record each unit's kind and bit size."""
+    work = scratch(U, W)
+    acc = ZERO
+    nb = ZERO
+    first = ch * n // nchunks
+    widx = U64(first * raw_words)
+    for u in range(first, (ch + 1) * n // nchunks):
+        kinds[u], sizes[u], acc, nb, widx = encode_next(x, x64, tail, tail64, u, n, t0, t1, W, p, U, fbits,
+                                                        ptot, work, buf, acc, nb, widx)
+    flush_bits(buf, acc, nb, widx)
+
+
+@njit(inline="always")
+def unit_source(words, U, total_words):
+    """(the whole units of ``words``, their uint64 view or empty, the
+    padded last unit or empty, its uint64 view or empty)."""
+    n = (total_words + U - 1) // U
     tail = padded_tail(words, U, total_words)
     x = words[:(n - 1) * U if tail.shape[0] else total_words]
-    x64 = as_u64(x)
-    tail64 = as_u64(tail)
+    return x, as_u64(x), tail, as_u64(tail)
+
+
+@Kernel
+def encode_runs(words, U, total_words, t0, t1, W, p, fbits, ptot, nchunks, raw_words, buf, kinds, sizes):
+    """``encode_run`` for every run, one thread each; ``gather_runs`` then
+    puts their bits back to back."""
+    x, x64, tail, tail64 = unit_source(words, U, total_words)
     for ch in prange(nchunks):
-        work = scratch(U, W)
-        acc = ZERO
-        nb = ZERO
-        first = ch * n // nchunks
-        widx = U64(first * raw_words)
-        for u in range(first, (ch + 1) * n // nchunks):
-            kinds[u], sizes[u], acc, nb, widx = encode_next(x, x64, tail, tail64, u, n, t0, t1, W, p, U, fbits,
-                                                            ptot, work, buf, acc, nb, widx)
-        flush_bits(buf, acc, nb, widx)
+        encode_run(x, x64, tail, tail64, kinds.shape[0], ch, nchunks, t0, t1, W, p, U, fbits, ptot, raw_words, buf,
+                   kinds, sizes)
 
 
-@njit(cache=True)
-def compact(buf, sizes, nchunks, raw_words):
-    """Slide the bits of each of ``encode_chunks``' runs down to follow the
-    previous run's, in order (a run only moves towards the start, so
-    nothing unread is overwritten)."""
+@njit(inline="always")
+def run_span(sizes, nchunks, ch):
+    """(first unit, last unit + 1, bits) of run ``ch`` of ``nchunks``."""
     n = sizes.shape[0]
-    pos = 0
+    first, last = ch * n // nchunks, (ch + 1) * n // nchunks
+    bits = 0
+    for u in range(first, last):
+        bits += sizes[u]
+    return first, last, bits
+
+
+@njit(inline="always")
+def shifted(src, nw, i, sh):
+    """Word i of the bit stream in ``src[:nw]`` moved up by sh (0..63)
+    bits: its own low bits and the previous word's high ones."""
+    w = src[i] << U64(sh) if i < nw else ZERO
+    if sh and 0 < i <= nw:
+        w |= (src[i - 1] >> ONE) >> U64(63 - sh)
+    return w
+
+
+@Kernel
+def gather_runs(buf, sizes, nchunks, raw_words, out):
+    """Copy the bits of ``encode_runs``' runs, each from its raw-size
+    region of ``buf``, back to back into ``out``: the words inside a run's
+    span in parallel, then the one or two each run shares with its
+    neighbours (``out`` need not be zeroed: fresh memory is faulted in by
+    the threads that write it)."""
+    starts = np.zeros(nchunks + 1, np.int64)
     for ch in range(nchunks):
-        first, last = ch * n // nchunks, (ch + 1) * n // nchunks
-        src = first * raw_words
-        bits = 0
-        for u in range(first, last):
-            bits += sizes[u]
-        nw = (bits + 63) >> 6
-        d = pos >> 6
-        sh = U64(pos & 63)
-        if d * 64 + (pos & 63) != src * 64:
-            carry = buf[d] & ((ONE << sh) - ONE)
-            for i in range(nw):
-                w = buf[src + i]
-                buf[d + i] = carry | (w << sh)
-                carry = ((w >> ONE) >> (U64(63) - sh)) if sh else ZERO
-            buf[d + nw] = carry
-        pos += bits
-    return pos
+        starts[ch + 1] = starts[ch] + run_span(sizes, nchunks, ch)[2]
+    for ch in prange(nchunks):
+        first, _, bits = run_span(sizes, nchunks, ch)
+        if bits:
+            src = buf[first * raw_words:]
+            d = starts[ch]
+            q, sh = d >> 6, d & 63
+            last = (d + bits - 1) >> 6
+            nw = (bits + 63) >> 6
+            for k in range(q + 1, last):
+                out[k] = shifted(src, nw, k - q, sh)
+    for ch in range(nchunks):   # the shared words: zeroed, then each run's bits added
+        bits = starts[ch + 1] - starts[ch]
+        if bits:
+            out[starts[ch] >> 6] = ZERO
+            out[(starts[ch] + bits - 1) >> 6] = ZERO
+    for ch in range(nchunks):
+        first, _, bits = run_span(sizes, nchunks, ch)
+        if bits:
+            src = buf[first * raw_words:]
+            d = starts[ch]
+            q, sh = d >> 6, d & 63
+            last = (d + bits - 1) >> 6
+            nw = (bits + 63) >> 6
+            out[q] |= shifted(src, nw, 0, sh)
+            if last > q:
+                out[last] |= shifted(src, nw, last - q, sh)
+    return starts[nchunks]
 
 
 @Kernel
 def encode_slotted(words, U, total_words, t0, t1, W, p, fbits, ptot, slots, slot_words, buf, kinds):
     """Write unit ``i`` of ``words`` into slot ``slots[i]``; zero the slot's rest."""
     n = kinds.shape[0]
-    tail = padded_tail(words, U, total_words)
-    x = words[:(n - 1) * U if tail.shape[0] else total_words]
-    x64 = as_u64(x)
-    tail64 = as_u64(tail)
+    x, x64, tail, tail64 = unit_source(words, U, total_words)
     nchunks = min(n, 64)
     for ch in prange(nchunks):
         work = scratch(U, W)

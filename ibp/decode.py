@@ -6,7 +6,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from . import codec
+from . import codec, pages
 from ._bits import PARALLEL_MIN_WORDS
 from .errors import FormatError
 
@@ -118,6 +118,8 @@ def _decode_all(ct, out_bytes):
         slot_bits, (block, rel_bits, block_base, rel), payload_bits = 0, ct.index, ct.payload_bits
     work = g.total_words
     nchunks = min(g.nunits, 8 * numba.get_num_threads()) if work >= PARALLEL_MIN_WORDS else 1
+    if nchunks > 1 and numba.get_num_threads() > 1:
+        pages.populate(out_bytes)   # fresh memory: faulted in once, not by every thread at once
     return codec.decode_all(work, ct.payload, t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
                             ct.kinds, slot_bits, block, rel_bits, block_base, rel, payload_bits, g.nunits,
                             g.total_words, out_bytes.view(f"<u{g.word_bits // 8}"), nchunks)

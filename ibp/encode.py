@@ -3,8 +3,8 @@ import numba
 import numpy as np
 from numba import njit
 
-from . import codec
-from ._bits import PARALLEL_MIN_WORDS, Kernel
+from . import codec, pages
+from ._bits import PARALLEL_MIN_WORDS
 
 MAX_BLOCK = 1 << 16
 
@@ -110,36 +110,52 @@ def _layout(kinds, sizes):
 
 
 def encode_packed(data, geom, model):
-    """(packed kinds, payload words, payload bits, index) of the packed layout."""
-    n = geom.nunits
-    parallel = geom.total_words >= PARALLEL_MIN_WORDS and numba.get_num_threads() > 1  # as Kernel decides
+    """(packed kinds, payload words, payload bits, index) of the packed layout.
+
+    One thread encodes the units back to back in one compiled call.
+    Several each encode runs of units into the runs' raw-size regions of a
+    buffer, then copy them back to back (``codec.gather_runs``)."""
+    n, U, W = geom.nunits, geom.unit_words, geom.word_bits
     t0, t1, fbits, ptot = model.tables
-    buf = np.zeros(n * -(-geom.unit_words * geom.word_bits // 64) + 1, np.uint64)   # every unit raw, at most
-    packed, total, uniform, block, rel_bits, block_base, rel = _encode_packed(
-        geom.total_words, _word_view(data, geom.word_bits), geom.unit_words, geom.total_words, t0, t1,
-        geom.word_bits, model.period, fbits, ptot, min(n, 4 * numba.get_num_threads()) if parallel else 1, buf)
-    buf.resize(-(-total // 64) + 1, refcheck=False)   # + the spare zero word
-    buf[-1] = 0
+    words = _word_view(data, W)
+    raw_words = -(-U * W // 64)   # a unit at most, in uint64s
+    buf = np.zeros(n * raw_words + 1, np.uint64)
+    if geom.total_words < PARALLEL_MIN_WORDS or numba.get_num_threads() == 1:  # as Kernel decides
+        packed, total, uniform, block, rel_bits, block_base, rel = _encode_serial(
+            words, U, geom.total_words, t0, t1, W, model.period, fbits, ptot, raw_words, buf)
+        buf.resize(-(-total // 64) + 1, refcheck=False)   # + the spare zero word
+        buf[-1] = 0
+    else:
+        nchunks = min(n, 4 * numba.get_num_threads())
+        kinds = np.empty(n, np.uint8)
+        sizes = np.empty(n, np.int64)
+        pages.populate(buf)
+        codec.encode_runs(geom.total_words, words, U, geom.total_words, t0, t1, W, model.period, fbits, ptot,
+                          nchunks, raw_words, buf, kinds, sizes)
+        packed, starts, total, uniform = _layout(kinds, sizes)
+        runs, buf = buf, np.empty(-(-total // 64) + 1, np.uint64)
+        pages.populate(buf)
+        codec.gather_runs(total // W, runs, sizes, nchunks, raw_words, buf)
+        buf[-1] = 0
+        del runs
+        block, rel_bits, block_base, rel = _blocked_index(starts)
     if uniform:
         return packed, buf, total, uniform_index()
     return packed, buf, total, (block, rel_bits, block_base, rel.astype(np.uint16) if rel_bits == 16 else rel)
 
 
-@Kernel
-def _encode_packed(words, U, total_words, t0, t1, W, p, fbits, ptot, nchunks, buf):
-    """Encode every unit into ``buf``, each run of units (one per thread)
-    into its own raw-size region, then close the gaps (``compact``) and lay
-    out the kinds and the row index: (packed kinds, payload bits, whether
-    the index is uniform, and the blocked index's block, offset width,
-    bases and offsets as uint32)."""
+@njit(cache=True)
+def _encode_serial(words, U, total_words, t0, t1, W, p, fbits, ptot, raw_words, buf):
+    """Every unit encoded back to back into ``buf``, and the kinds and row
+    index laid out: (packed kinds, payload bits, whether the index is
+    uniform, and the blocked index's block, offset width, bases and
+    offsets as uint32).  One call: a small tensor cannot afford several."""
     n = (total_words + U - 1) // U
     kinds = np.empty(n, np.uint8)
     sizes = np.empty(n, np.int64)
-    raw_words = (U * W + 63) // 64   # a unit at most, in uint64s
     if n:
-        codec.encode_runs(words, U, total_words, t0, t1, W, p, fbits, ptot, nchunks, raw_words, buf, kinds, sizes)
-    if nchunks > 1:
-        codec.compact(buf, sizes, nchunks, raw_words)
+        x, x64, tail, tail64 = codec.unit_source(words, U, total_words)
+        codec.encode_run(x, x64, tail, tail64, n, 0, 1, t0, t1, W, p, U, fbits, ptot, raw_words, buf, kinds, sizes)
     packed, starts, total, uniform = _layout(kinds, sizes)
     block, rel_bits, block_base, rel = _blocked_index(starts)
     return packed, total, uniform, block, rel_bits, block_base, rel
