@@ -5,7 +5,8 @@ A dataset is a dict of tensors (a checkpoint, a feature table).  For each
 codec it reports the total compressed bytes, the ratio raw/compressed,
 compress and decompress speed (uncompressed MB per second, MB = 10^6 bytes,
 best of ``repeats`` passes over all tensors of the dataset in sequence, one
-thread), and whether every round trip was bit-exact.
+thread; the codecs' passes take turns, so a slow spell of a shared machine
+falls on every codec alike), and whether every round trip was bit-exact.
 
 Each dataset is also written as one safetensors file and converted as a
 user converts a checkpoint, file to file, in the same run: ``ibp compress``
@@ -108,21 +109,24 @@ def machine():
 
 # -- measuring ---------------------------------------------------------------
 
-def _best_time(fn, repeats, setup=lambda: None):
-    """(fastest wall time of ``fn(setup())`` over ``repeats`` passes, or
-    fewer once a pass took LONG_PASS_S: zstd-19 takes minutes a pass; its
-    last result); ``setup`` runs outside the timer."""
-    best, result = math.inf, None
-    for _ in range(repeats):
-        result = None
-        arg = setup()
-        gc.collect()
-        t = time.perf_counter()
-        result = fn(arg)
-        best = min(best, time.perf_counter() - t)
-        if best > LONG_PASS_S:
-            break
-    return best, result
+def _interleaved(runs, repeats):
+    """Best wall time of each of ``runs`` (name -> (fn, setup)), timed pass
+    by pass in turn rather than each run's passes back to back, so that a
+    slow spell of a shared machine slows every codec's pass alike instead of
+    all of one codec's; a run whose pass took LONG_PASS_S is not repeated.
+    Returns name -> (best time, last result)."""
+    out = {name: (math.inf, None) for name in runs}
+    for i in range(repeats):
+        for name, (fn, setup) in runs.items():
+            best, _ = out[name]
+            if i and best > LONG_PASS_S:
+                continue
+            arg = setup()
+            gc.collect()
+            t = time.perf_counter()
+            result = fn(arg)
+            out[name] = (min(best, time.perf_counter() - t), result)
+    return out
 
 
 def _same(x, y):
@@ -132,18 +136,24 @@ def _same(x, y):
 
 
 def bench_dataset(tensors, repeats=3, log=None):
-    """Results of every codec on one dataset (a dict of tensors)."""
+    """Results of every codec on one dataset (a dict of tensors), the
+    codecs' passes interleaved (see ``_interleaved``)."""
     xs = [codec_lib.as_numpy(t) for t in tensors.values()]
     raw = sum(x.nbytes for x in xs)
     out = {"tensors": len(xs), "raw_bytes": raw, "codecs": {}}
-    for codec in codec_lib.all_codecs():
+    codecs = codec_lib.all_codecs()
+    for codec in codecs:
         for x in xs:
             codec.prepare(x)
         if codec.jit:  # compile (or load from cache) the numba kernels untimed
             for x in codec.inputs(xs):
                 codec.decompress(codec.compress(x))
-        t_c, objs = _best_time(lambda ins: [codec.compress(x) for x in ins], repeats, lambda: codec.inputs(xs))
-        t_d, ys = _best_time(lambda _, objs=objs: [codec.decompress(o) for o in objs], repeats)
+    compressed = _interleaved({c.name: (lambda ins, c=c: [c.compress(x) for x in ins], lambda c=c: c.inputs(xs))
+                               for c in codecs}, repeats)
+    decompressed = _interleaved({c.name: (lambda _, c=c: [c.decompress(o) for o in compressed[c.name][1]],
+                                          lambda: None) for c in codecs}, repeats)
+    for codec in codecs:
+        (t_c, objs), (t_d, ys) = compressed[codec.name], decompressed[codec.name]
         size = sum(codec.size(o) for o in objs)
         entry = {"bytes": size, "ratio": round(raw / size, 4) if size else None,
                  "compress_mb_s": round(raw / 1e6 / t_c, 2), "decompress_mb_s": round(raw / 1e6 / t_d, 2),
@@ -151,7 +161,6 @@ def bench_dataset(tensors, repeats=3, log=None):
                  "exact": all(_same(x, y) for x, y in zip(xs, ys))}
         entry.update(codec.details(objs))
         out["codecs"][codec.name] = entry
-        del objs, ys
         if log:
             log(f"  {codec.name:16s} ratio {entry['ratio']}  compress {entry['compress_mb_s']} MB/s  "
                 f"decompress {entry['decompress_mb_s']} MB/s  exact {entry['exact']}")
@@ -186,8 +195,10 @@ def _write(path, data):
 def bench_checkpoint(tensors, workdir, repeats=3, log=None):
     """Every codec on the dataset written as one safetensors file, file to
     file: ibp as ``ibp compress`` / ``ibp decompress`` convert it, the byte
-    codecs on the whole file's bytes."""
-    src, packed, back = (Path(workdir) / n for n in ("model.safetensors", "packed", "back.safetensors"))
+    codecs on the whole file's bytes, their passes interleaved."""
+    src = Path(workdir) / "model.safetensors"
+    packed = lambda codec: Path(workdir) / f"packed.{codec}"   # noqa: E731 (each codec keeps its own files
+    back = lambda codec: Path(workdir) / f"back.{codec}.safetensors"   # noqa: E731  across interleaved passes)
     _save_safetensors(tensors, src)
     raw = os.path.getsize(src)
     xs = [codec_lib.as_numpy(t) for t in tensors.values()]
@@ -195,51 +206,60 @@ def bench_checkpoint(tensors, workdir, repeats=3, log=None):
     out = {"file_bytes": raw, "tensors": len(xs), "dtype": str(main), "codecs": {}}
 
     def ibp_compress(_):
-        with open(packed, "wb") as f:
+        with open(packed("ibp"), "wb") as f:
             checkpoints.compress_safetensors(src, f, scratch_dir=workdir)
 
     def ibp_decompress(_):
-        with stream.Reader(packed) as r, open(back, "wb") as f:
+        with stream.Reader(packed("ibp")) as r, open(back("ibp"), "wb") as f:
             checkpoints.decompress_to_safetensors(r, f)
 
     runs = [("ibp", ibp_compress, ibp_decompress)]
     for c in codec_lib.file_codecs(main):
-        runs.append((c.name, lambda _, c=c: _write(packed, c.compress(_read(src))),
-                     lambda _, c=c: _write(back, c.decompress(bytes(_read(packed))))))
-    for name, comp, decomp in runs:
-        if name == "ibp":  # compile (or load from cache) the numba kernels untimed
-            comp(None)
-            decomp(None)
-        t_c, _ = _best_time(comp, repeats)
-        size = os.path.getsize(packed)
-        t_d, _ = _best_time(decomp, repeats)
-        exact = _read(back) == _read(src)
+        runs.append((c.name, lambda _, c=c: _write(packed(c.name), c.compress(_read(src))),
+                     lambda _, c=c: _write(back(c.name), c.decompress(bytes(_read(packed(c.name)))))))
+    ibp_compress(None)   # compile (or load from cache) the numba kernels untimed
+    ibp_decompress(None)
+    compressed = _interleaved({name: (comp, lambda: None) for name, comp, _ in runs}, repeats)
+    decompressed = _interleaved({name: (decomp, lambda: None) for name, _, decomp in runs}, repeats)
+    for name, _, _ in runs:
+        t_c, t_d = compressed[name][0], decompressed[name][0]
+        size = os.path.getsize(packed(name))
+        exact = _read(back(name)) == _read(src)
         out["codecs"][name] = {"bytes": size, "ratio": round(raw / size, 4),
                                "compress_mb_s": round(raw / 1e6 / t_c, 2), "decompress_mb_s": round(raw / 1e6 / t_d, 2),
                                "compress_s": t_c, "decompress_s": t_d, "exact": exact}
+        for path in (packed(name), back(name)):
+            path.unlink(missing_ok=True)
         if log:
             e = out["codecs"][name]
             log(f"  file {name:12s} ratio {e['ratio']}  compress {e['compress_mb_s']} MB/s  "
                 f"decompress {e['decompress_mb_s']} MB/s  exact {exact}")
-    for path in (packed, back, src):
-        path.unlink(missing_ok=True)
+    src.unlink(missing_ok=True)
     return out
 
 
 def bench_threads(name, x, repeats=3, log=None):
     """ibp compress (analysis included) and decompress of one tensor on one
-    and on two threads, best of at least 3."""
+    and on two threads, best of at least 3, the thread counts taking turns."""
     x = codec_lib.as_numpy(x)
     entry = {"bytes": x.nbytes, "shape": list(x.shape), "dtype": str(x.dtype)}
     for threads in (1, 2):
         numba.set_num_threads(threads)
         for _ in range(WARM_UP):  # the parallel kernels compiled or loaded, the threads awake, untimed
             ibp.decompress(ibp.compress(x))
-        t_c, ct = _best_time(lambda _: ibp.compress(x), max(repeats, 3))
-        t_d, y = _best_time(lambda _: ibp.decompress(ct), max(repeats, 3))
-        entry[f"threads_{threads}"] = {"compress_mb_s": round(x.nbytes / 1e6 / t_c, 2),
-                                       "decompress_mb_s": round(x.nbytes / 1e6 / t_d, 2),
-                                       "exact": _same(x, y)}
+
+    def on(threads, fn):
+        def run(_):
+            numba.set_num_threads(threads)
+            return fn()
+        return run, lambda: None
+
+    packed = _interleaved({t: on(t, lambda: ibp.compress(x)) for t in (1, 2)}, max(repeats, 3))
+    unpacked = _interleaved({t: on(t, lambda t=t: ibp.decompress(packed[t][1])) for t in (1, 2)}, max(repeats, 3))
+    for t in (1, 2):
+        entry[f"threads_{t}"] = {"compress_mb_s": round(x.nbytes / 1e6 / packed[t][0], 2),
+                                 "decompress_mb_s": round(x.nbytes / 1e6 / unpacked[t][0], 2),
+                                 "exact": _same(x, unpacked[t][1])}
     one, two = entry["threads_1"], entry["threads_2"]
     entry["speedup"] = {k: round(two[f"{k}_mb_s"] / one[f"{k}_mb_s"], 3) for k in ("compress", "decompress")}
     if log:
@@ -328,7 +348,8 @@ def format_table(results):
     """Markdown table (dataset x codec) and the ibp-vs-reference summary."""
     m = results["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; {m['date']}.", "",
-             f"Single thread unless said; MB = 10^6 bytes, best of {results['settings']['repeats']} passes "
+             f"Single thread unless said; MB = 10^6 bytes, best of {results['settings']['repeats']} passes, "
+             "the codecs' passes taking turns "
              f"(one where a pass takes over {results['settings'].get('long_pass_s', LONG_PASS_S):g} s).", "",
              "## Tensors (each codec on every tensor of the dataset, in memory)", "",
              "| dataset | codec | ratio | compress MB/s | decompress MB/s | exact |",
