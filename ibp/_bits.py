@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit
 from llvmlite import ir
 from numba.core import cgutils, types
+from numba.core.imputils import impl_ret_borrowed
 from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
@@ -34,6 +35,20 @@ def popcount(typingctx, x):
         return builder.call(fn, [args[0]])
 
     return x(x), codegen
+
+
+@intrinsic
+def read_only(typingctx, array):
+    """``array`` typed read-only, inside a kernel (see ``frozen``): a padded
+    copy then has the type of the words it stands in for, so the functions
+    given either compile once."""
+    if not isinstance(array, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return impl_ret_borrowed(context, builder, signature.return_type, args[0])
+
+    return array.copy(readonly=True)(array), codegen
 
 
 def _fast_bit_gather():
@@ -138,6 +153,20 @@ def flush_bits(buf, acc, nbits, widx):
 
 
 PARALLEL_MIN_WORDS = 1 << 16
+
+
+def frozen(a):
+    """A read-only view of ``a`` (``a`` itself when already read-only).
+
+    numba compiles a kernel once per argument type, and writability is part
+    of the type: arrays a kernel only reads are handed over frozen, so each
+    kernel compiles once for fresh arrays and mapped files alike (compiling
+    twice cost minutes on a cold cache)."""
+    if not a.flags.writeable:
+        return a
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 # GNU OpenMP kills processes forked after it ran (DataLoader workers); the
 # fork-safe layers do not.  Parallel launches are serialised because some

@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import codec
-from ._bits import ONE, U64, ZERO, Kernel, ctz, low_mask
+from ._bits import ONE, U64, ZERO, Kernel, ctz, frozen, low_mask
 from .codec import bit_length
 from .geometry import Geometry, periods, word_widths as fitting_widths
 from .model import Model, level_tables
@@ -391,11 +391,11 @@ def _samples(data, geom):
     if full == 0:
         padded = np.zeros(U * wb, np.uint8)
         padded[:data.size] = data
-        return padded.view(WORDS[wb]), ORIGIN, ORIGIN, U
+        return frozen(padded.view(WORDS[wb])), ORIGIN, ORIGIN, U
     budget = min(max(data.size // SAMPLE_SHARE, SAMPLE_BYTES[0]), SAMPLE_BYTES[1])
     piece = U if U * wb <= SAMPLE_BYTES[1] else _chunk_bytes(geom.shape, geom.itemsize) // wb
     count = full * (U // piece)
-    return (data.view(WORDS[wb]), *_piece_starts(count, max(1, min(count, budget // (piece * wb))), U, piece), piece)
+    return (frozen(data.view(WORDS[wb])), *_piece_starts(count, max(1, min(count, budget // (piece * wb))), U, piece), piece)
 
 
 WORDS = {b: np.dtype(f"<u{b}") for b in (1, 2, 4, 8)}   # word dtypes by bytes

@@ -19,7 +19,7 @@ from numba import njit, prange
 from numba.cpython.unsafe.numbers import leading_zeros
 
 from ._bits import (FAST_PEXT, ONE, U64, ZERO, Kernel, ctz, flush_bits, pdep, popcount,
-                    put_bits, read_bits)
+                    put_bits, read_bits, read_only)
 
 RAW, ALL, SPARSE, BITMAP = 0, 1, 2, 3
 # Fields of a level table row.
@@ -456,7 +456,7 @@ def encode_next(x, x64, tail, tail64, u, n, t0, t1, W, p, U, fbits, ptot, scratc
     ``x64`` and ``tail64`` view ``x`` and ``tail`` as uint64s, or are empty."""
     exc, flag, flag64, stream, grp = scratch
     if u == n - 1 and tail.shape[0] > 0:
-        return encode_unit(tail, tail64, 0, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, grp, buf, acc,
+        return encode_unit(tail, tail64, np.int64(0), t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, grp, buf, acc,
                            nb, widx)
     return encode_unit(x, x64, u * U, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, grp, buf, acc, nb,
                        widx)
@@ -507,7 +507,7 @@ def unit_source(words, U, total_words):
     """(the whole units of ``words``, their uint64 view or empty, the
     padded last unit or empty, its uint64 view or empty)."""
     n = (total_words + U - 1) // U
-    tail = padded_tail(words, U, total_words)
+    tail = read_only(padded_tail(words, U, total_words))
     x = words[:(n - 1) * U if tail.shape[0] else total_words]
     return x, as_u64(x), tail, as_u64(tail)
 
@@ -1037,7 +1037,7 @@ def decode_jobs(words, t0, t1, W, p, U, fbits, ptot, exact, jstart, jend, jkind,
                                         ptot, out, jdst[i], exc, flag, tmp)
             else:
                 st = decode_unit(words, jstart[i], jend[i], exact, jkind[i], t0, t1, W, p, U, fbits,
-                                 ptot, scratch, 0, exc, flag, tmp)
+                                 ptot, scratch, np.int64(0), exc, flag, tmp)
                 status[i] = st
                 if st == OK:
                     d = jdst[i]
@@ -1050,7 +1050,7 @@ def decode_jobs(words, t0, t1, W, p, U, fbits, ptot, exact, jstart, jend, jkind,
 def unit_span(u, packed_kinds, slot_bits, block, rel_bits, block_base, rel, payload_bits, nunits):
     """(start bit, end bit, kind) of unit ``u``: its slot of ``slot_bits``
     (slotted), else from the packed row index (docs/format.md section 6)."""
-    kind = (packed_kinds[u >> 2] >> np.uint8(2 * (u & 3))) & np.uint8(3)
+    kind = np.uint8((packed_kinds[u >> 2] >> np.uint8(2 * (u & 3))) & np.uint8(3))
     if slot_bits:
         start = u * slot_bits
         return start, start + slot_bits, kind
@@ -1080,15 +1080,15 @@ def decode_all(words, t0, t1, W, p, U, fbits, ptot, packed_kinds, slot_bits, blo
             n = min(U, total_words - u * U)
             if U > SCRATCH_WORDS:
                 st = decode_unit_in_passes(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, out,
-                                           u * U, 0, n)
+                                           u * U, np.int64(0), n)
             elif n == U:
                 st = decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, out, u * U, exc,
                                  flag, tmp)
             else:
                 if scratch.shape[0] == 0:
                     scratch = np.empty(U, out.dtype)
-                st = decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, scratch, 0, exc,
-                                 flag, tmp)
+                st = decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, scratch,
+                                 np.int64(0), exc, flag, tmp)
                 if st == OK:
                     for j in range(n):
                         out[u * U + j] = scratch[j]

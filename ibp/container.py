@@ -17,6 +17,7 @@ import zlib
 import numpy as np
 from numba import njit
 
+from ._bits import frozen
 from .dtypes import ITEMSIZE
 from .errors import FormatError
 from .geometry import Geometry
@@ -434,7 +435,7 @@ def _build_entry(buf, start, fields, geom, spans, verify, own):
     rel = sec("index_rel", f"<u{max(rel_bits, 16) // 8}")
     if payload[-1] or (bits % 64 and payload[-2] >> np.uint64(bits % 64)):
         raise FormatError(f"{label}: payload padding bits are not zero")
-    bad = -1 if rel_bits == 0 else _first_bad_start(block_base, rel, block, bits)
+    bad = -1 if rel_bits == 0 else _first_bad_start(frozen(block_base), frozen(rel), block, bits)
     if bad >= 0:
         raise FormatError(f"{label}: row index entry {bad} is out of order or out of range")
     return CompressedTensor(payload=payload, payload_bits=bits, index=(block, rel_bits, block_base, rel), **common)
@@ -461,7 +462,7 @@ def _check_slot_padding(ct, label):
     """docs/format.md section 6: the bits after a slotted unit's encoding are
     zero (this parses every unit, so only ``verify`` does it)."""
     from .decode import unit_bits
-    bad = _first_dirty_slot(ct.payload, unit_bits(ct), ct.geometry.slot_words)
+    bad = _first_dirty_slot(frozen(ct.payload), unit_bits(ct), ct.geometry.slot_words)
     if bad >= 0:
         raise FormatError(f"{label}: unit {bad} has non-zero bits after its encoding")
 

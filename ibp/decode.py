@@ -7,10 +7,10 @@ import numpy as np
 from numba import njit
 
 from . import codec, pages
-from ._bits import PARALLEL_MIN_WORDS
+from ._bits import PARALLEL_MIN_WORDS, frozen
 from .errors import FormatError
 
-NO_BASE, NO_REL = np.zeros(0, np.uint64), np.zeros(0, np.uint16)  # a slotted tensor's (absent) row index
+NO_BASE, NO_REL = frozen(np.zeros(0, np.uint64)), frozen(np.zeros(0, np.uint16))  # a slotted tensor's (absent) row index
 
 
 @njit(cache=True)
@@ -44,9 +44,11 @@ def unit_spans(ct, units):
     """(start bit, end bit, kind) of the given units."""
     units = np.asarray(units, np.int64)
     if ct.layout == "slotted":
-        return _spans(units, ct.kinds, ct.geometry.slot_words * 64, 1, 0, NO_BASE, NO_REL, 0, ct.geometry.nunits)
+        return _spans(units, frozen(ct.kinds), ct.geometry.slot_words * 64, 1, 0, NO_BASE, NO_REL, 0,
+                      ct.geometry.nunits)
     block, rel_bits, block_base, rel = ct.index
-    return _spans(units, ct.kinds, 0, block, rel_bits, block_base, rel, ct.payload_bits, ct.geometry.nunits)
+    return _spans(units, frozen(ct.kinds), 0, block, rel_bits, frozen(block_base), frozen(rel), ct.payload_bits,
+                  ct.geometry.nunits)
 
 
 def normalize_index(index, nrows):
@@ -120,8 +122,9 @@ def _decode_all(ct, out_bytes):
     nchunks = min(g.nunits, 8 * numba.get_num_threads()) if work >= PARALLEL_MIN_WORDS else 1
     if nchunks > 1 and numba.get_num_threads() > 1:
         pages.populate(out_bytes)   # fresh memory: faulted in once, not by every thread at once
-    return codec.decode_all(work, ct.payload, t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
-                            ct.kinds, slot_bits, block, rel_bits, block_base, rel, payload_bits, g.nunits,
+    return codec.decode_all(work, frozen(ct.payload), t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
+                            frozen(ct.kinds), slot_bits, block, rel_bits, frozen(block_base), frozen(rel),
+                            payload_bits, g.nunits,
                             g.total_words, out_bytes.view(f"<u{g.word_bits // 8}"), nchunks)
 
 
@@ -160,7 +163,7 @@ def _decode_jobs(ct, units, src, length, dst, out_bytes):
     status = np.zeros(units.size, np.int8)
     work = int(length.sum())
     nchunks = min(units.size, 8 * numba.get_num_threads()) if work >= PARALLEL_MIN_WORDS else 1
-    codec.decode_jobs(work, ct.payload, t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
+    codec.decode_jobs(work, frozen(ct.payload), t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
                       ct.layout == "packed", starts, ends, kinds, src, length, dst, out, status, nchunks)
     return status
 
@@ -172,7 +175,7 @@ def unit_bits(ct):
     starts, ends, kinds = unit_spans(ct, units)
     t0, t1, fbits, ptot = model.tables
     sizes = np.empty(units.size, np.int64)
-    codec.unit_sizes(g.total_words, ct.payload, t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
+    codec.unit_sizes(g.total_words, frozen(ct.payload), t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
                      ct.layout == "packed", starts, ends, kinds, sizes)
     if units.size and sizes.min() < 0:
         i = int(np.argmin(sizes))

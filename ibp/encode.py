@@ -4,13 +4,13 @@ import numpy as np
 from numba import njit
 
 from . import codec, pages
-from ._bits import PARALLEL_MIN_WORDS
+from ._bits import PARALLEL_MIN_WORDS, frozen
 
 MAX_BLOCK = 1 << 16
 
 
 def _word_view(data, word_bits):
-    return data.view(f"<u{word_bits // 8}")
+    return frozen(data.view(f"<u{word_bits // 8}"))
 
 
 def pack_kinds(kinds):

@@ -5,9 +5,11 @@ tests/conftest.py runs this in two processes (half the word widths each)
 before pytest-xdist's workers start: otherwise every worker compiles the
 same kernels itself, and a cold CI run spends most of its time doing so.
 Every kernel is reached through the public API, in each variant numba
-compiles separately: serial and parallel sizes, writable and read-only
-inputs and payloads (mapped files, bytes), with and without a padded last
-unit, both layouts, gathers, row updates and the file format."""
+compiles separately: serial and parallel sizes, with and without a padded
+last unit, both layouts, gathers, row updates and the file format; and
+with writable and read-only inputs and payloads (mapped files, bytes),
+which the kernels are handed frozen so that they compile once for both
+(_bits.frozen)."""
 import sys
 
 import numpy as np
