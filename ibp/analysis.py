@@ -45,6 +45,7 @@ EXCEPTION_PRICES = (3.0, 8.0)  # bits an exception costs: measured best on real 
 PRICES = np.array(EXCEPTION_PRICES)
 PLATEAU = 4                   # stop lengthening a fixed run after this many steps without gain
 MODE_SHARE = 8                # a word at least this share (1/8) of a column's is also tried as its whole primary level
+FEW_VALUES = 6                # a column of at most this many distinct sampled words gets both levels searched exactly
 
 
 @njit(cache=True)
@@ -206,7 +207,9 @@ def _search_windows(z, b, prices, best, lo, hi, base, cap, counts):
 def _best_levels(v, W, prices):
     """(lo, hi, base) of the best level of the words ``v`` for each
     exception price (the empty level (0, 0, 0) where nothing pays), the
-    number of set words per bit, and the most frequent word and its count.
+    number of set words per bit, the most frequent word and its count, and
+    the distinct words and their counts when there are at most FEW_VALUES
+    (else empty).
 
     Fixed runs ending just below the top bit come first (signed values:
     the sign varies); a run that also fixes the top bit can then gain at
@@ -219,14 +222,26 @@ def _best_levels(v, W, prices):
     hi = np.zeros(ne, np.int64)
     base = np.zeros(ne, np.uint64)
     ones = np.zeros(W, np.int64)
+    few = np.empty(FEW_VALUES, np.uint64)
+    counts = np.zeros(FEW_VALUES, np.int64)
     if m == 0:
-        return lo, hi, base, ones, ZERO, 0
+        return lo, hi, base, ones, ZERO, 0, few[:0], counts[:0]
     full = _radix_sort(v, W)
     mode, most, run = full[0], 1, 1   # the most frequent word
+    distinct = 1
+    few[0] = full[0]
+    counts[0] = 1
     for i in range(1, m):
-        run = run + 1 if full[i] == full[i - 1] else 1
+        new = full[i] != full[i - 1]
+        run = 1 if new else run + 1
         if run > most:
             mode, most = full[i], run
+        distinct += new
+        if distinct <= FEW_VALUES:
+            few[distinct - 1] = full[i]
+            counts[distinct - 1] += 1
+    if distinct > FEW_VALUES:
+        distinct = 0
     below = np.full(W + 1, -1, np.int64)    # counts of the run ending below the top bit, per a
     _search_windows(_without_top_bit(full, W), W - 1, prices, best, lo, hi, base, np.full(W + 1, m, np.int64),
                     below)
@@ -261,7 +276,67 @@ def _best_levels(v, W, prices):
                 lo[e] = 0
                 hi[e] = b
                 base[e] = majority & low_mask(b)
-    return lo, hi, base, ones, mode, most
+    return lo, hi, base, ones, mode, most, few[:distinct], counts[:distinct]
+
+
+@njit(inline="always")
+def _cover(vals, s, W):
+    """(fixed bits, lo, hi, base) of the level that fixes the most bits of
+    every value in the subset ``s`` (a bit mask) of the sorted ``vals``:
+    the narrowest cyclic range holding them, or the longest low run they
+    share."""
+    mw = low_mask(W)
+    first = ctz(U64(s))
+    last = bit_length(s) - 1
+    start, span, gap = vals[first], (vals[last] - vals[first]) & mw, (vals[first] - vals[last]) & mw
+    prev = first
+    low = W
+    for j in range(first + 1, last + 1):
+        if (s >> j) & 1:
+            if vals[j] - vals[prev] > gap:   # the range starts after the widest gap
+                gap = vals[j] - vals[prev]
+                start, span = vals[j], (vals[prev] - vals[j]) & mw
+            low = min(low, ctz(vals[j] ^ vals[first]))
+            prev = j
+    ranged = W - bit_length(span)
+    if low > ranged:
+        return low, 0, low, vals[first] & low_mask(low)
+    if ranged == 0:
+        return 0, 0, 0, ZERO
+    return ranged, W - ranged, W, start
+
+
+@njit(inline="always")
+def _few_levels(vals, counts, W, m):
+    """(lo, hi, base) of the primary and the secondary level of a column
+    of a few distinct words, searched exactly: every split of the values
+    into those the primary level takes, those the secondary takes and
+    those stored whole, priced as the unit would store them (residuals,
+    a flag per exception, positions at a bitmap bit a word at most)."""
+    d = vals.shape[0]
+    n = 1 << d
+    fixed = np.zeros(n, np.int64)
+    lo = np.zeros(n, np.int64)
+    hi = np.zeros(n, np.int64)
+    base = np.zeros(n, np.uint64)
+    size = np.zeros(n, np.int64)
+    for s in range(1, n):
+        fixed[s], lo[s], hi[s], base[s] = _cover(vals, s, W)
+        size[s] = size[s & (s - 1)] + counts[ctz(U64(s))]
+    best, s1best, s2best = 1 << 62, 1, 0
+    for s1 in range(1, n):
+        rest = (n - 1) ^ s1
+        k = m - size[s1]
+        matched = size[s1] * (W - fixed[s1]) + min(m, 8 * k)
+        s2 = rest
+        while True:
+            cost = matched + k * W if s2 == 0 else matched + k * (W + 1) - size[s2] * fixed[s2]
+            if cost < best:
+                best, s1best, s2best = cost, s1, s2
+            if s2 == 0:
+                break
+            s2 = (s2 - 1) & rest
+    return lo[s1best], hi[s1best], base[s1best], lo[s2best], hi[s2best], base[s2best]
 
 
 @njit(inline="always")
@@ -276,11 +351,13 @@ def _same_model(lo, hi, base, e, f):
 
 @Kernel
 def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base):
-    """Learn one model per exception price, and one whose primary level is
-    each column's most frequent word where that word is frequent (two or
-    three values: a one-run level cannot fix the bits they share on both
-    sides of those where they differ, but two exact levels fix them all),
-    from every ``step``-th period of the sampled pieces of ``words`` that
+    """Learn one model per exception price, and one for low-cardinality
+    columns: where a column has a few distinct values, both levels searched
+    exactly over them (``_few_levels``: 0, 1 and 4 take one bit and a flag
+    where one run over all three leaves three), else where one word is
+    frequent, that word as the whole primary level (values that share bits
+    on both sides of those where they differ: a one-run level cannot fix
+    them all, two exact levels can); learned from every ``step``-th period of the sampled pieces of ``words`` that
     start at ``train``, and measure them on those at ``test`` (as units of
     ``piece_words``).  Fills lo/hi/base ``[models, 2, period]`` (per
     column the primary level and the secondary level learned on the
@@ -302,30 +379,27 @@ def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base):
         for i in range(m):
             r = i * step
             v[i] = words[train[r // rows] + (r % rows) * p + c]
-        a, b, bs, ones, mode, most = _best_levels(v, W, prices)
+        a, b, bs, ones, mode, most, few, counts = _best_levels(v, W, prices)
         for e in range(ne + 1):
-            if e == ne:   # the most frequent word fixed whole, when it is frequent: low-cardinality data
-                if most * MODE_SHARE < m:   # else the first price's model again
-                    lo[e, 0, c], hi[e, 0, c], base[e, 0, c] = lo[0, 0, c], hi[0, 0, c], base[0, 0, c]
-                    lo[e, 1, c], hi[e, 1, c], base[e, 1, c] = lo[0, 1, c], hi[0, 1, c], base[0, 1, c]
-                    per_column[e, c] = per_column[0, c]
-                    continue
-                x, y, z = 0, W, mode
+            if e == ne and few.shape[0] == 0 and most * MODE_SHARE < m:   # not low-cardinality data
+                lo[e, :, c], hi[e, :, c], base[e, :, c] = lo[0, :, c], hi[0, :, c], base[0, :, c]
+                per_column[e, c] = per_column[0, c]
+                continue
+            if e == ne and few.shape[0] > 0:   # a few values: both levels searched exactly
+                x, y, z, x2, y2, z2 = _few_levels(few, counts, W, m)
             else:
-                x, y, z = a[e], b[e], bs[e]
-            lo[e, 0, c] = x
-            hi[e, 0, c] = y
-            base[e, 0, c] = z
-            if 0 < e < ne and x == a[e - 1] and y == b[e - 1] and z == bs[e - 1]:   # the same exceptions
-                lo[e, 1, c] = lo[e - 1, 1, c]
-                hi[e, 1, c] = hi[e - 1, 1, c]
-                base[e, 1, c] = base[e - 1, 1, c]
-            else:
-                fixed = low_mask(y) & ~low_mask(x)
-                a2, b2, bs2, _, _, _ = _best_levels(v[((v - z) & fixed) != ZERO], W, free)
-                lo[e, 1, c] = a2[0]
-                hi[e, 1, c] = b2[0]
-                base[e, 1, c] = bs2[0]
+                if e == ne:   # the most frequent word fixed whole
+                    x, y, z = 0, W, mode
+                else:
+                    x, y, z = a[e], b[e], bs[e]
+                if 0 < e < ne and x == a[e - 1] and y == b[e - 1] and z == bs[e - 1]:   # the same exceptions
+                    x2, y2, z2 = lo[e - 1, 1, c], hi[e - 1, 1, c], base[e - 1, 1, c]
+                else:
+                    fixed = low_mask(y) & ~low_mask(x)
+                    a2, b2, bs2 = _best_levels(v[((v - z) & fixed) != ZERO], W, free)[:3]
+                    x2, y2, z2 = a2[0], b2[0], bs2[0]
+            lo[e, 0, c], hi[e, 0, c], base[e, 0, c] = x, y, z
+            lo[e, 1, c], hi[e, 1, c], base[e, 1, c] = x2, y2, z2
             k = 0
             for bit in range(W):
                 share = ones[bit] / m

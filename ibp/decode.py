@@ -6,8 +6,8 @@ import numba
 import numpy as np
 from numba import njit
 
-from . import codec, pages
-from ._bits import PARALLEL_MIN_WORDS, frozen
+from . import _bits, codec, pages
+from ._bits import frozen
 from .errors import FormatError
 
 NO_BASE, NO_REL = frozen(np.zeros(0, np.uint64)), frozen(np.zeros(0, np.uint16))  # a slotted tensor's (absent) row index
@@ -119,7 +119,7 @@ def _decode_all(ct, out_bytes):
     else:
         slot_bits, (block, rel_bits, block_base, rel), payload_bits = 0, ct.index, ct.payload_bits
     work = g.total_words
-    nchunks = min(g.nunits, 8 * numba.get_num_threads()) if work >= PARALLEL_MIN_WORDS else 1
+    nchunks = min(g.nunits, 8 * numba.get_num_threads()) if work >= _bits.PARALLEL_MIN_WORDS else 1
     if nchunks > 1 and numba.get_num_threads() > 1:
         pages.populate(out_bytes)   # fresh memory: faulted in once, not by every thread at once
     return codec.decode_all(work, frozen(ct.payload), t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
@@ -162,7 +162,7 @@ def _decode_jobs(ct, units, src, length, dst, out_bytes):
     out = out_bytes.view(f"<u{g.word_bits // 8}")
     status = np.zeros(units.size, np.int8)
     work = int(length.sum())
-    nchunks = min(units.size, 8 * numba.get_num_threads()) if work >= PARALLEL_MIN_WORDS else 1
+    nchunks = min(units.size, 8 * numba.get_num_threads()) if work >= _bits.PARALLEL_MIN_WORDS else 1
     codec.decode_jobs(work, frozen(ct.payload), t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
                       ct.layout == "packed", starts, ends, kinds, src, length, dst, out, status, nchunks)
     return status

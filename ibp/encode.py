@@ -3,8 +3,8 @@ import numba
 import numpy as np
 from numba import njit
 
-from . import codec, pages
-from ._bits import PARALLEL_MIN_WORDS, frozen
+from . import _bits, codec, pages
+from ._bits import frozen
 
 MAX_BLOCK = 1 << 16
 
@@ -120,7 +120,7 @@ def encode_packed(data, geom, model):
     words = _word_view(data, W)
     raw_words = -(-U * W // 64)   # a unit at most, in uint64s
     buf = np.zeros(n * raw_words + 1, np.uint64)
-    if geom.total_words < PARALLEL_MIN_WORDS or numba.get_num_threads() == 1:  # as Kernel decides
+    if geom.total_words < _bits.PARALLEL_MIN_WORDS or numba.get_num_threads() == 1:  # as Kernel decides
         packed, total, uniform, block, rel_bits, block_base, rel = _encode_serial(
             words, U, geom.total_words, t0, t1, W, model.period, fbits, ptot, raw_words, buf)
         buf.resize(-(-total // 64) + 1, refcheck=False)   # + the spare zero word

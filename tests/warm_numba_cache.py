@@ -27,6 +27,7 @@ def variants(x):
 
 def warm(word_bits):
     rng = np.random.default_rng(0)
+    _bits.PARALLEL_MIN_WORDS = 1 << 12   # the parallel kernels, on small inputs (tests/test_threads.py does the same)
     for rows in (64, _bits.PARALLEL_MIN_WORDS // 4 + 64):
         for extra in (0, 3):   # 3: the last unit of 8 rows is padded
             data = rng.integers(0, 7, size=(rows + extra, 4)).astype(np.float64)
