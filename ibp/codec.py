@@ -382,16 +382,26 @@ def encode_unit(src, src64, off, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64
     else:
         acc, nb, widx = append_stream(stream, sbits, buf, acc, nb, widx)
     if fbits:
-        for e in range(k):
-            acc, nb, widx = put_bits(buf, acc, nb, widx, U64(flag[e]), ONE)
-    for e in range(k):
+        acc, nb, widx = pack_flags(flag, k, buf, acc, nb, widx)
+    for e in range(k):   # one put_bits, no branch: numba then keeps no reference counts in the loop
         x = U64(src[off + exc[e]])
-        if flag[e]:
-            c = column(exc[e], p)
-            acc, nb, widx = put_bits(buf, acc, nb, widx, residual(x, t1, c), t1[c, WIDTH])
-        else:
-            acc, nb, widx = put_bits(buf, acc, nb, widx, x, Wu)
+        c = column(exc[e], p)
+        whole = U64(flag[e]) - ONE   # all ones: stored whole; zero: its secondary residual
+        acc, nb, widx = put_bits(buf, acc, nb, widx, (x & whole) | (residual(x, t1, c) & ~whole),
+                                 (Wu & whole) | (t1[c, WIDTH] & ~whole))
     return kind, bits, acc, nb, widx
+
+
+@njit(inline="always")
+def pack_flags(flag, k, buf, acc, nb, widx):
+    """Append the ``k`` one-bit flags ``flag[:k]`` (bytes 0 or 1), 64 per append."""
+    for e0 in range(0, k, 64):
+        n = min(64, k - e0)
+        word = ZERO
+        for i in range(n):
+            word |= U64(flag[e0 + i]) << U64(i)
+        acc, nb, widx = put_bits(buf, acc, nb, widx, word, U64(n))
+    return acc, nb, widx
 
 
 @njit
