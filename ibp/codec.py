@@ -534,13 +534,13 @@ def encode_runs(words, U, total_words, t0, t1, W, p, fbits, ptot, nchunks, raw_w
 
 @njit(inline="always")
 def run_span(sizes, nchunks, ch):
-    """(first unit, last unit + 1, bits) of run ``ch`` of ``nchunks``."""
+    """(first unit, bits) of run ``ch`` of ``nchunks``."""
     n = sizes.shape[0]
     first, last = ch * n // nchunks, (ch + 1) * n // nchunks
     bits = 0
     for u in range(first, last):
         bits += sizes[u]
-    return first, last, bits
+    return first, bits
 
 
 @njit(inline="always")
@@ -553,6 +553,15 @@ def shifted(src, nw, i, sh):
     return w
 
 
+@njit(inline="always")
+def run_place(buf, sizes, nchunks, raw_words, starts, ch):
+    """Where run ``ch`` comes from and goes: (its raw-size region of
+    ``buf``, its words, its first and last output word, the shift)."""
+    first = ch * sizes.shape[0] // nchunks
+    d, bits = starts[ch], starts[ch + 1] - starts[ch]
+    return buf[first * raw_words:], (bits + 63) >> 6, d >> 6, (d + bits - 1) >> 6, d & 63
+
+
 @Kernel
 def gather_runs(buf, sizes, nchunks, raw_words, out):
     """Copy the bits of ``encode_runs``' runs, each from its raw-size
@@ -562,34 +571,22 @@ def gather_runs(buf, sizes, nchunks, raw_words, out):
     the threads that write it)."""
     starts = np.zeros(nchunks + 1, np.int64)
     for ch in range(nchunks):
-        starts[ch + 1] = starts[ch] + run_span(sizes, nchunks, ch)[2]
+        starts[ch + 1] = starts[ch] + run_span(sizes, nchunks, ch)[1]
     for ch in prange(nchunks):
-        first, _, bits = run_span(sizes, nchunks, ch)
-        if bits:
-            src = buf[first * raw_words:]
-            d = starts[ch]
-            q, sh = d >> 6, d & 63
-            last = (d + bits - 1) >> 6
-            nw = (bits + 63) >> 6
+        if starts[ch + 1] > starts[ch]:
+            src, nw, q, last, sh = run_place(buf, sizes, nchunks, raw_words, starts, ch)
             for k in range(q + 1, last):
                 out[k] = shifted(src, nw, k - q, sh)
     for ch in range(nchunks):   # the shared words: zeroed, then each run's bits added
-        bits = starts[ch + 1] - starts[ch]
-        if bits:
+        if starts[ch + 1] > starts[ch]:
             out[starts[ch] >> 6] = ZERO
-            out[(starts[ch] + bits - 1) >> 6] = ZERO
+            out[(starts[ch + 1] - 1) >> 6] = ZERO
     for ch in range(nchunks):
-        first, _, bits = run_span(sizes, nchunks, ch)
-        if bits:
-            src = buf[first * raw_words:]
-            d = starts[ch]
-            q, sh = d >> 6, d & 63
-            last = (d + bits - 1) >> 6
-            nw = (bits + 63) >> 6
+        if starts[ch + 1] > starts[ch]:
+            src, nw, q, last, sh = run_place(buf, sizes, nchunks, raw_words, starts, ch)
             out[q] |= shifted(src, nw, 0, sh)
             if last > q:
                 out[last] |= shifted(src, nw, last - q, sh)
-    return starts[nchunks]
 
 
 @Kernel
