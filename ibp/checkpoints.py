@@ -21,7 +21,7 @@ import struct
 
 import numpy as np
 
-from . import dtypes
+from . import container, dtypes
 from .api import compress
 from .container import MAGIC
 from .decode import decode_into
@@ -88,12 +88,9 @@ def _tensor_entries(header):
 ST_NAMES = {code: name for name, code in ST_DTYPES.items()}
 
 
-def _read_tensor(f, path, data_start, name, entry, size, framework, buf):
-    """One tensor of a safetensors file, read with plain file reads into the
-    start of ``buf`` (one buffer for every tensor: fresh memory costs more
-    to touch than to encode).  A memory map (safetensors' ``safe_open``)
-    would leave every page read so far resident in this process, so memory
-    would grow to the whole checkpoint."""
+def _spec(path, data_start, size, name, entry):
+    """(dtype name, shape, data_offsets, bytes) of a tensor of a safetensors
+    header, checked against the file's ``size``."""
     code, shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets")) \
         if isinstance(entry, dict) else (None, None, None)
     if code not in ST_NAMES:
@@ -109,23 +106,36 @@ def _read_tensor(f, path, data_start, name, entry, size, framework, buf):
                               f"its {nbytes} bytes")
     if data_start + offsets[1] > size:
         raise CheckpointError(f"{path}: truncated: tensor {name!r} runs past the end of the file")
+    return ST_NAMES[code], tuple(shape), offsets, nbytes
+
+
+def _read_tensor(f, path, data_start, name, spec, framework, buf):
+    """One tensor of a safetensors file, read with plain file reads into the
+    start of ``buf`` (one buffer for every tensor: fresh memory costs more
+    to touch than to encode).  A memory map (safetensors' ``safe_open``)
+    would leave every page read so far resident in this process, so memory
+    would grow to the whole checkpoint."""
+    dtype, shape, offsets, nbytes = spec
     if nbytes > buf.size:  # the file holds them: no header can make this allocate more than the file
         buf = np.frombuffer(scratch(nbytes), np.uint8)
     flat = buf[:nbytes]
     try:
-        tensor = dtypes.view(flat, tuple(shape), ST_NAMES[code], framework)
+        tensor = dtypes.view(flat, shape, dtype, framework)
     except TypeError as e:
         raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
     f.seek(data_start + offsets[0])
     if nbytes and f.readinto(flat) != nbytes:
         raise CheckpointError(f"{path}: truncated: tensor {name!r} runs past the end of the file")
-    return tensor, nbytes, buf
+    return tensor, buf
 
 
 def compress_safetensors(path, stream, *, scratch_dir=None, progress=None, **options):
     """Compress a safetensors file into an ibp file written to ``stream``,
     tensor by tensor; ``options`` go to ``ibp.compress``.  Returns (number of
-    tensors, raw bytes)."""
+    tensors, raw bytes).  The sections go where they belong at once when
+    ``stream`` is seekable and the tensors are big enough that the room
+    left for the header wastes little (Writer); else they pass through a
+    scratch file in ``scratch_dir``."""
     text, header = safetensors_header(path)
     names = _tensor_entries(header)
     metadata = header.get("__metadata__")
@@ -134,22 +144,29 @@ def compress_safetensors(path, stream, *, scratch_dir=None, progress=None, **opt
         raise CheckpointError(f"{path}: its __metadata__ must map strings to strings")
     framework = "torch" if _torch() is not None else "numpy"
     data_start = 8 + len(text.encode())
-    raw = 0
-    with open(path, "rb", buffering=0) as f, Writer(scratch_dir) as w:
-        size = os.fstat(f.fileno()).st_size
+    size = os.path.getsize(path)
+    specs = {name: _spec(path, data_start, size, name, header[name]) for name in names}
+    source = {SOURCE_KEY: json.dumps({"format": "safetensors", "metadata": metadata, "header": text})}
+    raw = sum(s[3] for s in specs.values())
+    # each tensor's sections take less than 64 bits a byte, and 8 KiB more
+    room = container.header_bound([(n, s[0], s[1], framework) for n, s in specs.items()], source,
+                                  8 * (64 * raw + 8192 * len(names) + 2 * len(source[SOURCE_KEY])))
+    if getattr(stream, "seekable", lambda: False)() and room * 64 <= raw:  # what the room wastes is small
+        writer = Writer(out=stream, header_room=room)
+    else:
+        writer = Writer(scratch_dir)
+    with open(path, "rb", buffering=0) as f, writer:
         buf = np.zeros(0, np.uint8)
         for name in names:
-            t, nbytes, buf = _read_tensor(f, path, data_start, name, header[name], size, framework, buf)
+            t, buf = _read_tensor(f, path, data_start, name, specs[name], framework, buf)
             try:
-                w.add(name, compress(t, **options))
+                writer.add(name, compress(t, **options))
             except (TypeError, ValueError) as e:
                 raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
-            raw += nbytes
             del t
             if progress is not None:
-                progress(nbytes)
-        source = {"format": "safetensors", "metadata": metadata, "header": text}
-        w.finish(stream, {SOURCE_KEY: json.dumps(source)})
+                progress(specs[name][3])
+        writer.finish(stream, source)
     return len(names), raw
 
 
@@ -226,7 +243,7 @@ def decompress_to_safetensors(reader, stream, *, progress=None):
     # one buffer for every tensor: fresh memory costs more to touch than to decode into
     buf = np.frombuffer(scratch(max((s[2] for s in specs.values()), default=0)), np.uint8)
     for name in order:
-        ct = reader.tensor(name)
+        ct = reader.tensor(name, reuse=True)
         nbytes = specs[name][2]
         flat = buf[:nbytes]
         decode_into(ct, flat)

@@ -51,6 +51,21 @@ def _sections(ct):
     return out
 
 
+SECTIONS = {"packed": ("lo", "hi", "base", "kinds", "payload", "index_base", "index_rel"),
+            "slotted": ("lo", "hi", "base", "kinds", "payload")}
+
+
+def _entry(name, dtype, shape, framework, word_bits, unit_words, layout, period, secs, packed):
+    """A tensor's header entry; ``packed`` is (payload_bits, index_block,
+    index_rel_bits) for the packed layout."""
+    entry = {"name": name, "dtype": dtype, "shape": list(shape), "framework": framework,
+             "word_bits": word_bits, "unit_words": unit_words, "layout": layout, "period": period,
+             "sections": secs}
+    if layout == "packed":
+        entry.update(payload_bits=packed[0], index_block=packed[1], index_rel_bits=packed[2])
+    return entry
+
+
 def _plan(tensors, metadata):
     """(header bytes, [(absolute offset, array)]) for a mapping of tensors."""
     entries, chunks = [], []
@@ -63,17 +78,23 @@ def _plan(tensors, metadata):
             chunks.append((offset, arr))
             offset = _align(offset + arr.nbytes)
         g = ct.geometry
-        entry = {"name": name, "dtype": ct.dtype_name, "shape": list(ct.shape), "framework": ct.framework,
-                 "word_bits": g.word_bits, "unit_words": g.unit_words, "layout": ct.layout,
-                 "period": ct.model.period, "sections": secs}
-        if ct.layout == "packed":
-            entry.update(payload_bits=int(ct.payload_bits), index_block=int(ct.index[0]),
-                         index_rel_bits=int(ct.index[1]))
-        entries.append(entry)
+        packed = (int(ct.payload_bits), int(ct.index[0]), int(ct.index[1])) if ct.layout == "packed" else None
+        entries.append(_entry(name, ct.dtype_name, ct.shape, ct.framework, g.word_bits, g.unit_words, ct.layout,
+                              ct.model.period, secs, packed))
     header = json.dumps({"metadata": dict(metadata or {}), "tensors": entries},
                         separators=(",", ":")).encode()
     start = _align(PREAMBLE.size + len(header))
     return header, [(start + off, arr) for off, arr in chunks]
+
+
+def header_bound(tensors, metadata, largest):
+    """The most bytes a header can take for ``tensors`` (name, dtype,
+    shape, framework), given ``metadata`` and no number in their entries
+    over ``largest`` (bits of the whole file bound them all)."""
+    n = max(largest, 0xFFFFFFFF)   # a CRC-32, and so every smaller field, is below 2**32
+    entries = [_entry(name, dtype, shape, framework, n, n, "packed", n, {k: [n, n, n] for k in SECTIONS["packed"]},
+                      (n, n, n)) for name, dtype, shape, framework in tensors]   # packed: the longer entry
+    return len(json.dumps({"metadata": dict(metadata or {}), "tensors": entries}, separators=(",", ":")).encode())
 
 
 def _write(stream, tensors, metadata):
@@ -379,7 +400,7 @@ def _plan_entry(buflen, start, entry, version):
     if U % p:
         raise FormatError(f"period {p} does not divide the {U}-word units")
     secs = entry["sections"]
-    expected = {"lo", "hi", "base", "kinds", "payload"} | ({"index_base", "index_rel"} if layout == "packed" else set())
+    expected = set(SECTIONS[layout])
     if not isinstance(secs, dict) or set(secs) != expected:
         raise FormatError(f"sections must be {sorted(expected)}")
     n = geom.nunits
@@ -507,21 +528,44 @@ def loads(buf, *, verify=True):
             for fields, geom, spans in plans}
 
 
-def _padding(buf, start, taken):
-    """The byte ranges outside the header and the sections (which must be
-    zero), after checking that no two sections overlap and that the file
-    ends where the last section does: no byte goes unchecked."""
+def _gaps(taken):
+    """(the byte ranges between sections, relative to data_start, and where
+    the last one ends), after checking that no two sections overlap."""
     taken.sort()
     gaps = []
     pos = 0
     for off, end, name in taken:
         if off < pos:
             raise FormatError(f"section {name} overlaps the one before it")
-        gaps.append((start + pos, start + off))
+        gaps.append((pos, off))
         pos = max(pos, end)
+    return gaps, pos
+
+
+def _padding(buf, start, taken):
+    """The byte ranges outside the header and the sections (which must be
+    zero), after checking that no two sections overlap and that the file
+    ends where the last section does: no byte goes unchecked."""
+    gaps, end = _gaps(taken)
     header_end = PREAMBLE.unpack_from(buf, 0)[2] + PREAMBLE.size
-    size = start + pos if taken else header_end
+    size = start + end if taken else header_end
     if len(buf) != size:
         raise FormatError(f"file is {len(buf)} bytes, its sections end at {size}")
-    gaps.append((header_end, min(start, size)))
+    gaps = [(start + a, start + b) for a, b in gaps] + [(header_end, min(start, size))]
     return [(a, b) for a, b in gaps if b > a]
+
+
+def load_entry(buf, entry, version, *, verify=True):
+    """The CompressedTensor of one header ``entry`` whose sections, and the
+    zero bytes between them, are all ``buf`` holds (offsets relative to its
+    start): one tensor of a file read piece by piece (``stream.Reader``),
+    checked as ``loads`` checks a whole file."""
+    fields, geom, spans = _plan_entry(len(buf), 0, entry, version)
+    label = fields["label"]
+    gaps, end = _gaps([(off, off + length, f"{label}/{key}") for key, (off, length, _) in spans.items()])
+    if len(buf) != end:
+        raise FormatError(f"{label}: its sections end at {end}, not at the {len(buf)} bytes read")
+    view = memoryview(buf)
+    if any(any(view[a:b]) for a, b in gaps if b > a):
+        raise FormatError("padding bytes are not zero")
+    return _build_entry(buf, 0, fields, geom, spans, verify, True)

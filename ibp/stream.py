@@ -34,12 +34,29 @@ def scratch(nbytes):
 
 
 class Writer:
-    """Append tensors, then ``finish(stream)`` writes the whole file to
-    ``stream``.  The scratch file lives in ``scratch_dir`` (put it next to
-    the output, so the space is on the same disk)."""
+    """Append tensors, then ``finish`` writes the whole file.
 
-    def __init__(self, scratch_dir=None):
-        self._body = tempfile.TemporaryFile(dir=scratch_dir)
+    The header must precede the sections but is known only once every
+    tensor is in.  Given ``header_room``, at least the bytes the header
+    will take (``container.header_bound``), the sections go straight to
+    ``out`` (a seekable binary file) after that much room, and ``finish()``
+    writes the header in front of them, padded with spaces (JSON
+    whitespace) to fill the room.  Otherwise they go to a scratch file in
+    ``scratch_dir`` (put it next to the output, on the same disk), which
+    ``finish(stream)`` copies behind the header: the sections are written
+    twice."""
+
+    def __init__(self, scratch_dir=None, *, out=None, header_room=None):
+        if (out is None) != (header_room is None):
+            raise ValueError("out and header_room go together")
+        self._direct = out is not None
+        if self._direct:
+            self._origin = out.tell()
+            self._start = container._align(container.PREAMBLE.size + header_room)   # of the sections
+            out.seek(self._origin + self._start)
+            self._body = out
+        else:
+            self._body = tempfile.TemporaryFile(dir=scratch_dir)
         self._entries = []
         self._names = set()
         self._end = 0
@@ -63,20 +80,40 @@ class Writer:
         self._end = pos
         self._entries.append(entry)
 
-    def finish(self, stream, metadata=None):
-        """Write the file (preamble, header, then the sections) to ``stream``."""
+    def finish(self, stream=None, metadata=None):
+        """Write the file (preamble, header, then the sections) to ``stream``,
+        or, writing to ``out``, the preamble and header in front of the
+        sections there."""
         header = json.dumps({"metadata": dict(metadata or {}), "tensors": self._entries},
                             separators=(",", ":")).encode()
         p = container.PREAMBLE
+        if not self._direct:
+            self._head(stream, header, bool(self._entries))
+            self._body.seek(0)
+            shutil.copyfileobj(self._body, stream, 1 << 20)
+            return
+        if stream is not None and stream is not self._body:
+            raise ValueError("this writer writes its file to out")
+        if self._entries:
+            if p.size + len(header) > self._start:
+                raise RuntimeError(f"the header takes {len(header)} bytes, more than the room left for it")
+            header += b" " * (self._start - p.size - len(header))
+        self._body.seek(self._origin)
+        self._head(self._body, header, bool(self._entries))
+        self._body.seek(self._origin + (self._start + self._end if self._entries else p.size + len(header)))
+
+    @staticmethod
+    def _head(stream, header, sections):
+        """The preamble, the header and the zeros up to the first section."""
+        p = container.PREAMBLE
         stream.write(p.pack(container.MAGIC, container.VERSION, len(header), zlib.crc32(header), 0))
         stream.write(header)
-        if self._entries:  # sections start aligned; a file of no tensors ends with its header
+        if sections:  # sections start aligned; a file of no tensors ends with its header
             stream.write(b"\0" * (container._align(p.size + len(header)) - p.size - len(header)))
-        self._body.seek(0)
-        shutil.copyfileobj(self._body, stream, 1 << 20)
 
     def close(self):
-        self._body.close()
+        if not self._direct:
+            self._body.close()
 
     def __enter__(self):
         return self
@@ -98,6 +135,7 @@ class Reader:
             if hlen > container.MAX_HEADER:
                 raise FormatError(f"header length {hlen} is over the {container.MAX_HEADER}-byte limit")
             self._header_len = hlen
+            self._reused = b""   # the buffer of tensor(reuse=True)
             self.metadata, entries, self.start, self._version = container._header(head + self._file.read(hlen))
             self.entries = {}
             for entry in entries:
@@ -119,8 +157,13 @@ class Reader:
                 if isinstance(s, list) and len(s) == 3 and type(s[0]) is int and type(s[1]) is int]
         return self.start + max(ends) if ends else container.PREAMBLE.size + self._header_len
 
-    def tensor(self, name, *, verify=True):
-        """The CompressedTensor ``name``, reading only its own sections."""
+    def tensor(self, name, *, verify=True, reuse=False):
+        """The CompressedTensor ``name``, reading only its own sections.
+
+        ``reuse=True`` reads them into one buffer the reader keeps for such
+        calls (a caller converting tensor after tensor: fresh memory costs
+        more to touch than to decode), so the tensor's payload lives only
+        until the next such call."""
         entry = self.entries[name]
         secs = entry.get("sections") if isinstance(entry, dict) else None
         if not isinstance(secs, dict) or not all(isinstance(s, list) and len(s) == 3 and type(s[0]) is int
@@ -132,18 +175,15 @@ class Reader:
         if self.start + hi > self.size:
             raise FormatError(f"tensor {name!r} runs past the end of the file "
                               f"({self.size} bytes): the file is truncated")
-        # a one-tensor file around the sections, parsed (and checked) by the container itself
-        local = dict(entry, sections={k: [s[0] - lo, s[1], s[2]] for k, s in secs.items()})
-        header = json.dumps({"metadata": {}, "tensors": [local]}, separators=(",", ":")).encode()
-        p = container.PREAMBLE
-        start = container._align(p.size + len(header))
-        buf = scratch(start + hi - lo)
-        buf[:p.size] = p.pack(container.MAGIC, self._version, len(header), zlib.crc32(header), 0)
-        buf[p.size:p.size + len(header)] = header
+        buf = scratch(hi - lo) if not reuse or len(self._reused) < hi - lo else self._reused
+        if reuse:
+            self._reused = buf
+        view = memoryview(buf)[:hi - lo]
         self._file.seek(self.start + lo)
-        if self._file.readinto(memoryview(buf)[start:]) != hi - lo:
+        if self._file.readinto(view) != hi - lo:
             raise FormatError(f"tensor {name!r} runs past the end of the file: the file is truncated")
-        return container.loads(buf, verify=verify)[entry.get("name")]
+        local = dict(entry, sections={k: [s[0] - lo, s[1], s[2]] for k, s in secs.items()})
+        return container.load_entry(view, local, self._version, verify=verify)
 
     def close(self):
         self._file.close()

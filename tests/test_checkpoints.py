@@ -163,3 +163,76 @@ def test_stream_writer_writes_what_save_writes(tmp_path):
         assert r.expected_size() == len(data)
         with pytest.raises(ibp.FormatError, match="truncated"):
             r.tensor("empty")
+
+
+class WriteOnly:
+    """A stream that can only be written to (a pipe, a socket)."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, b):
+        self.data += b
+        return len(b)
+
+
+def test_sections_written_in_place_read_as_those_through_scratch(tmp_path):
+    w = datasets.minilm_weights()
+    names = list(w)[:8]
+    tensors = {n: np.asarray(w[n]) for n in names}
+    tensors["small.ints"] = np.arange(-300, 300, dtype=np.int16).reshape(20, 30)
+    tensors["a.mask"] = (np.arange(5000) % 3 == 0)
+    tensors["empty"] = np.zeros((0, 7), np.float64)
+    src = tmp_path / "m.safetensors"
+    safetensors_numpy.save_file(tensors, src, metadata={"format": "pt"})
+    with open(tmp_path / "direct.ibp", "wb") as f:
+        checkpoints.compress_safetensors(src, f)
+    piped = WriteOnly()
+    checkpoints.compress_safetensors(src, piped, scratch_dir=tmp_path)
+    (tmp_path / "piped.ibp").write_bytes(bytes(piped.data))
+    headers = {}
+    for kind in ("direct", "piped"):
+        with stream.Reader(tmp_path / f"{kind}.ibp") as r:
+            headers[kind] = (tmp_path / f"{kind}.ibp").read_bytes()[24:24 + r._header_len]
+            assert r.expected_size() == r.size
+            for name, x in tensors.items():
+                assert np.array_equal(ibp.decompress(r.tensor(name)), x)
+            with open(tmp_path / f"back.{kind}.safetensors", "wb") as out:
+                checkpoints.decompress_to_safetensors(r, out)
+        assert (tmp_path / f"back.{kind}.safetensors").read_bytes() == src.read_bytes()
+        assert set(ibp.load(tmp_path / f"{kind}.ibp")) == set(tensors)   # the whole file checks, padding and all
+    # the same header, but the one written in front of its sections fills the room left for it with spaces
+    assert headers["direct"].rstrip(b" ") != headers["direct"] and headers["piped"].rstrip(b" ") == headers["piped"]
+    assert json.loads(headers["direct"]) == json.loads(headers["piped"])
+
+
+def test_a_writer_refuses_a_header_longer_than_its_room(tmp_path):
+    with open(tmp_path / "a.ibp", "wb") as f:
+        writer = stream.Writer(out=f, header_room=40)
+        writer.add("x", ibp.compress(np.arange(1000, dtype=np.float32)))
+        with pytest.raises(RuntimeError, match="more than the room"):
+            writer.finish(f)
+
+
+def test_a_reader_reuses_one_buffer_and_checks_the_gaps_between_sections(tmp_path):
+    w = datasets.minilm_weights()
+    names = [n for n in w if np.asarray(w[n]).ndim == 2][:3]
+    tensors = {n: ibp.compress(np.asarray(w[n])) for n in names}
+    ibp.save(tensors, tmp_path / "a.ibp")
+    with stream.Reader(tmp_path / "a.ibp") as r:
+        first = r.tensor(names[0], reuse=True)
+        assert np.array_equal(ibp.decompress(first), np.asarray(w[names[0]]))
+        second = r.tensor(names[1], reuse=True)
+        assert np.array_equal(ibp.decompress(second), np.asarray(w[names[1]]))
+        if second.payload.nbytes <= first.payload.nbytes:   # it fit: read into the same memory
+            assert np.shares_memory(first.payload, second.payload)
+        assert not np.shares_memory(r.tensor(names[2]).payload, r.tensor(names[2], reuse=True).payload)
+        lo = r.entries[names[1]]["sections"]["lo"]
+        at = r.start + lo[0] + lo[1]   # the first zero byte after the tensor's lo section
+    data = bytearray((tmp_path / "a.ibp").read_bytes())
+    data[at] = 1
+    (tmp_path / "b.ibp").write_bytes(bytes(data))
+    with stream.Reader(tmp_path / "b.ibp") as r:
+        with pytest.raises(ibp.FormatError, match="padding"):
+            r.tensor(names[1])
+        assert np.array_equal(ibp.decompress(r.tensor(names[0])), np.asarray(w[names[0]]))
