@@ -10,6 +10,7 @@ import sys
 import numpy as np
 
 from . import pages
+from ._bits import frozen
 
 # name -> item size in bytes.  Names follow torch where numpy has no type.
 ITEMSIZE = {
@@ -75,21 +76,26 @@ def torch_dtype(name):
 
 
 def as_bytes(x):
-    """(flat uint8 view of x's C-order bytes, dtype name, shape, framework).
+    """(flat read-only uint8 view of x's C-order bytes, dtype name, shape,
+    framework).
 
     Non-contiguous and non-native-endian inputs, and torch's lazy conjugate
-    and negative views, are copied; x is never modified.
+    and negative views, are copied; x is never modified.  Read-only, so the
+    kernels that read it take it as it is (see ``_bits.frozen``).
     """
     if is_torch(x):
         if x.device.type != "cpu":
             raise ValueError(f"compress takes CPU tensors; this one is on {x.device}")
         name = name_of_torch(x.dtype)
-        t = x.detach()
+        t = x.detach() if x.requires_grad else x
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
-        t = t.contiguous().reshape(-1)
+        if not t.is_contiguous():
+            t = t.contiguous()
+        if t.ndim != 1:
+            t = t.reshape(-1)
         data = t.view(sys.modules["torch"].uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
-        return data, name, tuple(x.shape), "torch"
+        return frozen(data), name, tuple(x.shape), "torch"
     if isinstance(x, np.generic):
         x = np.asarray(x)
     if not isinstance(x, np.ndarray):
@@ -97,8 +103,7 @@ def as_bytes(x):
     name = name_of_numpy(x.dtype)
     if not x.dtype.isnative:
         x = x.astype(x.dtype.newbyteorder("="))
-    data = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
-    return data, name, x.shape, "numpy"
+    return frozen(np.ascontiguousarray(x).reshape(-1).view(np.uint8)), name, x.shape, "numpy"
 
 
 def empty(shape, name, framework):
@@ -109,7 +114,7 @@ def empty(shape, name, framework):
             t = torch.empty(shape, dtype=torch_dtype(name))
             if not t.numel():
                 return t, np.zeros(0, np.uint8)
-            flat = t.reshape(-1).view(torch.uint8).numpy()
+            flat = (t if t.ndim == 1 else t.reshape(-1)).view(torch.uint8).numpy()
             pages.advise(flat)  # torch does not ask for huge pages (numpy does)
             return t, flat
     a = np.empty(shape, numpy_dtype(name))

@@ -139,9 +139,11 @@ def encode_packed(data, geom, model):
         buf[-1] = 0
         del runs
         block, rel_bits, block_base, rel = _blocked_index(starts)
-    if uniform:
-        return packed, buf, total, uniform_index()
-    return packed, buf, total, (block, rel_bits, block_base, rel.astype(np.uint16) if rel_bits == 16 else rel)
+    index = uniform_index() if uniform else \
+        (block, rel_bits, block_base, rel.astype(np.uint16) if rel_bits == 16 else rel)
+    for a in (packed, buf, index[2], index[3]):   # a packed tensor is never written: read as it is
+        a.flags.writeable = False
+    return packed, buf, total, index
 
 
 @njit(cache=True)
