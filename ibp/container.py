@@ -22,6 +22,7 @@ from .dtypes import ITEMSIZE
 from .errors import FormatError
 from .geometry import Geometry
 from .model import Model
+from .tensor import CompressedTensor
 
 MAGIC = b"\x89IBP\r\n\x1a\n"
 VERSION = 2
@@ -66,10 +67,10 @@ def _entry(name, dtype, shape, framework, word_bits, unit_words, layout, period,
     return entry
 
 
-def _plan(tensors, metadata):
-    """(header bytes, [(absolute offset, array)]) for a mapping of tensors."""
+def _entries(tensors, offset=0):
+    """(header entries, [(offset, array)]) of a mapping of tensors whose
+    sections start at ``offset`` (an aligned offset from data_start)."""
     entries, chunks = [], []
-    offset = 0
     for name, ct in tensors.items():
         secs = {}
         for key, arr in _sections(ct).items():
@@ -81,6 +82,12 @@ def _plan(tensors, metadata):
         packed = (int(ct.payload_bits), int(ct.index[0]), int(ct.index[1])) if ct.layout == "packed" else None
         entries.append(_entry(name, ct.dtype_name, ct.shape, ct.framework, g.word_bits, g.unit_words, ct.layout,
                               ct.model.period, secs, packed))
+    return entries, chunks
+
+
+def _plan(tensors, metadata):
+    """(header bytes, [(absolute offset, array)]) for a mapping of tensors."""
+    entries, chunks = _entries(tensors)
     header = json.dumps({"metadata": dict(metadata or {}), "tensors": entries},
                         separators=(",", ":")).encode()
     start = _align(PREAMBLE.size + len(header))
@@ -315,20 +322,24 @@ def _header(buf):
     return meta, entries, _align(PREAMBLE.size + hlen), version
 
 
-def _span(buflen, start, spec, want_len, name):
-    """(offset, length, crc32) of a section, checked against the data's
-    bounds without reading any of its bytes."""
-    if not (isinstance(spec, list) and len(spec) == 3):
-        raise FormatError(f"section {name} must be [offset, length, crc32]")
-    off = _int(spec[0], f"{name} offset", 0, buflen)
-    length = _int(spec[1], f"{name} length", 0, buflen)
-    crc = _int(spec[2], f"{name} crc32", 0, 0xFFFFFFFF)
+def _span(buflen, start, spec, want_len, label, key):
+    """(offset, length, crc32) of section ``key`` of tensor ``label``,
+    checked against the data's bounds without reading any of its bytes."""
+    name = None if isinstance(spec, list) and len(spec) == 3 and all(type(v) is int for v in spec) \
+        and 0 <= spec[0] <= buflen and 0 <= spec[1] <= buflen and 0 <= spec[2] <= 0xFFFFFFFF else f"{label}/{key}"
+    if name is not None:   # the fields' checks, naming the section (formatted only here: a name per section costs)
+        if not (isinstance(spec, list) and len(spec) == 3):
+            raise FormatError(f"section {name} must be [offset, length, crc32]")
+        _int(spec[0], f"{name} offset", 0, buflen)
+        _int(spec[1], f"{name} length", 0, buflen)
+        _int(spec[2], f"{name} crc32", 0, 0xFFFFFFFF)
+    off, length, crc = spec
     if off % ALIGN:
-        raise FormatError(f"section {name} is not {ALIGN}-byte aligned")
+        raise FormatError(f"section {label}/{key} is not {ALIGN}-byte aligned")
     if length != want_len:
-        raise FormatError(f"section {name} holds {length} bytes, expected {want_len}")
+        raise FormatError(f"section {label}/{key} holds {length} bytes, expected {want_len}")
     if start + off + length > buflen:
-        raise FormatError(f"section {name} runs past the end of the data")
+        raise FormatError(f"section {label}/{key} runs past the end of the data")
     return off, length, crc
 
 
@@ -420,14 +431,13 @@ def _plan_entry(buflen, start, entry, version):
         want.update(index_base=0 if rel_bits == 0 else -(-n // block) * 8, index_rel=n * rel_bits // 8,
                     payload=(-(-bits // 64) + 1) * 8)
         fields.update(payload_bits=bits, index_block=block, index_rel_bits=rel_bits)
-    spans = {key: _span(buflen, start, secs[key], want[key], f"{fields['label']}/{key}") for key in sorted(want)}
+    spans = {key: _span(buflen, start, secs[key], want[key], fields["label"], key) for key in sorted(want)}
     return fields, geom, spans
 
 
 def _build_entry(buf, start, fields, geom, spans, verify, own):
     """The CompressedTensor of a planned entry: read, CRC-check and validate
     its sections' contents."""
-    from .tensor import CompressedTensor
     label, p, W, n = fields["label"], fields["period"], geom.word_bits, geom.nunits
 
     def sec(key, dt, small=True):

@@ -66,17 +66,12 @@ class Writer:
         if name in self._names or None in self._names or (name is None and self._names):
             raise ValueError(f"tensor name {name!r} is a duplicate, or a lone tensor shares the file")
         self._names.add(name)
-        header, chunks = container._plan({name: ct}, None)
-        entry = json.loads(header)["tensors"][0]
-        base = container._align(self._end)
-        shift = base - container._align(container.PREAMBLE.size + len(header))
-        for spec in entry["sections"].values():
-            spec[0] += base
-        pos = self._end
+        (entry,), chunks = container._entries({name: ct}, container._align(self._end))
+        parts, pos = [], self._end
         for off, arr in chunks:
-            self._body.write(b"\0" * (off + shift - pos))
-            self._body.write(memoryview(arr).cast("B"))
-            pos = off + shift + arr.nbytes
+            parts += [b"\0" * (off - pos), memoryview(arr).cast("B")]
+            pos = off + arr.nbytes
+        self._body.writelines(parts)
         self._end = pos
         self._entries.append(entry)
 
