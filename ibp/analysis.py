@@ -24,7 +24,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from . import codec
+from . import codec, rotation
 from ._bits import ONE, U64, ZERO, Kernel, ctz, frozen, low_mask
 from .codec import bit_length
 from .geometry import Geometry, periods, word_widths as fitting_widths
@@ -350,7 +350,7 @@ def _same_model(lo, hi, base, e, f):
 
 
 @Kernel
-def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base):
+def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base, hints):
     """Learn one model per exception price, and one for low-cardinality
     columns: where a column has a few distinct values, both levels searched
     exactly over them (``_few_levels``: 0, 1 and 4 take one bit and a flag
@@ -367,7 +367,9 @@ def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base):
     of the words agree on: a narrower word, with more columns, could also
     fix them), and how many columns' primary run under the first price
     starts at bit 0 and spans at least W/8 bits (low bits that are
-    padding: see ``_try_half``)."""
+    padding: see ``_try_half``).  ``hints[c]`` gets the rotation that could
+    help column c (``ibp.rotation``): the low run its sampled words agree
+    on, where they also agree on a high run or take a few values, else 0."""
     p = lo.shape[2]
     rows = piece_words // p   # periods per piece
     m = (train.shape[0] * rows + step - 1) // step
@@ -380,6 +382,13 @@ def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base):
             r = i * step
             v[i] = words[train[r // rows] + (r % rows) * p + c]
         a, b, bs, ones, mode, most, few, counts = _best_levels(v, W, prices)
+        low = 0
+        while low < W and (ones[low] == 0 or ones[low] == m):
+            low += 1
+        high = 0
+        while high < W - low and (ones[W - 1 - high] == 0 or ones[W - 1 - high] == m):
+            high += 1
+        hints[c] = low if 0 < low < W and (high > 0 or few.shape[0] > 0) else 0
         for e in range(ne + 1):
             if e == ne and few.shape[0] == 0 and most * MODE_SHARE < m:   # not low-cardinality data
                 lo[e, :, c], hi[e, :, c], base[e, :, c] = lo[0, :, c], hi[0, :, c], base[0, :, c]
@@ -435,18 +444,20 @@ def learn(sample, word_bits, period, per_column, prices=None):
     ``_samples`` (its train pieces thinned evenly to ``per_column`` words a
     column), measured on its test pieces: (lo, hi, base) each ``[2,
     period]``, the bits the test pieces encode to, the most stranded bits
-    per column any model leaves, and the columns whose low bits look like
-    padding under the first price's model (see ``_fit``)."""
+    per column any model leaves, the columns whose low bits look like
+    padding under the first price's model, and the rotation worth trying
+    (see ``_fit``)."""
     words, train, test, piece_words = sample
     prices = PRICES if prices is None else np.asarray(prices, np.float64)
     models = prices.size + 1
     lo = np.zeros((models, 2, period), np.uint8)
     hi = np.zeros((models, 2, period), np.uint8)
     base = np.zeros((models, 2, period), np.uint64)
+    hints = np.zeros(period, np.int64)
     step = -(-train.size * piece_words // period // per_column)
     e, bits, stranded, halves = _fit(train.size * piece_words // step, words, train, test, piece_words, step,
-                                     word_bits, prices, lo, hi, base)
-    return lo[e], hi[e], base[e], bits, stranded, halves
+                                     word_bits, prices, lo, hi, base, hints)
+    return lo[e], hi[e], base[e], bits, stranded, halves, rotation.suggested(hints)
 
 
 def _samples(data, geom):
@@ -563,7 +574,7 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
     cands = list(candidates(shape, itemsize, word_bits))
     if data.size == 0:
         return Model.empty(cands[0][0])
-    best = None   # (cost, (W, lo, hi, base), stranded bits per column of its candidate)
+    best = None   # (cost, (W, lo, hi, base), stranded bits per column, (W, p, rotation to try, scale, per_column))
     samples = {}
     tried_half = bool(word_bits)
     tried_narrower = False
@@ -579,10 +590,10 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
         scale = geom.nunits * geom.unit_words / (test.size * piece_words)
         cap = NARROW_PER_COLUMN if (W, p) in narrower else MAX_PER_COLUMN
         per_column = min(cap, max(MIN_LEARN, geom.total_words // (LEARN_SHARE * p)))
-        lo, hi, base, bits, stranded, halves = learn(samples[W], W, p, per_column)
+        lo, hi, base, bits, stranded, halves, rotate = learn(samples[W], W, p, per_column)
         cost = bits * scale + _model_bits(p, W)
         if best is None or cost < best[0]:
-            best = (cost, (W, lo, hi, base), stranded)
+            best = (cost, (W, lo, hi, base), stranded, (W, p, rotate, scale, per_column))
         if not tried_half:
             half = _try_half(halves, p, W, itemsize)
             cands = half + [c for c in cands if c not in half]
@@ -591,7 +602,22 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
             narrower = [c for c in _try_narrower(shape, itemsize, best[1][0], best[2]) if c not in half]
             cands += narrower
             tried_narrower = True
+    W, p, rotate, scale, per_column = best[3]
+    if rotate:   # the best candidate's words rotated (see ibp.rotation)
+        lo, hi, base, bits = learn(_rotated_sample(samples[W], rotate), W, p, per_column)[:4]
+        if bits * scale + _model_bits(p, W) < best[0]:
+            return Model._learned(W, lo, hi, base, rotate)
     return Model._learned(*best[1])
+
+
+def _rotated_sample(sample, rotate):
+    """``sample`` (see ``_samples``) with its pieces copied side by side,
+    train then test, and rotated right by ``rotate`` bits."""
+    words, train, test, piece = sample
+    pieces = np.concatenate([train, test])[:, None] + np.arange(piece)
+    starts = np.arange(train.size + test.size, dtype=np.int64) * piece
+    return rotation.rotated(words[pieces].reshape(-1), rotate), frozen(starts[:train.size]), \
+        frozen(starts[train.size:]), piece
 
 
 def _model_bits(period, word_bits):

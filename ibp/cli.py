@@ -341,7 +341,7 @@ def load_ibp(path):
         obj = ibp.load(path, mmap=True)
     except FormatError as e:
         raise _ibp_error(path, e) from None
-    return obj, ibp.load_metadata(path), ibp.container.VERSION
+    return (obj, *ibp.container.read_header(path))
 
 
 def _source_of(metadata, path):
@@ -710,7 +710,8 @@ def describe(ct):
     units = int(kinds.sum())
     return {"dtype": ct.dtype_name, "shape": list(ct.shape), "ratio": ct.ratio,
             "raw_nbytes": ct.raw_nbytes, "nbytes": ct.nbytes, "word_bits": ct.word_bits,
-            "layout": ct.layout, "period": ct.model.period, "unit_words": ct.geometry.unit_words,
+            "layout": ct.layout, "period": ct.model.period, "rotate": ct.model.rotate,
+            "unit_words": ct.geometry.unit_words,
             "invariant_bits": float(ct.model.invariant_bits.mean()),
             "secondary_level": ct.model.has_secondary,
             "units": units, "unit_share": {k: (int(n) / units if units else 0.0)
@@ -727,12 +728,13 @@ def _info_dir(args):
     if not checkpoints.is_compressed_dir(args.input):
         raise CliError(f"{args.input}: not a compressed model directory (no .ibp weights in it)")
     checkpoints.weight_files(args.input)   # a shard index naming missing shards: say so, as decompress does
-    files = {}
+    files, version = {}, 0
     for name in sorted(os.listdir(args.input)):
         path = os.path.join(args.input, name)
         if not name.endswith(checkpoints.IBP_SUFFIX):
             continue
         with open_ibp(path) as r:
+            version = max(version, r.version)
             try:
                 tensors = {n: describe(r.tensor(n)) for n in r}
             except FormatError as e:
@@ -744,7 +746,7 @@ def _info_dir(args):
     raw = sum(f["raw_nbytes"] for f in files.values())
     packed = sum(f["nbytes"] for f in files.values())
     others = sorted(n for n in os.listdir(args.input) if n not in files)
-    report = {"directory": args.input, "format_version": ibp.container.VERSION, "raw_nbytes": raw,
+    report = {"directory": args.input, "format_version": version, "raw_nbytes": raw,
               "nbytes": packed, "ratio": raw / packed if packed else None, "files": files, "other_files": others}
     if args.json:
         print(json.dumps(report, indent=1))

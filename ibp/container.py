@@ -25,8 +25,8 @@ from .model import Model
 from .tensor import CompressedTensor
 
 MAGIC = b"\x89IBP\r\n\x1a\n"
-VERSION = 2
-READABLE = (1, 2)  # version 2 added the uniform row index (index_rel_bits 0)
+VERSION = 3       # written only by files that need it (a rotated model); others are written as version 2
+READABLE = (1, 2, 3)  # version 2 added the uniform row index (index_rel_bits 0), 3 rotated models
 PREAMBLE = struct.Struct("<8sIIII")
 ALIGN = 64
 MAX_HEADER = 64 << 20
@@ -56,15 +56,24 @@ SECTIONS = {"packed": ("lo", "hi", "base", "kinds", "payload", "index_base", "in
             "slotted": ("lo", "hi", "base", "kinds", "payload")}
 
 
-def _entry(name, dtype, shape, framework, word_bits, unit_words, layout, period, secs, packed):
+def _entry(name, dtype, shape, framework, word_bits, unit_words, layout, period, rotate, secs, packed):
     """A tensor's header entry; ``packed`` is (payload_bits, index_block,
-    index_rel_bits) for the packed layout."""
+    index_rel_bits) for the packed layout; ``rotate`` is written only when
+    it is not 0 (and makes the file version 3)."""
     entry = {"name": name, "dtype": dtype, "shape": list(shape), "framework": framework,
              "word_bits": word_bits, "unit_words": unit_words, "layout": layout, "period": period,
              "sections": secs}
+    if rotate:
+        entry["rotate"] = rotate
     if layout == "packed":
         entry.update(payload_bits=packed[0], index_block=packed[1], index_rel_bits=packed[2])
     return entry
+
+
+def version_of(entries):
+    """The format version a file of these header entries is written as: the
+    oldest that can hold them, so older readers read what they can."""
+    return 3 if any("rotate" in e for e in entries) else 2
 
 
 def _entries(tensors, offset=0):
@@ -81,17 +90,17 @@ def _entries(tensors, offset=0):
         g = ct.geometry
         packed = (int(ct.payload_bits), int(ct.index[0]), int(ct.index[1])) if ct.layout == "packed" else None
         entries.append(_entry(name, ct.dtype_name, ct.shape, ct.framework, g.word_bits, g.unit_words, ct.layout,
-                              ct.model.period, secs, packed))
+                              ct.model.period, ct.model.rotate, secs, packed))
     return entries, chunks
 
 
 def _plan(tensors, metadata):
-    """(header bytes, [(absolute offset, array)]) for a mapping of tensors."""
+    """(version, header bytes, [(absolute offset, array)]) for a mapping of tensors."""
     entries, chunks = _entries(tensors)
     header = json.dumps({"metadata": dict(metadata or {}), "tensors": entries},
                         separators=(",", ":")).encode()
     start = _align(PREAMBLE.size + len(header))
-    return header, [(start + off, arr) for off, arr in chunks]
+    return version_of(entries), header, [(start + off, arr) for off, arr in chunks]
 
 
 def header_bound(tensors, metadata, largest):
@@ -99,13 +108,13 @@ def header_bound(tensors, metadata, largest):
     shape, framework), given ``metadata`` and no number in their entries
     over ``largest`` (bits of the whole file bound them all)."""
     n = max(largest, 0xFFFFFFFF)   # a CRC-32, and so every smaller field, is below 2**32
-    entries = [_entry(name, dtype, shape, framework, n, n, "packed", n, {k: [n, n, n] for k in SECTIONS["packed"]},
-                      (n, n, n)) for name, dtype, shape, framework in tensors]   # packed: the longer entry
+    entries = [_entry(name, dtype, shape, framework, n, n, "packed", n, n, {k: [n, n, n] for k in SECTIONS["packed"]},
+                      (n, n, n)) for name, dtype, shape, framework in tensors]   # packed and rotated: the longest
     return len(json.dumps({"metadata": dict(metadata or {}), "tensors": entries}, separators=(",", ":")).encode())
 
 
 def _write(stream, tensors, metadata):
-    header, chunks = _plan(tensors, metadata)
+    version, header, chunks = _plan(tensors, metadata)
 
     def write(data):
         # a raw stream may take fewer bytes than it is given: write the rest
@@ -114,7 +123,7 @@ def _write(stream, tensors, metadata):
             n = stream.write(data)
             data = data[len(data) if n is None else n:]
 
-    write(PREAMBLE.pack(MAGIC, VERSION, len(header), zlib.crc32(header), 0))
+    write(PREAMBLE.pack(MAGIC, version, len(header), zlib.crc32(header), 0))
     write(header)
     pos = PREAMBLE.size + len(header)
     for off, arr in chunks:
@@ -247,13 +256,19 @@ def map_stream(stream):
     return view[:size]
 
 
-def read_metadata(path):
-    """The header's metadata mapping, reading (and checking) only the
-    preamble and header."""
+def read_header(path):
+    """(metadata, format version) of a file, reading (and checking) only
+    its preamble and header."""
     with open(path, "rb") as f:
         head = f.read(PREAMBLE.size)
         hlen = PREAMBLE.unpack_from(head, 0)[2] if len(head) == PREAMBLE.size else 0
-        return _header(head + f.read(min(hlen, MAX_HEADER)))[0]
+        meta, _, _, version = _header(head + f.read(min(hlen, MAX_HEADER)))
+        return meta, version
+
+
+def read_metadata(path):
+    """The header's metadata mapping, reading only the preamble and header."""
+    return read_header(path)[0]
 
 
 def header_metadata(buf):
@@ -383,7 +398,7 @@ def _plan_entry(buflen, start, entry, version):
     layout = entry.get("layout")
     if layout not in ("packed", "slotted"):
         raise FormatError(f"layout must be 'packed' or 'slotted', got {layout!r}")
-    keys = ENTRY_KEYS | (PACKED_KEYS if layout == "packed" else set())
+    keys = ENTRY_KEYS | (PACKED_KEYS if layout == "packed" else set()) | ({"rotate"} & set(entry) if version >= 3 else set())
     if set(entry) != keys:
         raise FormatError(f"tensor entry keys {sorted(entry)} != {sorted(keys)}")
     name = entry["name"]
@@ -401,6 +416,7 @@ def _plan_entry(buflen, start, entry, version):
     W = _int(entry["word_bits"], "word_bits", 8, 64)
     U = _int(entry["unit_words"], "unit_words", 1)
     p = _int(entry["period"], "period", 1)
+    rotate = _int(entry["rotate"], "rotate", 1, W - 1) if "rotate" in entry else 0
     geom = Geometry(shape, ITEMSIZE[dtype], W, U)
     if geom.total_words > MAX_WORDS:
         raise FormatError(f"{geom.total_words} words is more than a file can describe")
@@ -417,7 +433,7 @@ def _plan_entry(buflen, start, entry, version):
     n = geom.nunits
     want = {"lo": 2 * p, "hi": 2 * p, "base": 2 * p * W // 8, "kinds": -(-n // 4)}
     fields = dict(name=name, label="tensor" if name is None else name, dtype=dtype, shape=shape,
-                  framework=entry["framework"], layout=layout, period=p)
+                  framework=entry["framework"], layout=layout, period=p, rotate=rotate)
     if layout == "slotted":
         want["payload"] = (n * geom.slot_words + 1) * 8
     else:
@@ -445,7 +461,7 @@ def _build_entry(buf, start, fields, geom, spans, verify, own):
 
     try:
         model = Model(W, sec("lo", np.uint8).reshape(2, p), sec("hi", np.uint8).reshape(2, p),
-                      sec("base", f"<u{W // 8}").reshape(2, p).astype(np.uint64))
+                      sec("base", f"<u{W // 8}").reshape(2, p).astype(np.uint64), fields["rotate"])
     except FormatError as e:
         raise FormatError(f"{label}: {e}") from None
     kinds = sec("kinds", np.uint8)

@@ -54,7 +54,7 @@ from importlib import resources
 import numpy as np
 
 from . import codec, dtypes
-from .decode import normalize_index
+from .decode import decode_into, normalize_index
 from .encode import blocked_index, unit_start_bits
 from .errors import FormatError
 from .model import LOW_MASK
@@ -582,6 +582,8 @@ def decompress(ct, *, index=None, out=None, device="cuda", path="auto", sync=Fal
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     dev = _device(torch, device)
+    if ct.model.rotate:
+        return _decoded_on_host(torch, ct, index, out, dev)
     with torch.cuda.device(dev):
         _raise_finished(dev.index, wait=False)
         tables = _tables_of(ct)
@@ -646,6 +648,24 @@ def decompress(ct, *, index=None, out=None, device="cuda", path="auto", sync=Fal
             _pending[dev.index].append(done)
         if sync:
             _raise_own(dev.index, done)
+    return result
+
+
+def _decoded_on_host(torch, ct, index, out, dev):
+    """A rotated model's tensor (``ibp.rotation``; format version 3), which
+    the kernels do not rotate back yet: decoded on the CPU, then copied to
+    the device on torch's current stream (``path`` does not apply)."""
+    rows, shape = None, ct.shape
+    if index is not None:
+        if len(ct.shape) == 0:
+            raise IndexError("a 0-d tensor has no rows to index")
+        rows, ishape = normalize_index(index.cpu() if torch.is_tensor(index) else index, ct.nrows)
+        shape = tuple(ishape) + ct.shape[1:]
+    host, flat = dtypes.empty(shape, ct.dtype_name, "torch")
+    decode_into(ct, flat, rows)
+    with torch.cuda.device(dev):
+        result, _ = _output(torch, ct, shape, out, dev)
+        result.copy_(host)
     return result
 
 

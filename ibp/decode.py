@@ -6,7 +6,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from . import _bits, codec, pages
+from . import _bits, codec, pages, rotation
 from ._bits import frozen
 from .errors import FormatError
 
@@ -109,6 +109,7 @@ def decode_into(ct, out_bytes, rows=None):
             break
     if bad >= 0:
         raise FormatError(f"unit {bad >> 3}: {codec.ERRORS[bad & 7]}")
+    rotation.rotate_back(out_bytes.view(f"<u{g.word_bits // 8}"), ct.model.rotate)
 
 
 def _decode_all(ct, out_bytes):
@@ -152,6 +153,7 @@ def _run(ct, units, src, length, dst, out_bytes):
     if status.any():
         i = int(np.flatnonzero(status)[0])
         raise FormatError(f"unit {units[i]}: {codec.ERRORS[int(status[i])]}")
+    rotation.rotate_back(out_bytes.view(f"<u{ct.geometry.word_bits // 8}"), ct.model.rotate)
 
 
 def _decode_jobs(ct, units, src, length, dst, out_bytes):

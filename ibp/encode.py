@@ -3,14 +3,15 @@ import numba
 import numpy as np
 from numba import njit
 
-from . import _bits, codec, pages
+from . import _bits, codec, pages, rotation
 from ._bits import frozen
 
 MAX_BLOCK = 1 << 16
 
 
-def _word_view(data, word_bits):
-    return frozen(data.view(f"<u{word_bits // 8}"))
+def _words(data, model):
+    """The bytes as the model's words, rotated as it asks (ibp.rotation)."""
+    return rotation.rotated(frozen(data.view(f"<u{model.word_bits // 8}")), model.rotate)
 
 
 def pack_kinds(kinds):
@@ -117,7 +118,7 @@ def encode_packed(data, geom, model):
     buffer, then copy them back to back (``codec.gather_runs``)."""
     n, U, W = geom.nunits, geom.unit_words, geom.word_bits
     t0, t1, fbits, ptot = model.tables
-    words = _word_view(data, W)
+    words = _words(data, model)
     raw_words = -(-U * W // 64)   # a unit at most, in uint64s
     buf = np.zeros(n * raw_words + 1, np.uint64)
     if geom.total_words < _bits.PARALLEL_MIN_WORDS or numba.get_num_threads() == 1:  # as Kernel decides
@@ -166,7 +167,7 @@ def _encode_serial(words, U, total_words, t0, t1, W, p, fbits, ptot, raw_words, 
 def encode_slots(data, geom, model, slots, buf):
     """Encode the units in ``data`` (whole units, last one may be short) into
     ``slots`` of the slotted payload ``buf``; returns their kinds."""
-    words = _word_view(data, geom.word_bits)
+    words = _words(data, model)
     kinds = np.empty(len(slots), np.uint8)
     t0, t1, fbits, ptot = model.tables
     codec.encode_slotted(words.size, words, geom.unit_words, words.size, t0, t1, geom.word_bits, model.period, fbits,

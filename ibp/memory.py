@@ -150,7 +150,7 @@ def _fields(ct):
     m = ct.model
     index = None if ct.index is None else ct.index[:2]
     return dict(dtype=ct.dtype_name, shape=ct.shape, framework=ct.framework, geometry=ct.geometry,
-                layout=ct.layout, model=(m.word_bits, m.lo, m.hi, m.base), payload_bits=ct.payload_bits,
+                layout=ct.layout, model=(m.word_bits, m.lo, m.hi, m.base, m.rotate), payload_bits=ct.payload_bits,
                 index=index)
 
 

@@ -12,6 +12,11 @@ every word matches and is stored whole.
 
 Words that miss the primary level are exceptions; an exception that matches
 the secondary level is stored with its secondary residual, else raw.
+
+A model may also *rotate* every word right by ``rotate`` bits before the
+levels see it (decoding rotates back): values that share bits on both sides
+of the bits where they differ (0, 2 and 6 share bit 0 and the bits above 2)
+then share one run at the top, which a level can fix (see ``ibp.rotation``).
 """
 from __future__ import annotations
 
@@ -84,23 +89,27 @@ def level_tables(lo, hi, base, W):
 class Model:
     """Per-column invariant-bit model for words of ``word_bits`` bits."""
 
-    def __init__(self, word_bits: int, lo: np.ndarray, hi: np.ndarray, base: np.ndarray):
+    rotate = 0   # bits the words are rotated right by first (models pickled before rotations had none)
+
+    def __init__(self, word_bits: int, lo: np.ndarray, hi: np.ndarray, base: np.ndarray, rotate: int = 0):
         self.word_bits = int(word_bits)
         self.lo = np.ascontiguousarray(lo, dtype=np.uint8)
         self.hi = np.ascontiguousarray(hi, dtype=np.uint8)
         self.base = np.ascontiguousarray(base, dtype=np.uint64)
+        self.rotate = rotate
         for a in (self.lo, self.hi, self.base):
             a.flags.writeable = False
         self._validate()
 
     @classmethod
-    def _learned(cls, word_bits: int, lo: np.ndarray, hi: np.ndarray, base: np.ndarray) -> Model:
+    def _learned(cls, word_bits: int, lo: np.ndarray, hi: np.ndarray, base: np.ndarray, rotate: int = 0) -> Model:
         """A model from ibp's own learner: valid by construction, so not
         checked again (checking costs as much as compressing a small
         tensor)."""
         model = cls.__new__(cls)
         model.word_bits = int(word_bits)
         model.lo, model.hi, model.base = lo, hi, base
+        model.rotate = rotate
         for a in (lo, hi, base):
             a.setflags(write=False)
         return model
@@ -109,6 +118,8 @@ class Model:
         W = self.word_bits
         if W not in WORD_BITS:
             raise FormatError(f"word width {W} is not one of {WORD_BITS}")
+        if type(self.rotate) is not int or not 0 <= self.rotate < W:
+            raise FormatError(f"rotate must be an integer in [0, {W - 1}], got {self.rotate!r}")
         if self.lo.ndim != 2 or self.lo.shape[0] != 2 or self.lo.shape[1] < 1:
             raise FormatError(f"model arrays must have shape (2, period >= 1), got {self.lo.shape}")
         if self.hi.shape != self.lo.shape or self.base.shape != self.lo.shape:
@@ -144,12 +155,13 @@ class Model:
         return self.hi[0].astype(np.int64) - self.lo[0].astype(np.int64)
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, Model) and self.word_bits == other.word_bits
+        return (isinstance(other, Model) and self.word_bits == other.word_bits and self.rotate == other.rotate
                 and np.array_equal(self.lo, other.lo) and np.array_equal(self.hi, other.hi)
                 and np.array_equal(self.base, other.base))
 
     def __repr__(self) -> str:
-        return (f"ibp.Model(word_bits={self.word_bits}, period={self.period}, "
+        rotate = f", rotate={self.rotate}" if self.rotate else ""
+        return (f"ibp.Model(word_bits={self.word_bits}, period={self.period}{rotate}, "
                 f"invariant bits/column={self.invariant_bits.mean():.2f})")
 
     @classmethod

@@ -83,7 +83,7 @@ class Writer:
                             separators=(",", ":")).encode()
         p = container.PREAMBLE
         if not self._direct:
-            self._head(stream, header, bool(self._entries))
+            self._head(stream, header, bool(self._entries), container.version_of(self._entries))
             self._body.seek(0)
             shutil.copyfileobj(self._body, stream, 1 << 20)
             return
@@ -94,14 +94,14 @@ class Writer:
                 raise RuntimeError(f"the header takes {len(header)} bytes, more than the room left for it")
             header += b" " * (self._start - p.size - len(header))
         self._body.seek(self._origin)
-        self._head(self._body, header, bool(self._entries))
+        self._head(self._body, header, bool(self._entries), container.version_of(self._entries))
         self._body.seek(self._origin + (self._start + self._end if self._entries else p.size + len(header)))
 
     @staticmethod
-    def _head(stream, header, sections):
+    def _head(stream, header, sections, version):
         """The preamble, the header and the zeros up to the first section."""
         p = container.PREAMBLE
-        stream.write(p.pack(container.MAGIC, container.VERSION, len(header), zlib.crc32(header), 0))
+        stream.write(p.pack(container.MAGIC, version, len(header), zlib.crc32(header), 0))
         stream.write(header)
         if sections:  # sections start aligned; a file of no tensors ends with its header
             stream.write(b"\0" * (container._align(p.size + len(header)) - p.size - len(header)))
@@ -119,7 +119,8 @@ class Writer:
 
 class Reader:
     """An ibp file's header, and its tensors decoded one by one on demand
-    (``start`` is where the sections begin, ``entries`` the header's)."""
+    (``start`` is where the sections begin, ``entries`` the header's,
+    ``version`` the file's format version)."""
 
     def __init__(self, path):
         self._file = open(path, "rb")
@@ -131,7 +132,7 @@ class Reader:
                 raise FormatError(f"header length {hlen} is over the {container.MAX_HEADER}-byte limit")
             self._header_len = hlen
             self._reused = b""   # the buffer of tensor(reuse=True)
-            self.metadata, entries, self.start, self._version = container._header(head + self._file.read(hlen))
+            self.metadata, entries, self.start, self.version = container._header(head + self._file.read(hlen))
             self.entries = {}
             for entry in entries:
                 name = entry.get("name") if isinstance(entry, dict) else None
@@ -178,7 +179,7 @@ class Reader:
         if self._file.readinto(view) != hi - lo:
             raise FormatError(f"tensor {name!r} runs past the end of the file: the file is truncated")
         local = dict(entry, sections={k: [s[0] - lo, s[1], s[2]] for k, s in secs.items()})
-        return container.load_entry(view, local, self._version, verify=verify)
+        return container.load_entry(view, local, self.version, verify=verify)
 
     def close(self):
         self._file.close()

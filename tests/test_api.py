@@ -89,6 +89,18 @@ def test_model_pickles():
     x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
     m = ibp.analyze(x)
     assert pickle.loads(pickle.dumps(m)) == m
+    rotated = ibp.analyze(np.random.default_rng(0).choice(np.array([0, 2, 6], np.int32), (64, 8)))
+    assert rotated.rotate == 1 and pickle.loads(pickle.dumps(rotated)) == rotated and rotated != m
+    with pytest.raises(ValueError):
+        ibp.Model(8, np.zeros((2, 1)), np.zeros((2, 1)), np.zeros((2, 1)), rotate=8)
+
+
+def test_a_rotated_tensor_pickles_with_its_rotation():
+    import pickle
+    x = np.random.default_rng(2).choice(np.array([-9, -5, -1], np.int16), (40, 24))
+    ct = ibp.compress(x)
+    back = pickle.loads(pickle.dumps(ct))
+    assert back.model.rotate == ct.model.rotate == 2 and np.array_equal(ibp.decompress(back), x)
 
 
 @pytest.mark.parametrize("layout", ["packed", "slotted"])

@@ -657,3 +657,24 @@ def test_gpu_uses_wait_for_every_stream():
     uses.record(a)
     uses.synchronize()
     assert sorted(synced) == [(1, 2), (2, 1)]       # the latest event of each stream
+
+
+def test_rotated_models_decode_through_the_host(cpu_as_gpu):
+    """A rotated model (ibp.rotation, format version 3) is decoded on the
+    CPU and copied over: the kernels do not rotate words back."""
+    torch = cpu_as_gpu
+    rng = np.random.default_rng(16)
+    x = rng.choice(np.array([0, 2, 6], np.int32), (200, 12))
+    packed = ibp.compress(x)
+    assert packed.model.rotate
+    for ct in (packed, ibp.compress(x, layout="slotted").pin_memory(), cuda.to_device(packed)):
+        np.testing.assert_array_equal(cuda.decompress(ct, sync=True).numpy(), x)
+        out = torch.full(x.shape, -1, dtype=torch.int32)
+        assert cuda.decompress(ct, out=out) is out
+        np.testing.assert_array_equal(out.numpy(), x)
+        index = rng.integers(-200, 200, (3, 4))
+        np.testing.assert_array_equal(cuda.decompress(ct, index=on_device(torch, index, np.int64)).numpy(), x[index])
+        with pytest.raises(IndexError):
+            cuda.decompress(ct, index=on_device(torch, [200], np.int64))
+        with pytest.raises(ValueError, match="need"):
+            cuda.decompress(ct, out=torch.zeros((200, 11), dtype=torch.int32))

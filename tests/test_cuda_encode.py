@@ -452,6 +452,15 @@ def test_launcher_compresses_like_the_cpu(cpu_as_gpu, layout):
         np.testing.assert_array_equal(ibp.decompress(learned).numpy(), x)
 
 
+def test_a_rotated_model_is_refused(cpu_as_gpu):
+    x = np.random.default_rng(23).choice(np.array([0, 2, 6], np.int32), (100, 8))
+    model = ibp.analyze(x)
+    assert model.rotate   # see ibp.rotation: the GPU encoder does not rotate words
+    with pytest.raises(ValueError, match="rotate"):
+        cuda_encode.compress(torch.from_numpy(x), model=model)
+    assert not cuda_encode.compress(torch.from_numpy(x)).model.rotate   # its own learner never rotates
+
+
 def test_launcher_odd_inputs(cpu_as_gpu):
     rng = np.random.default_rng(22)
     x = torch.from_numpy(sample(rng, (40, 64), np.float32, 0.1))

@@ -129,10 +129,58 @@ def test_lying_headers_are_rejected(lie):
         ibp.decompress(ibp.CompressedTensor.from_bytes(bad, verify=False))
 
 
+def rotated_tensor(layout="packed"):
+    """A tensor whose model rotates its words (format version 3): values
+    that agree on their low bit and their high bits, 0, 2 and 6."""
+    x = np.random.default_rng(5).choice(np.array([0, 2, 6], np.int16), (50, 30))
+    ct = ibp.compress(x, layout=layout)
+    assert ct.model.rotate == 1
+    return x, ct
+
+
+def _version(blob):
+    return container.PREAMBLE.unpack_from(blob, 0)[1]
+
+
+@pytest.mark.parametrize("layout", ["packed", "slotted"])
+def test_a_rotated_model_is_written_as_version_3_and_only_then(layout, tmp_path):
+    x, ct = rotated_tensor(layout)
+    blob = ct.to_bytes()
+    assert _version(blob) == 3 and _version(sample_tensor(layout)[1].to_bytes()) == 2
+    back = ibp.CompressedTensor.from_bytes(blob)
+    assert back.model == ct.model and back.model.rotate == 1
+    assert np.array_equal(ibp.decompress(back), x)
+    assert np.array_equal(ibp.decompress(back, index=[7, -1, 7, 0]), x[[7, -1, 7, 0]])
+    ibp.save({"rotated": ct, "plain": sample_tensor(layout)[1]}, tmp_path / "both.ibp")
+    assert _version((tmp_path / "both.ibp").read_bytes()) == 3
+    assert np.array_equal(ibp.decompress(ibp.load(tmp_path / "both.ibp")["rotated"]), x)
+    assert np.array_equal(ibp.decompress(ibp.load(tmp_path / "both.ibp", mmap=True)["rotated"]), x)
+
+
+@pytest.mark.parametrize("lie", [
+    lambda h: h["tensors"][0].update(rotate=0),     # written only when it rotates
+    lambda h: h["tensors"][0].update(rotate=16),    # 16-bit words rotate by 1..15
+    lambda h: h["tensors"][0].update(rotate=-1),
+    lambda h: h["tensors"][0].update(rotate=True),
+    lambda h: h["tensors"][0].update(rotate="1"),
+])
+def test_lying_rotations_are_rejected(lie):
+    _, ct = rotated_tensor()
+    with pytest.raises(ibp.FormatError):
+        ibp.CompressedTensor.from_bytes(rebuild(ct.to_bytes(), lie))
+
+
+def test_a_rotation_in_an_older_version_is_rejected():
+    _, ct = rotated_tensor()
+    blob = ct.to_bytes()
+    with pytest.raises(ibp.FormatError, match="keys"):
+        ibp.CompressedTensor.from_bytes(blob[:8] + struct.pack("<I", 2) + blob[12:])
+
+
 def test_preamble_checks():
     _, ct = sample_tensor()
     blob = ct.to_bytes()
-    for bad in (b"NOTIBP00" + blob[8:], blob[:8] + struct.pack("<I", 3) + blob[12:],
+    for bad in (b"NOTIBP00" + blob[8:], blob[:8] + struct.pack("<I", 4) + blob[12:],
                 blob[:12] + struct.pack("<I", 1 << 30) + blob[16:], blob[:16] + b"\0\0\0\0" + blob[20:]):
         with pytest.raises(ibp.FormatError):
             ibp.CompressedTensor.from_bytes(bad)

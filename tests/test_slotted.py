@@ -28,6 +28,19 @@ def test_update_rows_matches_numpy_assignment(shape, seed, n, wild):
     assert x.tobytes() == ibp.decompress(back).tobytes()
 
 
+def test_update_rows_of_a_rotated_model():
+    rng = np.random.default_rng(1)
+    x = rng.choice(np.array([0, 2, 6], np.int32), (120, 16))
+    ct = ibp.compress(x, layout="slotted")
+    assert ct.model.rotate   # see ibp.rotation
+    values = np.concatenate([rng.choice(np.array([0, 2, 6], np.int32), (3, 16)),
+                             rng.integers(-2**31, 2**31, (2, 16)).astype(np.int32)])   # words it never saw
+    ct.update_rows([4, 119, 0, 4, 60], values)
+    x[[4, 119, 0, 4, 60]] = values
+    assert np.array_equal(ibp.decompress(ct), x)
+    assert np.array_equal(ibp.decompress(ct, index=[60, 4]), x[[60, 4]])
+
+
 def test_update_changes_only_the_given_rows_and_not_the_values():
     x = table((100, 64))
     ct = ibp.compress(x, layout="slotted")
