@@ -151,7 +151,8 @@ def compress_safetensors(path, stream, *, scratch_dir=None, progress=None, **opt
     # each tensor's sections take less than 64 bits a byte, and 8 KiB more
     room = container.header_bound([(n, s[0], s[1], framework) for n, s in specs.items()], source,
                                   8 * (64 * raw + 8192 * len(names) + 2 * len(source[SOURCE_KEY])))
-    if getattr(stream, "seekable", lambda: False)() and room * 64 <= raw:  # what the room wastes is small
+    if getattr(stream, "seekable", lambda: False)() and room * 64 <= raw and room <= container.MAX_HEADER:
+        # what the room wastes is small, and the padded header stays one readers take
         writer = Writer(out=stream, header_room=room)
     else:
         writer = Writer(scratch_dir)

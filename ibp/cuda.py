@@ -582,10 +582,10 @@ def decompress(ct, *, index=None, out=None, device="cuda", path="auto", sync=Fal
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     dev = _device(torch, device)
-    if ct.model.rotate:
-        return _decoded_on_host(torch, ct, index, out, dev)
     with torch.cuda.device(dev):
         _raise_finished(dev.index, wait=False)
+        if ct.model.rotate:
+            return _decoded_on_host(torch, ct, index, out, dev, path)
         tables = _tables_of(ct)
         flat_index = None
         shape = ct.shape
@@ -651,16 +651,23 @@ def decompress(ct, *, index=None, out=None, device="cuda", path="auto", sync=Fal
     return result
 
 
-def _decoded_on_host(torch, ct, index, out, dev):
+def _decoded_on_host(torch, ct, index, out, dev, path):
     """A rotated model's tensor (``ibp.rotation``; format version 3), which
     the kernels do not rotate back yet: decoded on the CPU, then copied to
-    the device on torch's current stream (``path`` does not apply)."""
+    the device on torch's current stream (``path`` is checked as for any
+    tensor, but there is only one)."""
     rows, shape = None, ct.shape
     if index is not None:
+        if path == "stream":
+            raise ValueError("path='stream' decodes whole tensors; a gather reads rows in place")
         if len(ct.shape) == 0:
             raise IndexError("a 0-d tensor has no rows to index")
         rows, ishape = normalize_index(index.cpu() if torch.is_tensor(index) else index, ct.nrows)
         shape = tuple(ishape) + ct.shape[1:]
+    if ct in _resident and path != "auto":
+        raise ValueError(f"path={path!r} applies to host payloads; this tensor is on the device")
+    if path == "zero-copy" and not ct.is_pinned():
+        raise ValueError("path='zero-copy' needs a pinned tensor: use ct.pin_memory()")
     host, flat = dtypes.empty(shape, ct.dtype_name, "torch")
     decode_into(ct, flat, rows)
     with torch.cuda.device(dev):

@@ -6,7 +6,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from . import _bits, codec, pages, rotation
+from . import _bits, codec, rotation
 from ._bits import frozen
 from .errors import FormatError
 
@@ -121,8 +121,6 @@ def _decode_all(ct, out_bytes):
         slot_bits, (block, rel_bits, block_base, rel), payload_bits = 0, ct.index, ct.payload_bits
     work = g.total_words
     nchunks = min(g.nunits, 8 * numba.get_num_threads()) if work >= _bits.PARALLEL_MIN_WORDS else 1
-    if nchunks > 1 and numba.get_num_threads() > 1:
-        pages.populate(out_bytes)   # fresh memory: faulted in once, not by every thread at once
     return codec.decode_all(work, frozen(ct.payload), t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
                             frozen(ct.kinds), slot_bits, block, rel_bits, frozen(block_base), frozen(rel),
                             payload_bits, g.nunits,

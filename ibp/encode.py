@@ -3,7 +3,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from . import _bits, codec, pages, rotation
+from . import _bits, codec, rotation
 from ._bits import frozen
 
 MAX_BLOCK = 1 << 16
@@ -115,7 +115,9 @@ def encode_packed(data, geom, model):
 
     One thread encodes the units back to back in one compiled call.
     Several each encode runs of units into the runs' raw-size regions of a
-    buffer, then copy them back to back (``codec.gather_runs``)."""
+    buffer, then copy them back to back (``codec.gather_runs``); each
+    faults in the fresh pages it writes (faulting them in first, in one
+    thread, made two threads slower than one)."""
     n, U, W = geom.nunits, geom.unit_words, geom.word_bits
     t0, t1, fbits, ptot = model.tables
     words = _words(data, model)
@@ -130,12 +132,10 @@ def encode_packed(data, geom, model):
         nchunks = min(n, 4 * numba.get_num_threads())
         kinds = np.empty(n, np.uint8)
         sizes = np.empty(n, np.int64)
-        pages.populate(buf)
         codec.encode_runs(geom.total_words, words, U, geom.total_words, t0, t1, W, model.period, fbits, ptot,
                           nchunks, raw_words, buf, kinds, sizes)
         packed, starts, total, uniform = _layout(kinds, sizes)
         runs, buf = buf, np.empty(-(-total // 64) + 1, np.uint64)
-        pages.populate(buf)
         codec.gather_runs(total // W, runs, sizes, nchunks, raw_words, buf)
         buf[-1] = 0
         del runs

@@ -20,6 +20,7 @@ then share one run at the top, which a level can fix (see ``ibp.rotation``).
 """
 from __future__ import annotations
 
+import numbers
 from functools import cached_property
 
 import numpy as np
@@ -89,14 +90,16 @@ def level_tables(lo, hi, base, W):
 class Model:
     """Per-column invariant-bit model for words of ``word_bits`` bits."""
 
-    rotate = 0   # bits the words are rotated right by first (models pickled before rotations had none)
+    _rotate = 0   # models pickled before rotations have none
 
     def __init__(self, word_bits: int, lo: np.ndarray, hi: np.ndarray, base: np.ndarray, rotate: int = 0):
         self.word_bits = int(word_bits)
         self.lo = np.ascontiguousarray(lo, dtype=np.uint8)
         self.hi = np.ascontiguousarray(hi, dtype=np.uint8)
         self.base = np.ascontiguousarray(base, dtype=np.uint64)
-        self.rotate = rotate
+        if not isinstance(rotate, numbers.Integral) or isinstance(rotate, bool):
+            raise FormatError(f"rotate must be an integer, got {rotate!r}")
+        self._rotate = int(rotate)
         for a in (self.lo, self.hi, self.base):
             a.flags.writeable = False
         self._validate()
@@ -109,7 +112,7 @@ class Model:
         model = cls.__new__(cls)
         model.word_bits = int(word_bits)
         model.lo, model.hi, model.base = lo, hi, base
-        model.rotate = rotate
+        model._rotate = rotate
         for a in (lo, hi, base):
             a.setflags(write=False)
         return model
@@ -118,7 +121,7 @@ class Model:
         W = self.word_bits
         if W not in WORD_BITS:
             raise FormatError(f"word width {W} is not one of {WORD_BITS}")
-        if type(self.rotate) is not int or not 0 <= self.rotate < W:
+        if not 0 <= self.rotate < W:
             raise FormatError(f"rotate must be an integer in [0, {W - 1}], got {self.rotate!r}")
         if self.lo.ndim != 2 or self.lo.shape[0] != 2 or self.lo.shape[1] < 1:
             raise FormatError(f"model arrays must have shape (2, period >= 1), got {self.lo.shape}")
@@ -127,6 +130,12 @@ class Model:
         problem = _level_problem(self.lo, self.hi, self.base, W)
         if problem:
             raise FormatError(LEVEL_PROBLEMS[problem])
+
+    @property
+    def rotate(self) -> int:
+        """Bits every word is rotated right by before the levels see it
+        (ibp.rotation); 0 for most models."""
+        return self._rotate
 
     @property
     def period(self) -> int:

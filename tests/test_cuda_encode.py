@@ -591,6 +591,9 @@ class _OnGpu(torch.Tensor):
     def device(self):
         return types.SimpleNamespace(type="cuda", index=0)
 
+    def cpu(self):   # a copy on the host, as from a real CUDA tensor
+        return self.as_subclass(torch.Tensor).clone()
+
     @classmethod
     def __torch_function__(cls, func, types=(), args=(), kwargs=None):
         with torch._C.DisableTorchFunctionSubclass():
@@ -635,3 +638,15 @@ def test_update_rows_from_cuda_values(cpu_as_gpu, shape, unit_rows):
         np.testing.assert_array_equal(ct.payload, expect.payload)
         np.testing.assert_array_equal(ct.kinds, expect.kinds)
     np.testing.assert_array_equal(gpu_made.device_payload.numpy().view(np.uint64), expect.payload)
+
+
+def test_update_rows_of_a_rotated_model_from_cuda_values(cpu_as_gpu):
+    """The GPU encoder does not rotate words: such rows are encoded on the host."""
+    rng = np.random.default_rng(23)
+    x = rng.choice(np.array([0, 2, 6], np.int32), (100, 8))
+    ct = ibp.compress(x, layout="slotted")
+    assert ct.model.rotate
+    rows, new = np.array([3, 50, 3]), rng.choice(np.array([0, 2, 6, 7], np.int32), (3, 8))
+    ct.update_rows(rows, torch.Tensor._make_subclass(_OnGpu, torch.from_numpy(new)))
+    x[rows] = new
+    np.testing.assert_array_equal(ibp.decompress(ct), x)
