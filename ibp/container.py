@@ -12,12 +12,12 @@ import mmap
 import os
 import secrets
 import struct
-import zlib
 
 import numpy as np
 from numba import njit
 
 from ._bits import frozen
+from .checksum import crc32
 from .dtypes import ITEMSIZE
 from .errors import FormatError
 from .geometry import Geometry
@@ -84,7 +84,7 @@ def _entries(tensors, offset=0):
         secs = {}
         for key, arr in _sections(ct).items():
             arr = np.ascontiguousarray(arr)
-            secs[key] = [offset, arr.nbytes, zlib.crc32(memoryview(arr).cast("B"))]
+            secs[key] = [offset, arr.nbytes, crc32(memoryview(arr).cast("B"))]
             chunks.append((offset, arr))
             offset = _align(offset + arr.nbytes)
         g = ct.geometry
@@ -123,7 +123,7 @@ def _write(stream, tensors, metadata):
             n = stream.write(data)
             data = data[len(data) if n is None else n:]
 
-    write(PREAMBLE.pack(MAGIC, version, len(header), zlib.crc32(header), 0))
+    write(PREAMBLE.pack(MAGIC, version, len(header), crc32(header), 0))
     write(header)
     pos = PREAMBLE.size + len(header)
     for off, arr in chunks:
@@ -319,7 +319,7 @@ def _header(buf):
     if hlen > MAX_HEADER or PREAMBLE.size + hlen > len(buf):
         raise FormatError(f"header length {hlen} runs past the end of the data")
     raw = bytes(buf[PREAMBLE.size:PREAMBLE.size + hlen])
-    if zlib.crc32(raw) != hcrc:
+    if crc32(raw) != hcrc:
         raise FormatError("header checksum mismatch")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
@@ -366,7 +366,7 @@ def _array(buf, start, span, dtype, verify, name, own):
     can rewrite them (a bytearray, a file mapped from disk)."""
     off, length, crc = span
     view = memoryview(buf)[start + off:start + off + length]
-    if verify and zlib.crc32(view) != crc:
+    if verify and crc32(view) != crc:
         raise FormatError(f"section {name} checksum mismatch")
     arr = np.frombuffer(view, dtype=dtype) if length else np.zeros(0, dtype)
     if own or not arr.flags.aligned:

@@ -13,11 +13,11 @@ import mmap
 import os
 import shutil
 import tempfile
-import zlib
 
 import numpy as np
 
 from . import container, pages
+from .checksum import crc32
 from .errors import FormatError
 
 
@@ -103,7 +103,7 @@ class Writer:
     def _head(stream, header, sections, version):
         """The preamble, the header and the zeros up to the first section."""
         p = container.PREAMBLE
-        stream.write(p.pack(container.MAGIC, version, len(header), zlib.crc32(header), 0))
+        stream.write(p.pack(container.MAGIC, version, len(header), crc32(header), 0))
         stream.write(header)
         if sections:  # sections start aligned; a file of no tensors ends with its header
             stream.write(b"\0" * (container._align(p.size + len(header)) - p.size - len(header)))

@@ -177,6 +177,15 @@ def test_a_rotation_in_an_older_version_is_rejected():
         ibp.CompressedTensor.from_bytes(blob[:8] + struct.pack("<I", 2) + blob[12:])
 
 
+def test_the_checksum_is_zlibs_crc32():
+    from ibp.checksum import crc32
+    rng = np.random.default_rng(9)
+    for n in (0, 1, 7, 64, 4097, 1 << 20):
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        assert crc32(memoryview(data).cast("B")) == zlib.crc32(data.tobytes()) == crc32(data.tobytes())
+        assert crc32(memoryview(data)[1:]) == zlib.crc32(data[1:].tobytes())
+
+
 def test_preamble_checks():
     _, ct = sample_tensor()
     blob = ct.to_bytes()
