@@ -365,11 +365,13 @@ def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base, hints):
     smallest and their bits, the most *stranded* bits per column any model
     leaves (bits outside the primary run that at least STRANDED_AGREEMENT
     of the words agree on: a narrower word, with more columns, could also
-    fix them), and how many columns' primary run under the first price
+    fix them), how many columns' primary run under the first price
     starts at bit 0 and spans at least W/8 bits (low bits that are
-    padding: see ``_try_half``).  ``hints[c]`` gets the rotation that could
-    help column c (``ibp.rotation``): the low run its sampled words agree
-    on, where they also agree on a high run or take a few values, else 0."""
+    padding: see ``_try_half``), the rotation worth trying
+    (``ibp.rotation``): ``hints[c]`` gets the one that could help column
+    c, the low run its sampled words agree on where they also agree on a
+    high run or take a few values (else 0), and the one most columns hint
+    at is returned (0 for none); last, the best model's ``Model.tables``."""
     p = lo.shape[2]
     rows = piece_words // p   # periods per piece
     m = (train.shape[0] * rows + step - 1) // step
@@ -417,6 +419,7 @@ def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base, hints):
             per_column[e, c] = k
     bits = np.full(ne + 1, -1, np.int64)
     best = 0
+    tables = level_tables(lo[0], hi[0], base[0], W)   # the best model's, for Model.tables
     for e in range(ne + 1):
         for f in range(e):
             if _same_model(lo, hi, base, e, f):
@@ -427,6 +430,8 @@ def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base, hints):
             bits[e] = 0
             for t in range(test.shape[0]):
                 bits[e] += codec.unit_size(words, test[t], t0, t1, W, p, piece_words, fbits, ptot)[1]
+            if bits[e] < bits[best]:
+                tables = (t0, t1, fbits, ptot)
         if bits[e] < bits[best]:
             best = e
     stranded = 0.0
@@ -436,7 +441,10 @@ def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base, hints):
     for c in range(p):
         if lo[0, 0, c] == 0 and hi[0, 0, c] >= W // 8:
             halves += 1
-    return best, bits[best], stranded, halves
+    votes = np.zeros(W, np.int64)   # the rotation most columns hint at, the shortest on ties
+    for c in range(p):
+        votes[hints[c]] += hints[c] > 0
+    return best, bits[best], stranded, halves, np.argmax(votes) if votes.max() > 0 else 0, tables
 
 
 def learn(sample, word_bits, period, per_column, prices=None):
@@ -445,8 +453,8 @@ def learn(sample, word_bits, period, per_column, prices=None):
     column), measured on its test pieces: (lo, hi, base) each ``[2,
     period]``, the bits the test pieces encode to, the most stranded bits
     per column any model leaves, the columns whose low bits look like
-    padding under the first price's model, and the rotation worth trying
-    (see ``_fit``)."""
+    padding under the first price's model, the rotation worth trying (see
+    ``_fit``), and the best model's ``Model.tables``."""
     words, train, test, piece_words = sample
     prices = PRICES if prices is None else np.asarray(prices, np.float64)
     models = prices.size + 1
@@ -455,9 +463,9 @@ def learn(sample, word_bits, period, per_column, prices=None):
     base = np.zeros((models, 2, period), np.uint64)
     hints = np.zeros(period, np.int64)
     step = -(-train.size * piece_words // period // per_column)
-    e, bits, stranded, halves = _fit(train.size * piece_words // step, words, train, test, piece_words, step,
-                                     word_bits, prices, lo, hi, base, hints)
-    return lo[e], hi[e], base[e], bits, stranded, halves, rotation.suggested(hints)
+    e, bits, stranded, halves, rotate, tables = _fit(train.size * piece_words // step, words, train, test,
+                                                     piece_words, step, word_bits, prices, lo, hi, base, hints)
+    return lo[e], hi[e], base[e], bits, stranded, halves, int(rotate), tables
 
 
 def _samples(data, geom):
@@ -574,7 +582,7 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
     cands = list(candidates(shape, itemsize, word_bits))
     if data.size == 0:
         return Model.empty(cands[0][0])
-    best = None   # (cost, (W, lo, hi, base), stranded bits per column, (W, p, rotation to try, scale, per_column))
+    best = None   # (cost, Model._learned's arguments, stranded bits per column, (W, p, rotation to try, scale, per_column))
     samples = {}
     tried_half = bool(word_bits)
     tried_narrower = False
@@ -590,10 +598,10 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
         scale = geom.nunits * geom.unit_words / (test.size * piece_words)
         cap = NARROW_PER_COLUMN if (W, p) in narrower else MAX_PER_COLUMN
         per_column = min(cap, max(MIN_LEARN, geom.total_words // (LEARN_SHARE * p)))
-        lo, hi, base, bits, stranded, halves, rotate = learn(samples[W], W, p, per_column)
+        lo, hi, base, bits, stranded, halves, rotate, tables = learn(samples[W], W, p, per_column)
         cost = bits * scale + _model_bits(p, W)
         if best is None or cost < best[0]:
-            best = (cost, (W, lo, hi, base), stranded, (W, p, rotate, scale, per_column))
+            best = (cost, (W, lo, hi, base, 0, tables), stranded, (W, p, rotate, scale, per_column))
         if not tried_half:
             half = _try_half(halves, p, W, itemsize)
             cands = half + [c for c in cands if c not in half]
@@ -604,9 +612,9 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
             tried_narrower = True
     W, p, rotate, scale, per_column = best[3]
     if rotate:   # the best candidate's words rotated (see ibp.rotation)
-        lo, hi, base, bits = learn(_rotated_sample(samples[W], rotate), W, p, per_column)[:4]
+        lo, hi, base, bits, *_, tables = learn(_rotated_sample(samples[W], rotate), W, p, per_column)
         if bits * scale + _model_bits(p, W) < best[0]:
-            return Model._learned(W, lo, hi, base, rotate)
+            return Model._learned(W, lo, hi, base, rotate, tables)
     return Model._learned(*best[1])
 
 

@@ -7,6 +7,8 @@ from . import _bits, codec, rotation
 from ._bits import frozen
 
 MAX_BLOCK = 1 << 16
+# The index of units that all have the same size: no bytes at all.
+UNIFORM_INDEX = (1, 0, frozen(np.zeros(0, np.uint64)), frozen(np.zeros(0, np.uint16)))
 
 
 def _words(data, model):
@@ -48,13 +50,9 @@ def build_index(starts, total):
     size, as raw or all-matching data does, else ``blocked_index``."""
     n = starts.size
     if n and total % n == 0 and np.array_equal(starts, np.arange(n, dtype=np.int64) * (total // n)):
-        return uniform_index()
+        return UNIFORM_INDEX
     return blocked_index(starts)
 
-
-def uniform_index():
-    """The index of units that all have the same size: no bytes at all."""
-    return 1, 0, np.zeros(0, np.uint64), np.zeros(0, np.uint16)
 
 
 def unit_start_bits(index, units, payload_bits, nunits):
@@ -140,7 +138,7 @@ def encode_packed(data, geom, model):
         buf[-1] = 0
         del runs
         block, rel_bits, block_base, rel = _blocked_index(starts)
-    index = uniform_index() if uniform else \
+    index = UNIFORM_INDEX if uniform else \
         (block, rel_bits, block_base, rel.astype(np.uint16) if rel_bits == 16 else rel)
     for a in (packed, buf, index[2], index[3]):   # a packed tensor is never written: read as it is
         a.flags.writeable = False

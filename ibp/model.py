@@ -105,16 +105,20 @@ class Model:
         self._validate()
 
     @classmethod
-    def _learned(cls, word_bits: int, lo: np.ndarray, hi: np.ndarray, base: np.ndarray, rotate: int = 0) -> Model:
+    def _learned(cls, word_bits: int, lo: np.ndarray, hi: np.ndarray, base: np.ndarray, rotate: int = 0,
+                 tables: tuple | None = None) -> Model:
         """A model from ibp's own learner: valid by construction, so not
         checked again (checking costs as much as compressing a small
-        tensor)."""
+        tensor), with its ``tables`` when the learner made them."""
         model = cls.__new__(cls)
         model.word_bits = int(word_bits)
         model.lo, model.hi, model.base = lo, hi, base
         model._rotate = rotate
         for a in (lo, hi, base):
             a.setflags(write=False)
+        if tables is not None:
+            t0, t1, fbits, ptot = tables
+            model.__dict__["tables"] = (t0, t1, int(fbits), int(ptot))
         return model
 
     def _validate(self):

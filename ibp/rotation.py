@@ -8,8 +8,6 @@ high ones: one run then fixes both (``Model.rotate``; file format version 3).
 Encoding rotates a copy of the words right; decoding rotates its output back
 left, in place, after the kernels: the codec itself never sees a rotation.
 """
-import numpy as np
-
 from ._bits import frozen
 
 
@@ -41,14 +39,3 @@ def rotate_back(words, rotate):
     high = w >> (W - r)
     w <<= r
     w |= high
-
-
-def suggested(hints):
-    """The rotation to try given each column's hint (the low run its few
-    sampled values agree on, 0 for none: see ``analysis._fit``): the run
-    most columns give, the shortest on ties, or 0."""
-    runs = hints[hints > 0]
-    if not runs.size:
-        return 0
-    values, counts = np.unique(runs, return_counts=True)
-    return int(values[np.argmax(counts)])
