@@ -8,7 +8,23 @@ high ones: one run then fixes both (``Model.rotate``; file format version 3).
 Encoding rotates a copy of the words right; decoding rotates its output back
 left, in place, after the kernels: the codec itself never sees a rotation.
 """
+import numpy as np
+
 from ._bits import frozen
+
+CHUNK_WORDS = 1 << 18   # words rotated at a time: the temporaries stay small and in cache
+
+
+def _rotate(src, dst, right):
+    """``dst`` = the W-bit words ``src`` rotated by ``right`` bits to the
+    right (``dst`` may be ``src``), a chunk at a time."""
+    W = 8 * src.dtype.itemsize
+    r, back = src.dtype.type(right), src.dtype.type(W - right)
+    for i in range(0, src.size, CHUNK_WORDS):
+        s, d = src[i:i + CHUNK_WORDS], dst[i:i + CHUNK_WORDS]
+        high = s << back
+        np.right_shift(s, r, out=d)
+        d |= high
 
 
 def _uint(words):
@@ -21,21 +37,14 @@ def rotated(words, rotate):
     if not rotate:
         return words
     w = _uint(words)
-    W = w.dtype.type(8 * w.dtype.itemsize)
-    r = w.dtype.type(rotate)
-    out = w >> r
-    out |= w << (W - r)
+    out = np.empty_like(w)
+    _rotate(w, out, rotate)
     return frozen(out)
 
 
 def rotate_back(words, rotate):
     """Rotate the W-bit ``words`` left by ``rotate`` bits, in place: what
     decoding a rotated model's words leaves them as."""
-    if not rotate or not words.size:
-        return
-    w = _uint(words)
-    W = w.dtype.type(8 * w.dtype.itemsize)
-    r = w.dtype.type(rotate)
-    high = w >> (W - r)
-    w <<= r
-    w |= high
+    if rotate and words.size:
+        w = _uint(words)
+        _rotate(w, w, 8 * w.dtype.itemsize - rotate)
