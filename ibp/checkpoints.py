@@ -34,7 +34,8 @@ IBP_SUFFIX, IBP_INDEX_SUFFIX = ".ibp", ".ibp.index.json"
 ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint64": "U64",
              "uint32": "U32", "uint16": "U16", "complex64": "C64", "float8_e4m3fn": "F8_E4M3",
-             "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2": "F8_E5M2", "float8_e5m2fnuz": "F8_E5M2FNUZ"}
+             "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2": "F8_E5M2", "float8_e5m2fnuz": "F8_E5M2FNUZ",
+             "float8_e8m0fnu": "F8_E8M0"}
 
 
 class CheckpointError(ValueError):
@@ -68,12 +69,43 @@ def safetensors_header(path):
         raw = f.read(n)
     try:
         text = raw.decode("utf-8")
-        header = json.loads(text)
+        header = json.loads(text, object_pairs_hook=_unique_keys)
+    except _Duplicate as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file: its header gives the key {e.args[0]!r} "
+                              "twice") from None
     except ValueError:  # UnicodeDecodeError included
         header = None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (its header is not a UTF-8 JSON object)")
     return text, header
+
+
+class _Duplicate(ValueError):
+    """A JSON object that gives a key twice (json keeps the last; safetensors
+    refuses such a file)."""
+
+
+def _unique_keys(pairs):
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        raise _Duplicate(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def _check_tiling(path, specs, data_bytes):
+    """safetensors' own rule: the tensors' bytes follow one another from the
+    start of the data to the end of the file, with no gap, overlap or
+    trailing byte; only then is what ``decompress`` writes back the very
+    file that came in."""
+    end = 0
+    for name, (_, _, (start, stop), _) in sorted(specs.items(), key=lambda kv: kv[1][2]):
+        if start != end:
+            raise CheckpointError(f"{path}: not a valid safetensors file: tensor {name!r} starts at byte {start} "
+                                  f"of the data, where the one before it ends at {end} (a gap or an overlap)")
+        end = stop
+    if end != data_bytes:
+        raise CheckpointError(f"{path}: not a valid safetensors file: {data_bytes - end} bytes after its last tensor")
 
 
 def _tensor_entries(header):
@@ -146,12 +178,13 @@ def compress_safetensors(path, stream, *, scratch_dir=None, progress=None, **opt
     data_start = 8 + len(text.encode())
     size = os.path.getsize(path)
     specs = {name: _spec(path, data_start, size, name, header[name]) for name in names}
+    _check_tiling(path, specs, size - data_start)
     source = {SOURCE_KEY: json.dumps({"format": "safetensors", "metadata": metadata, "header": text})}
     raw = sum(s[3] for s in specs.values())
     # each tensor's sections take less than 64 bits a byte, and 8 KiB more
     room = container.header_bound([(n, s[0], s[1], framework) for n, s in specs.items()], source,
                                   8 * (64 * raw + 8192 * len(names) + 2 * len(source[SOURCE_KEY])))
-    if getattr(stream, "seekable", lambda: False)() and room * 64 <= raw and room <= container.MAX_HEADER:
+    if _seekable(stream) and room * 64 <= raw and room <= container.MAX_HEADER:
         # what the room wastes is small, and the padded header stays one readers take
         writer = Writer(out=stream, header_room=room)
     else:
@@ -169,6 +202,12 @@ def compress_safetensors(path, stream, *, scratch_dir=None, progress=None, **opt
                 progress(specs[name][3])
         writer.finish(stream, source)
     return len(names), raw
+
+
+def _seekable(stream):
+    """Whether the sections can be written in place: a stream that seeks
+    and is not in append mode (which writes at the end wherever it seeks)."""
+    return getattr(stream, "seekable", lambda: False)() and "a" not in str(getattr(stream, "mode", ""))
 
 
 def source_of(reader):

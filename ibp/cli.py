@@ -435,9 +435,14 @@ def _atomic(output, directory=False):
     """Yield a new temporary file or directory next to ``output``; rename it
     to ``output`` when the block succeeds, remove it when it fails.  It gets
     the permissions a plain new file or directory gets (the umask's).  The
-    temporary name never appears in a message: errors name ``output``."""
-    parent = os.path.dirname(os.path.abspath(output))
-    prefix = f".{os.path.basename(output)}."
+    temporary name never appears in a message: errors name ``output``.  A
+    symlink stays one: what it points to is replaced.  A device or a pipe
+    is refused (a rename would put a plain file in its place)."""
+    target = os.path.realpath(output) if os.path.islink(output) else output
+    if os.path.exists(target) and not (os.path.isfile(target) or os.path.isdir(target)):
+        raise CliError(f"{output} is not a regular file (a device, pipe or socket): name a file to write")
+    parent = os.path.dirname(os.path.abspath(target))
+    prefix = f".{os.path.basename(target)}."
     try:
         tmp = tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".tmp") if directory else \
             tempfile.mkstemp(dir=parent, prefix=prefix, suffix=".tmp")
@@ -450,15 +455,15 @@ def _atomic(output, directory=False):
         os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())  # mkstemp/mkdtemp make it private
         try:
             yield tmp
-            if directory and os.path.isdir(output):
+            if directory and os.path.isdir(target):
                 old = tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".old")
-                os.replace(output, os.path.join(old, "x"))
-                os.replace(tmp, output)
+                os.replace(target, os.path.join(old, "x"))
+                os.replace(tmp, target)
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                if os.path.lexists(output) and os.path.isdir(output):
+                if os.path.lexists(target) and os.path.isdir(target):
                     raise CliError(f"{output} is a directory: name a file to write")
-                os.replace(tmp, output)
+                os.replace(tmp, target)
         except OSError as e:
             if e.filename is not None and os.path.abspath(str(e.filename)).startswith(os.path.join(parent, prefix)):
                 raise CliError(f"{output}: cannot write it: {e.strerror}") from None

@@ -113,22 +113,23 @@ def header_bound(tensors, metadata, largest):
     return len(json.dumps({"metadata": dict(metadata or {}), "tensors": entries}, separators=(",", ":")).encode())
 
 
+def write_all(stream, data):
+    """Write all of ``data``: a raw stream may take fewer bytes than it is
+    given (and say how many), so the rest goes in again."""
+    data = memoryview(data).cast("B")
+    while data:
+        n = stream.write(data)
+        data = data[len(data) if n is None else n:]
+
+
 def _write(stream, tensors, metadata):
     version, header, chunks = _plan(tensors, metadata)
-
-    def write(data):
-        # a raw stream may take fewer bytes than it is given: write the rest
-        data = memoryview(data).cast("B")
-        while data:
-            n = stream.write(data)
-            data = data[len(data) if n is None else n:]
-
-    write(PREAMBLE.pack(MAGIC, version, len(header), crc32(header), 0))
-    write(header)
+    write_all(stream, PREAMBLE.pack(MAGIC, version, len(header), crc32(header), 0))
+    write_all(stream, header)
     pos = PREAMBLE.size + len(header)
     for off, arr in chunks:
-        write(b"\0" * (off - pos))
-        write(arr)
+        write_all(stream, b"\0" * (off - pos))
+        write_all(stream, arr)
         pos = off + arr.nbytes
 
 

@@ -127,6 +127,8 @@ def view(flat, shape, name, framework):
     if framework == "torch":
         torch = _torch()
         if torch is not None:
+            if not flat.size:   # torch views no empty buffer as a wider type
+                return torch.empty(shape, dtype=torch_dtype(name))
             return torch.from_numpy(flat).view(torch_dtype(name)).reshape(shape)
     return flat.view(numpy_dtype(name)).reshape(shape)
 

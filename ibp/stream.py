@@ -11,7 +11,6 @@ the container's own code.
 import json
 import mmap
 import os
-import shutil
 import tempfile
 
 import numpy as np
@@ -69,11 +68,11 @@ class Writer:
             raise ValueError(f"tensor name {name!r} is a duplicate, or a lone tensor shares the file")
         self._names.add(name)
         (entry,), chunks = container._entries({name: ct}, container._align(self._end))
-        parts, pos = [], self._end
+        pos = self._end
         for off, arr in chunks:
-            parts += [b"\0" * (off - pos), memoryview(arr).cast("B")]
+            container.write_all(self._body, b"\0" * (off - pos))
+            container.write_all(self._body, arr)
             pos = off + arr.nbytes
-        self._body.writelines(parts)
         self._end = pos
         self._entries.append(entry)
 
@@ -87,7 +86,8 @@ class Writer:
         if not self._direct:
             self._head(stream, header, bool(self._entries), container.version_of(self._entries))
             self._body.seek(0)
-            shutil.copyfileobj(self._body, stream, 1 << 20)
+            while chunk := self._body.read(1 << 20):
+                container.write_all(stream, chunk)
             return
         if stream is not None and stream is not self._body:
             raise ValueError("this writer writes its file to out")
@@ -103,10 +103,10 @@ class Writer:
     def _head(stream, header, sections, version):
         """The preamble, the header and the zeros up to the first section."""
         p = container.PREAMBLE
-        stream.write(p.pack(container.MAGIC, version, len(header), crc32(header), 0))
-        stream.write(header)
+        container.write_all(stream, p.pack(container.MAGIC, version, len(header), crc32(header), 0))
+        container.write_all(stream, header)
         if sections:  # sections start aligned; a file of no tensors ends with its header
-            stream.write(b"\0" * (container._align(p.size + len(header)) - p.size - len(header)))
+            container.write_all(stream, b"\0" * (container._align(p.size + len(header)) - p.size - len(header)))
 
     def close(self):
         if not self._direct:

@@ -238,3 +238,81 @@ def test_a_reader_reuses_one_buffer_and_checks_the_gaps_between_sections(tmp_pat
         with pytest.raises(ibp.FormatError, match="padding"):
             r.tensor(names[1])
         assert np.array_equal(ibp.decompress(r.tensor(names[0])), np.asarray(w[names[0]]))
+
+
+def _safetensors_bytes(header, data):
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+@pytest.mark.parametrize("case,why", [
+    ("trailing", "bytes after its last tensor"), ("gap", "a gap or an overlap"),
+    ("overlap", "a gap or an overlap"), ("duplicate", "gives the key 'a' twice")])
+def test_what_safetensors_refuses_is_refused_not_changed(case, why, tmp_path):
+    # a file ibp would not give back byte for byte: what lies outside the tensors is lost
+    a, b = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}
+    blob = {"trailing": _safetensors_bytes({"a": a, "b": b}, bytes(16) + b"xyz"),
+            "gap": _safetensors_bytes({"a": a, "b": dict(b, data_offsets=[16, 24])}, bytes(24)),
+            "overlap": _safetensors_bytes({"a": a, "b": dict(b, data_offsets=[0, 8])}, bytes(8)),
+            "duplicate": _safetensors_bytes({"a": a, "b": b}, bytes(16)).replace(b'"b"', b'"a"')}[case]
+    (tmp_path / "m.safetensors").write_bytes(blob)
+    with pytest.raises(checkpoints.CheckpointError, match=why):
+        checkpoints.compress_safetensors(tmp_path / "m.safetensors", open(tmp_path / "m.ibp", "wb"))
+    assert (tmp_path / "m.safetensors").read_bytes() == blob
+
+
+def test_an_empty_tensor_first_and_every_float8(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+    tensors = {"a": torch.zeros(0), "b": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu"):
+        if hasattr(torch, name):
+            tensors[name] = torch.arange(1, 40, dtype=torch.float32).to(getattr(torch, name))
+    save_file(tensors, tmp_path / "m.safetensors")
+    with open(tmp_path / "m.ibp", "wb") as f:
+        checkpoints.compress_safetensors(tmp_path / "m.safetensors", f)
+    with stream.Reader(tmp_path / "m.ibp") as r, open(tmp_path / "back.safetensors", "wb") as out:
+        checkpoints.decompress_to_safetensors(r, out)
+    assert (tmp_path / "back.safetensors").read_bytes() == (tmp_path / "m.safetensors").read_bytes()
+
+
+class ShortWrites:
+    """A raw stream that takes at most 4096 bytes a call, as RawIOBase may."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, b):
+        return self.f.write(memoryview(b).cast("B")[:4096])
+
+    def seekable(self):
+        return self.f.seekable()
+
+    def seek(self, *a):
+        return self.f.seek(*a)
+
+    def tell(self):
+        return self.f.tell()
+
+
+def test_streams_in_append_mode_and_short_writes(tmp_path):
+    w = datasets.minilm_weights()
+    safetensors_numpy.save_file({k: np.asarray(w[k]) for k in list(w)[:6]}, tmp_path / "m.safetensors")
+    src = tmp_path / "m.safetensors"
+    (tmp_path / "a.ibp").write_bytes(b"a prefix of 23 bytes...")
+    with open(tmp_path / "a.ibp", "ab") as f:   # seekable, but every write lands at the end
+        checkpoints.compress_safetensors(src, f, scratch_dir=tmp_path)
+    for seekable in (True, False):
+        with open(tmp_path / "s.ibp", "wb") as f:
+            sink = ShortWrites(f)
+            if not seekable:
+                sink.seekable = lambda: False
+            checkpoints.compress_safetensors(src, sink, scratch_dir=tmp_path)
+        for path, skip in ((tmp_path / "a.ibp", 23), (tmp_path / "s.ibp", 0)):
+            with open(path, "rb") as f:
+                f.seek(skip)
+                got = ibp.load(f)
+            assert len(got) == 6
+            for k, v in got.items():
+                assert np.array_equal(np.asarray(ibp.decompress(v)), np.asarray(w[k]))

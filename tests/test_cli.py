@@ -2,6 +2,7 @@
 the ways users get it wrong (one line on stderr, exit status 1)."""
 import json
 import os
+import stat
 import subprocess
 import sys
 import zipfile
@@ -395,6 +396,22 @@ def test_an_input_is_never_overwritten(files, tmp_path, cora_ibp):
     os.link(tmp_path / "m.ibp", tmp_path / "m2.safetensors")
     assert "never overwrites its input" in fails("decompress", tmp_path / "m.ibp", tmp_path / "m2.safetensors", "-f")
     assert src.read_bytes() == want and renamed.read_bytes() == (tmp_path / "m.ibp").read_bytes()
+
+
+def test_an_output_symlink_stays_one_and_a_pipe_is_refused(files, tmp_path):
+    src = tmp_path / "m.safetensors"
+    src.write_bytes(files["safetensors"].read_bytes())
+    (tmp_path / "target.ibp").write_bytes(b"old")
+    os.symlink(tmp_path / "target.ibp", tmp_path / "link.ibp")
+    ok("compress", src, tmp_path / "link.ibp", "-f")
+    assert os.path.islink(tmp_path / "link.ibp")                 # the link is kept, what it names is replaced
+    assert (tmp_path / "target.ibp").read_bytes()[:8] == ibp.container.MAGIC
+    ok("decompress", tmp_path / "link.ibp", tmp_path / "back.safetensors")
+    assert (tmp_path / "back.safetensors").read_bytes() == src.read_bytes()
+    os.mkfifo(tmp_path / "pipe.ibp")
+    assert "not a regular file" in fails("compress", src, tmp_path / "pipe.ibp", "-f")
+    assert stat.S_ISFIFO(os.stat(tmp_path / "pipe.ibp").st_mode)   # still the pipe it was
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
 def test_errors_name_their_cause(files, tmp_path, cora_ibp):
