@@ -69,28 +69,14 @@ def safetensors_header(path):
         raw = f.read(n)
     try:
         text = raw.decode("utf-8")
-        header = json.loads(text, object_pairs_hook=_unique_keys)
-    except _Duplicate as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file: its header gives the key {e.args[0]!r} "
-                              "twice") from None
+        header = json.loads(text, object_pairs_hook=container.unique_keys)
+    except FormatError as e:   # a key given twice: json keeps the last, safetensors refuses the file
+        raise CheckpointError(f"{path}: not a valid safetensors file: its {e}") from None
     except ValueError:  # UnicodeDecodeError included
         header = None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (its header is not a UTF-8 JSON object)")
     return text, header
-
-
-class _Duplicate(ValueError):
-    """A JSON object that gives a key twice (json keeps the last; safetensors
-    refuses such a file)."""
-
-
-def _unique_keys(pairs):
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen = set()
-        raise _Duplicate(next(k for k, _ in pairs if k in seen or seen.add(k)))
-    return obj
 
 
 def _check_tiling(path, specs, data_bytes):

@@ -297,7 +297,7 @@ def _int(value, what, lo=0, hi=MAX_WORDS):
     return value
 
 
-def _unique_keys(pairs):
+def unique_keys(pairs):
     """A JSON object as a dict, refusing a key given twice (json keeps the last)."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -323,7 +323,7 @@ def _header(buf):
     if crc32(raw) != hcrc:
         raise FormatError("header checksum mismatch")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
     except FormatError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as e:

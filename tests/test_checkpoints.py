@@ -248,7 +248,7 @@ def _safetensors_bytes(header, data):
 
 @pytest.mark.parametrize("case,why", [
     ("trailing", "bytes after its last tensor"), ("gap", "a gap or an overlap"),
-    ("overlap", "a gap or an overlap"), ("duplicate", "gives the key 'a' twice")])
+    ("overlap", "a gap or an overlap"), ("duplicate", "header repeats the key 'a'")])
 def test_what_safetensors_refuses_is_refused_not_changed(case, why, tmp_path):
     # a file ibp would not give back byte for byte: what lies outside the tensors is lost
     a, b = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}
