@@ -6,6 +6,7 @@ so untrusted bytes raise FormatError instead of crashing, hanging, or
 allocating more than the file holds.  Arrays are views of the buffer (a
 memory map stays a memory map) and are read-only.
 """
+import functools
 import io
 import json
 import mmap
@@ -54,6 +55,7 @@ def _sections(ct):
 
 SECTIONS = {"packed": ("lo", "hi", "base", "kinds", "payload", "index_base", "index_rel"),
             "slotted": ("lo", "hi", "base", "kinds", "payload")}
+SECTIONS_SET = {layout: frozenset(keys) for layout, keys in SECTIONS.items()}
 
 
 def _entry(name, dtype, shape, framework, word_bits, unit_words, layout, period, rotate, secs, packed):
@@ -84,14 +86,38 @@ def _entries(tensors, offset=0):
         secs = {}
         for key, arr in _sections(ct).items():
             arr = np.ascontiguousarray(arr)
-            secs[key] = [offset, arr.nbytes, crc32(memoryview(arr).cast("B"))]
+            secs[key] = [offset, arr.nbytes, crc32(arr)]
             chunks.append((offset, arr))
-            offset = _align(offset + arr.nbytes)
+            offset += -(-arr.nbytes // ALIGN) * ALIGN
         g = ct.geometry
         packed = (int(ct.payload_bits), int(ct.index[0]), int(ct.index[1])) if ct.layout == "packed" else None
         entries.append(_entry(name, ct.dtype_name, ct.shape, ct.framework, g.word_bits, g.unit_words, ct.layout,
                               ct.model.period, ct.model.rotate, secs, packed))
     return entries, chunks
+
+
+JOINED_BYTES = 1 << 12   # sections up to this size are joined into one write with their neighbours
+
+
+def write_sections(stream, chunks, pos):
+    """Write ``chunks`` ([(offset, array)] in order, from ``pos``) with
+    zeros between them; returns where they end.  Small sections and the
+    padding go out joined: a write costs more than copying a few bytes."""
+    joined = []
+    for off, arr in chunks:
+        if off > pos:
+            joined.append(bytes(off - pos))
+        if arr.nbytes <= JOINED_BYTES:
+            joined.append(arr)
+        else:
+            if joined:
+                write_all(stream, b"".join(joined))
+                joined = []
+            write_all(stream, arr)
+        pos = off + arr.nbytes
+    if joined:
+        write_all(stream, b"".join(joined))
+    return pos
 
 
 def _plan(tensors, metadata):
@@ -126,11 +152,7 @@ def _write(stream, tensors, metadata):
     version, header, chunks = _plan(tensors, metadata)
     write_all(stream, PREAMBLE.pack(MAGIC, version, len(header), crc32(header), 0))
     write_all(stream, header)
-    pos = PREAMBLE.size + len(header)
-    for off, arr in chunks:
-        write_all(stream, b"\0" * (off - pos))
-        write_all(stream, arr)
-        pos = off + arr.nbytes
+    write_sections(stream, chunks, PREAMBLE.size + len(header))
 
 
 def dumps(tensors, metadata=None):
@@ -341,25 +363,25 @@ def _header(buf):
 def _span(buflen, start, spec, want_len, label, key):
     """(offset, length, crc32) of section ``key`` of tensor ``label``,
     checked against the data's bounds without reading any of its bytes."""
-    name = None if isinstance(spec, list) and len(spec) == 3 and all(type(v) is int for v in spec) \
-        and 0 <= spec[0] <= buflen and 0 <= spec[1] <= buflen and 0 <= spec[2] <= 0xFFFFFFFF else f"{label}/{key}"
-    if name is not None:   # the fields' checks, naming the section (formatted only here: a name per section costs)
-        if not (isinstance(spec, list) and len(spec) == 3):
-            raise FormatError(f"section {name} must be [offset, length, crc32]")
-        _int(spec[0], f"{name} offset", 0, buflen)
-        _int(spec[1], f"{name} length", 0, buflen)
-        _int(spec[2], f"{name} crc32", 0, 0xFFFFFFFF)
-    off, length, crc = spec
+    if type(spec) is list and len(spec) == 3:   # the common case first: three small ints that fit
+        off, length, crc = spec
+        if type(off) is int and type(length) is int and type(crc) is int and 0 <= off and not off % ALIGN \
+                and length == want_len and start + off + length <= buflen and 0 <= crc <= 0xFFFFFFFF:
+            return off, length, crc
+    name = f"{label}/{key}"
+    if not (isinstance(spec, list) and len(spec) == 3):
+        raise FormatError(f"section {name} must be [offset, length, crc32]")
+    off = _int(spec[0], f"{name} offset", 0, buflen)
+    length = _int(spec[1], f"{name} length", 0, buflen)
+    _int(spec[2], f"{name} crc32", 0, 0xFFFFFFFF)
     if off % ALIGN:
-        raise FormatError(f"section {label}/{key} is not {ALIGN}-byte aligned")
+        raise FormatError(f"section {name} is not {ALIGN}-byte aligned")
     if length != want_len:
-        raise FormatError(f"section {label}/{key} holds {length} bytes, expected {want_len}")
-    if start + off + length > buflen:
-        raise FormatError(f"section {label}/{key} runs past the end of the data")
-    return off, length, crc
+        raise FormatError(f"section {name} holds {length} bytes, expected {want_len}")
+    raise FormatError(f"section {name} runs past the end of the data")
 
 
-def _array(buf, start, span, dtype, verify, name, own):
+def _array(buf, start, span, dtype, verify, label, key, own):
     """A read-only array of a section, CRC-checked when ``verify``.
 
     ``own`` copies it: the decoder trusts the small sections (model, kinds,
@@ -368,9 +390,11 @@ def _array(buf, start, span, dtype, verify, name, own):
     off, length, crc = span
     view = memoryview(buf)[start + off:start + off + length]
     if verify and crc32(view) != crc:
-        raise FormatError(f"section {name} checksum mismatch")
-    arr = np.frombuffer(view, dtype=dtype) if length else np.zeros(0, dtype)
-    if own or not arr.flags.aligned:
+        raise FormatError(f"section {label}/{key} checksum mismatch")
+    if own:   # a bytes copy: its array is read-only and aligned
+        return np.frombuffer(view.tobytes(), dtype=dtype)
+    arr = np.frombuffer(view, dtype=dtype)
+    if not arr.flags.aligned:
         arr = arr.copy()
     arr.flags.writeable = False
     return arr
@@ -391,6 +415,11 @@ def _first_bad_start(block_base, rel, block, payload_bits):
     return -1
 
 
+_ENTRY_KEYS = {(layout, rotated): ENTRY_KEYS | (PACKED_KEYS if layout == "packed" else set())
+               | ({"rotate"} if rotated else set()) for layout in ("packed", "slotted") for rotated in (False, True)}
+_SECTION_ORDER = {layout: tuple(sorted(keys)) for layout, keys in SECTIONS.items()}
+
+
 def _plan_entry(buflen, start, entry, version):
     """Check one tensor entry's fields and its sections' bounds, reading no
     section bytes: (fields, geometry, name -> (offset, length, crc32))."""
@@ -399,8 +428,8 @@ def _plan_entry(buflen, start, entry, version):
     layout = entry.get("layout")
     if layout not in ("packed", "slotted"):
         raise FormatError(f"layout must be 'packed' or 'slotted', got {layout!r}")
-    keys = ENTRY_KEYS | (PACKED_KEYS if layout == "packed" else set()) | ({"rotate"} & set(entry) if version >= 3 else set())
-    if set(entry) != keys:
+    keys = _ENTRY_KEYS[layout, version >= 3 and "rotate" in entry]
+    if entry.keys() != keys:
         raise FormatError(f"tensor entry keys {sorted(entry)} != {sorted(keys)}")
     name = entry["name"]
     if name is not None and not isinstance(name, str):
@@ -418,22 +447,15 @@ def _plan_entry(buflen, start, entry, version):
     U = _int(entry["unit_words"], "unit_words", 1)
     p = _int(entry["period"], "period", 1)
     rotate = _int(entry["rotate"], "rotate", 1, W - 1) if "rotate" in entry else 0
-    geom = Geometry(shape, ITEMSIZE[dtype], W, U)
-    if geom.total_words > MAX_WORDS:
-        raise FormatError(f"{geom.total_words} words is more than a file can describe")
-    try:
-        geom.check()
-    except ValueError as e:
-        raise FormatError(str(e)) from None
-    if U % p:
-        raise FormatError(f"period {p} does not divide the {U}-word units")
+    geom = _checked_geometry(shape, ITEMSIZE[dtype], W, U, p)
     secs = entry["sections"]
-    expected = set(SECTIONS[layout])
-    if not isinstance(secs, dict) or set(secs) != expected:
-        raise FormatError(f"sections must be {sorted(expected)}")
+    order = _SECTION_ORDER[layout]
+    if not isinstance(secs, dict) or secs.keys() != SECTIONS_SET[layout]:
+        raise FormatError(f"sections must be {list(order)}")
     n = geom.nunits
     want = {"lo": 2 * p, "hi": 2 * p, "base": 2 * p * W // 8, "kinds": -(-n // 4)}
-    fields = dict(name=name, label="tensor" if name is None else name, dtype=dtype, shape=shape,
+    label = "tensor" if name is None else name
+    fields = dict(name=name, label=label, dtype=dtype, shape=shape,
                   framework=entry["framework"], layout=layout, period=p, rotate=rotate)
     if layout == "slotted":
         want["payload"] = (n * geom.slot_words + 1) * 8
@@ -444,33 +466,47 @@ def _plan_entry(buflen, start, entry, version):
         if block & (block - 1) or type(rel_bits) is not int or rel_bits not in ((0, 16, 32) if version >= 2 else (16, 32)):
             raise FormatError("index_block must be a power of two and index_rel_bits 16 or 32 (or 0 from version 2)")
         if rel_bits == 0 and (block != 1 or n == 0 or bits % n):
-            raise FormatError(f"{fields['label']}: a uniform row index needs index_block 1 and units of equal size")
+            raise FormatError(f"{label}: a uniform row index needs index_block 1 and units of equal size")
         want.update(index_base=0 if rel_bits == 0 else -(-n // block) * 8, index_rel=n * rel_bits // 8,
                     payload=(-(-bits // 64) + 1) * 8)
         fields.update(payload_bits=bits, index_block=block, index_rel_bits=rel_bits)
-    spans = {key: _span(buflen, start, secs[key], want[key], fields["label"], key) for key in sorted(want)}
+    spans = {key: _span(buflen, start, secs[key], want[key], label, key) for key in order}
     return fields, geom, spans
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_geometry(shape, itemsize, W, U, p):
+    """The Geometry of an entry's fields, after the reader's checks on it
+    (cached: a checkpoint's tensors share a few shapes)."""
+    geom = Geometry(shape, itemsize, W, U)
+    if geom.total_words > MAX_WORDS:
+        raise FormatError(f"{geom.total_words} words is more than a file can describe")
+    try:
+        geom.check()
+    except ValueError as e:
+        raise FormatError(str(e)) from None
+    if U % p:
+        raise FormatError(f"period {p} does not divide the {U}-word units")
+    return geom
 
 
 def _build_entry(buf, start, fields, geom, spans, verify, own):
     """The CompressedTensor of a planned entry: read, CRC-check and validate
     its sections' contents."""
     label, p, W, n = fields["label"], fields["period"], geom.word_bits, geom.nunits
-
-    def sec(key, dt, small=True):
-        return _array(buf, start, spans[key], dt, verify, f"{label}/{key}", own and small)
-
     try:
-        model = Model(W, sec("lo", np.uint8).reshape(2, p), sec("hi", np.uint8).reshape(2, p),
-                      sec("base", f"<u{W // 8}").reshape(2, p).astype(np.uint64), fields["rotate"])
+        model = Model._checked(W, _array(buf, start, spans["lo"], np.uint8, verify, label, "lo", own).reshape(2, p),
+                               _array(buf, start, spans["hi"], np.uint8, verify, label, "hi", own).reshape(2, p),
+                               _array(buf, start, spans["base"], f"<u{W // 8}", verify, label, "base", False)
+                               .reshape(2, p).astype(np.uint64), fields["rotate"])
     except FormatError as e:
         raise FormatError(f"{label}: {e}") from None
-    kinds = sec("kinds", np.uint8)
+    kinds = _array(buf, start, spans["kinds"], np.uint8, verify, label, "kinds", own)
     if n % 4 and kinds[-1] >> (2 * (n % 4)):
         raise FormatError(f"{label}: unused kind bits are not zero")
     common = dict(dtype=fields["dtype"], shape=fields["shape"], framework=fields["framework"], geometry=geom,
                   layout=fields["layout"], model=model, kinds=kinds)
-    payload = sec("payload", "<u8", small=False)
+    payload = _array(buf, start, spans["payload"], "<u8", verify, label, "payload", False)
     if fields["layout"] == "slotted":
         if payload[-1]:
             raise FormatError(f"{label}: the spare payload word is not zero")
@@ -479,8 +515,8 @@ def _build_entry(buf, start, fields, geom, spans, verify, own):
             _check_slot_padding(ct, label)
         return ct
     bits, block, rel_bits = fields["payload_bits"], fields["index_block"], fields["index_rel_bits"]
-    block_base = sec("index_base", "<u8")
-    rel = sec("index_rel", f"<u{max(rel_bits, 16) // 8}")
+    block_base = _array(buf, start, spans["index_base"], "<u8", verify, label, "index_base", own)
+    rel = _array(buf, start, spans["index_rel"], f"<u{max(rel_bits, 16) // 8}", verify, label, "index_rel", own)
     if payload[-1] or (bits % 64 and payload[-2] >> np.uint64(bits % 64)):
         raise FormatError(f"{label}: payload padding bits are not zero")
     bad = -1 if rel_bits == 0 else _first_bad_start(frozen(block_base), frozen(rel), block, bits)
@@ -582,17 +618,36 @@ def _padding(buf, start, taken):
     return [(a, b) for a, b in gaps if b > a]
 
 
-def load_entry(buf, entry, version, *, verify=True):
-    """The CompressedTensor of one header ``entry`` whose sections, and the
-    zero bytes between them, are all ``buf`` holds (offsets relative to its
-    start): one tensor of a file read piece by piece (``stream.Reader``),
-    checked as ``loads`` checks a whole file."""
-    fields, geom, spans = _plan_entry(len(buf), 0, entry, version)
-    label = fields["label"]
-    gaps, end = _gaps([(off, off + length, f"{label}/{key}") for key, (off, length, _) in spans.items()])
-    if len(buf) != end:
-        raise FormatError(f"{label}: its sections end at {end}, not at the {len(buf)} bytes read")
-    view = memoryview(buf)
-    if any(any(view[a:b]) for a, b in gaps if b > a):
-        raise FormatError("padding bytes are not zero")
-    return _build_entry(buf, 0, fields, geom, spans, verify, True)
+UNBOUNDED = 1 << 62   # the data length to plan an entry against when its bounds are checked later
+
+
+def plan_entry(entry, version):
+    """Check a header ``entry``'s fields, reading nothing (offsets are
+    checked against the file when its sections are read): the plan
+    ``load_entry`` takes."""
+    return _plan_entry(UNBOUNDED, 0, entry, version)
+
+
+def plan_extent(plan):
+    """(first byte, end) of a planned entry's sections, from data_start."""
+    spans = plan[2].values()
+    return min(off for off, _, _ in spans), max(off + length for off, length, _ in spans)
+
+
+def load_entry(buf, plan, *, verify=True):
+    """The CompressedTensor of a planned entry (``plan_entry``) whose
+    sections, and the zero bytes between them, are all ``buf`` holds (its
+    ``plan_extent``): one tensor of a file read piece by piece
+    (``stream.Reader``), checked as ``loads`` checks a whole file."""
+    fields, geom, spans = plan
+    origin, end = plan_extent(plan)
+    if len(buf) != end - origin:
+        raise FormatError(f"{fields['label']}: its sections take {end - origin} bytes, not the {len(buf)} read")
+    view, pos = memoryview(buf), origin
+    for key, (off, length, _) in sorted(spans.items(), key=lambda kv: kv[1]):
+        if off < pos:
+            raise FormatError(f"section {fields['label']}/{key} overlaps the one before it")
+        if off > pos and int.from_bytes(view[pos - origin:off - origin], "little"):
+            raise FormatError("padding bytes are not zero")
+        pos = max(pos, off + length)
+    return _build_entry(buf, -origin, fields, geom, spans, verify, True)

@@ -121,6 +121,14 @@ class Model:
             model.__dict__["tables"] = (t0, t1, int(fbits), int(ptot))
         return model
 
+    @classmethod
+    def _checked(cls, word_bits: int, lo: np.ndarray, hi: np.ndarray, base: np.ndarray, rotate: int) -> Model:
+        """A model from a file's sections (arrays of the right types that no
+        one else holds: the reader's copies), checked as ``Model()`` checks."""
+        model = cls._learned(word_bits, lo, hi, base, rotate)
+        model._validate()
+        return model
+
     def _validate(self):
         W = self.word_bits
         if W not in WORD_BITS:

@@ -68,12 +68,7 @@ class Writer:
             raise ValueError(f"tensor name {name!r} is a duplicate, or a lone tensor shares the file")
         self._names.add(name)
         (entry,), chunks = container._entries({name: ct}, container._align(self._end))
-        pos = self._end
-        for off, arr in chunks:
-            container.write_all(self._body, b"\0" * (off - pos))
-            container.write_all(self._body, arr)
-            pos = off + arr.nbytes
-        self._end = pos
+        self._end = container.write_sections(self._body, chunks, self._end)
         self._entries.append(entry)
 
     def finish(self, stream=None, metadata=None):
@@ -136,6 +131,7 @@ class Reader:
             self._reused = b""   # the buffer of tensor(reuse=True)
             self.metadata, entries, self.start, self.version = container._header(head + self._file.read(hlen))
             self.entries = {}
+            self._plans = {}   # name -> its checked entry (container.plan_entry)
             for entry in entries:
                 name = entry.get("name") if isinstance(entry, dict) else None
                 if not isinstance(name, (str, type(None))):
@@ -164,14 +160,10 @@ class Reader:
         calls (a caller converting tensor after tensor: fresh memory costs
         more to touch than to decode), so the tensor's payload lives only
         until the next such call."""
-        entry = self.entries[name]
-        secs = entry.get("sections") if isinstance(entry, dict) else None
-        if not isinstance(secs, dict) or not all(isinstance(s, list) and len(s) == 3 and type(s[0]) is int
-                                                 and type(s[1]) is int and s[0] >= 0 and s[1] >= 0
-                                                 for s in secs.values()):
-            raise FormatError(f"tensor {name!r}: sections must be [offset, length, crc32]")
-        lo = min((s[0] for s in secs.values()), default=0) // container.ALIGN * container.ALIGN
-        hi = max((s[0] + s[1] for s in secs.values()), default=0)
+        plan = self._plans.get(name)
+        if plan is None:
+            plan = self._plans[name] = container.plan_entry(self.entries[name], self.version)
+        lo, hi = container.plan_extent(plan)
         if self.start + hi > self.size:
             raise FormatError(f"tensor {name!r} runs past the end of the file "
                               f"({self.size} bytes): the file is truncated")
@@ -182,8 +174,7 @@ class Reader:
         self._file.seek(self.start + lo)
         if self._file.readinto(view) != hi - lo:
             raise FormatError(f"tensor {name!r} runs past the end of the file: the file is truncated")
-        local = dict(entry, sections={k: [s[0] - lo, s[1], s[2]] for k, s in secs.items()})
-        return container.load_entry(view, local, self.version, verify=verify)
+        return container.load_entry(view, plan, verify=verify)
 
     def close(self):
         self._file.close()
