@@ -497,16 +497,14 @@ def padded_tail(words, U, total_words):
 
 
 @njit(inline="always")
-def encode_run(x, x64, tail, tail64, n, ch, nchunks, t0, t1, W, p, U, fbits, ptot, raw_words, buf, kinds, sizes):
-    """Encode the units of run ``ch`` of ``nchunks`` back to back from its
-    first unit's raw position (``raw_words`` uint64s a unit) in ``buf``;
-    record each unit's kind and bit size."""
-    work = scratch(U, W)
+def encode_units(x, x64, tail, tail64, n, first, last, t0, t1, W, p, U, fbits, ptot, work, buf, widx, kinds, sizes):
+    """Encode units [first, last) back to back into ``buf`` from word
+    ``widx``, with ``work`` from ``scratch``; record each unit's kind and
+    bit size."""
     acc = ZERO
     nb = ZERO
-    first = ch * n // nchunks
-    widx = U64(first * raw_words)
-    for u in range(first, (ch + 1) * n // nchunks):
+    widx = U64(widx)
+    for u in range(first, last):
         kinds[u], sizes[u], acc, nb, widx = encode_next(x, x64, tail, tail64, u, n, t0, t1, W, p, U, fbits,
                                                         ptot, work, buf, acc, nb, widx)
     flush_bits(buf, acc, nb, widx)
@@ -522,27 +520,6 @@ def unit_source(words, U, total_words):
     return x, as_u64(x), tail, as_u64(tail)
 
 
-@Kernel
-def encode_runs(words, U, total_words, t0, t1, W, p, fbits, ptot, nchunks, raw_words, buf, kinds, sizes):
-    """``encode_run`` for every run, one thread each; ``gather_runs`` then
-    puts their bits back to back."""
-    x, x64, tail, tail64 = unit_source(words, U, total_words)
-    for ch in prange(nchunks):
-        encode_run(x, x64, tail, tail64, kinds.shape[0], ch, nchunks, t0, t1, W, p, U, fbits, ptot, raw_words, buf,
-                   kinds, sizes)
-
-
-@njit(inline="always")
-def run_span(sizes, nchunks, ch):
-    """(first unit, bits) of run ``ch`` of ``nchunks``."""
-    n = sizes.shape[0]
-    first, last = ch * n // nchunks, (ch + 1) * n // nchunks
-    bits = 0
-    for u in range(first, last):
-        bits += sizes[u]
-    return first, bits
-
-
 @njit(inline="always")
 def shifted(src, nw, i, sh):
     """Word i of the bit stream in ``src[:nw]`` moved up by sh (0..63)
@@ -554,39 +531,60 @@ def shifted(src, nw, i, sh):
 
 
 @njit(inline="always")
-def run_place(buf, sizes, nchunks, raw_words, starts, ch):
-    """Where run ``ch`` comes from and goes: (its raw-size region of
-    ``buf``, its words, its first and last output word, the shift)."""
-    first = ch * sizes.shape[0] // nchunks
-    d, bits = starts[ch], starts[ch + 1] - starts[ch]
-    return buf[first * raw_words:], (bits + 63) >> 6, d >> 6, (d + bits - 1) >> 6, d & 63
+def place_bits(src, bits, out, d, inner):
+    """Copy the ``bits`` bits at the start of ``src`` to bit ``d`` of
+    ``out``: the words they fill alone when ``inner`` (a run's, in
+    parallel with other runs'), else the first and last words they touch,
+    which neighbouring runs share (in order: the bits below ``d`` are
+    kept, those after the run are zero until the next run's)."""
+    nw = (bits + 63) >> 6
+    q, last, sh = d >> 6, (d + bits - 1) >> 6, d & 63
+    if inner:   # words 1 .. last - q - 1 of the shifted stream: all inside src, so no checks (they vectorize)
+        if sh == 0:
+            for i in range(1, last - q):
+                out[U64(q + i)] = src[U64(i)]
+        else:
+            up, down = U64(sh), U64(64 - sh)
+            for i in range(1, last - q):
+                out[U64(q + i)] = (src[U64(i)] << up) | (src[U64(i - 1)] >> down)
+        return
+    out[q] = (out[q] & mask_of(sh)) | shifted(src, nw, 0, sh)
+    if last > q:
+        out[last] = shifted(src, nw, last - q, sh)
 
 
 @Kernel
-def gather_runs(buf, sizes, nchunks, raw_words, out):
-    """Copy the bits of ``encode_runs``' runs, each from its raw-size
-    region of ``buf``, back to back into ``out``: the words inside a run's
-    span in parallel, then the one or two each run shares with its
-    neighbours (``out`` need not be zeroed: fresh memory is faulted in by
-    the threads that write it)."""
-    starts = np.zeros(nchunks + 1, np.int64)
-    for ch in range(nchunks):
-        starts[ch + 1] = starts[ch] + run_span(sizes, nchunks, ch)[1]
-    for ch in prange(nchunks):
-        if starts[ch + 1] > starts[ch]:
-            src, nw, q, last, sh = run_place(buf, sizes, nchunks, raw_words, starts, ch)
-            for k in range(q + 1, last):
-                out[k] = shifted(src, nw, k - q, sh)
-    for ch in range(nchunks):   # the shared words: zeroed, then each run's bits added
-        if starts[ch + 1] > starts[ch]:
-            out[starts[ch] >> 6] = ZERO
-            out[(starts[ch + 1] - 1) >> 6] = ZERO
-    for ch in range(nchunks):
-        if starts[ch + 1] > starts[ch]:
-            src, nw, q, last, sh = run_place(buf, sizes, nchunks, raw_words, starts, ch)
-            out[q] |= shifted(src, nw, 0, sh)
-            if last > q:
-                out[last] |= shifted(src, nw, last - q, sh)
+def encode_waves(words, U, total_words, t0, t1, W, p, fbits, ptot, runs, run_units, raw_words, scratch_buf,
+                 kinds, sizes, out):
+    """Every unit encoded into ``out`` back to back, by threads: in waves
+    of ``runs`` runs of ``run_units`` units, each run encoded into its
+    raw-size region of ``scratch_buf`` (``runs * run_units * raw_words``
+    words, reused by every wave), then its bits copied after those of the
+    runs before it.  Records each unit's kind and size; returns the total
+    bits."""
+    n = kinds.shape[0]
+    x, x64, tail, tail64 = unit_source(words, U, total_words)
+    works = [scratch(U, W) for _ in range(runs)]   # once: fresh scratch each wave cost more than the wave
+    starts = np.zeros(runs + 1, np.int64)
+    pos = 0
+    for w0 in range(0, n, runs * run_units):
+        for r in prange(runs):
+            a = min(w0 + r * run_units, n)
+            encode_units(x, x64, tail, tail64, n, a, min(a + run_units, n), t0, t1, W, p, U, fbits, ptot,
+                         works[r], scratch_buf, (a - w0) * raw_words, kinds, sizes)
+        for r in range(runs):
+            a = min(w0 + r * run_units, n)
+            starts[r + 1] = starts[r] + sizes[a:min(a + run_units, n)].sum()
+        for r in prange(runs):
+            if starts[r + 1] > starts[r]:
+                place_bits(scratch_buf[r * run_units * raw_words:], starts[r + 1] - starts[r], out,
+                           pos + starts[r], True)
+        for r in range(runs):
+            if starts[r + 1] > starts[r]:
+                place_bits(scratch_buf[r * run_units * raw_words:], starts[r + 1] - starts[r], out,
+                           pos + starts[r], False)
+        pos += starts[runs]
+    return pos
 
 
 @Kernel

@@ -2,13 +2,14 @@
 
 Kernels go parallel from _bits.PARALLEL_MIN_WORDS of work (megabytes); the
 tests lower it so that small inputs take the parallel paths: encoding in
-runs then gathering them, decoding a whole tensor in chunks, gathers."""
+waves of runs (also waves of a few units, so that runs and waves meet at
+every kind of word boundary), decoding a whole tensor in chunks, gathers."""
 import numba
 import numpy as np
 import pytest
 
 import ibp
-from ibp import _bits
+from ibp import _bits, encode
 
 pytestmark = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="numba has one thread here")
 
@@ -31,8 +32,10 @@ def _run(x, layout, threshold, monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["packed", "slotted"])
-def test_parallel_kernels_match_serial(layout, monkeypatch):
+@pytest.mark.parametrize("wave_run_bytes", [encode.WAVE_RUN_BYTES, 1000])
+def test_parallel_kernels_match_serial(layout, wave_run_bytes, monkeypatch):
     numba.set_num_threads(2)
+    monkeypatch.setattr(encode, "WAVE_RUN_BYTES", wave_run_bytes)
     for x in _tensors():
         serial = _run(x, layout, 1 << 60, monkeypatch)
         parallel = _run(x, layout, 1 << 10, monkeypatch)
