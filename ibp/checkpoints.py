@@ -19,16 +19,18 @@ import os
 import shutil
 import struct
 
+import numba
 import numpy as np
 
-from . import container, dtypes
+from . import _bits, container, dtypes
 from .api import compress
 from .container import MAGIC
-from .decode import decode_into
+from .decode import decode_span, spans
 from .errors import FormatError
 from .stream import Reader, Writer, scratch
 
 SOURCE_KEY = "ibp.source"
+DECODE_CHUNK_BYTES = 4 << 20   # see _decode_chunk_bytes
 ST_SUFFIX, ST_INDEX_SUFFIX = ".safetensors", ".safetensors.index.json"
 IBP_SUFFIX, IBP_INDEX_SUFFIX = ".ibp", ".ibp.index.json"
 ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
@@ -266,17 +268,27 @@ def decompress_to_safetensors(reader, stream, *, progress=None):
     data = text.encode()
     stream.write(struct.pack("<Q", len(data)))
     stream.write(data)
-    # one buffer for every tensor: fresh memory costs more to touch than to decode into
-    buf = np.frombuffer(scratch(max((s[2] for s in specs.values()), default=0)), np.uint8)
+    buf = np.zeros(0, np.uint8)
     for name in order:
         ct = reader.tensor(name, reuse=True)
-        nbytes = specs[name][2]
-        flat = buf[:nbytes]
-        decode_into(ct, flat)
-        stream.write(flat)
-        del ct, flat
-        if progress is not None:
-            progress(nbytes)
+        for first, last, nbytes in spans(ct, _decode_chunk_bytes()):
+            if nbytes > buf.size:   # one buffer for every piece: fresh memory costs more to touch than to decode into
+                buf = np.frombuffer(scratch(max(nbytes, _decode_chunk_bytes())), np.uint8)
+            decode_span(ct, first, last, buf[:nbytes])
+            stream.write(buf[:nbytes])
+            if progress is not None:
+                progress(nbytes)
+        del ct
+
+
+def _decode_chunk_bytes():
+    """Bytes of a tensor decoded at a time to be written out: a few MB, so
+    converting a model holds no buffer the size of its largest tensor (an
+    embedding table can take gigabytes); with several threads enough
+    words that the decoder runs them in parallel."""
+    if numba.get_num_threads() == 1:
+        return DECODE_CHUNK_BYTES
+    return max(DECODE_CHUNK_BYTES, 16 * _bits.PARALLEL_MIN_WORDS)
 
 
 def raw_nbytes_of(reader):

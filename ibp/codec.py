@@ -1070,24 +1070,26 @@ def unit_span(u, packed_kinds, slot_bits, block, rel_bits, block_base, rel, payl
 
 @Kernel
 def decode_all(words, t0, t1, W, p, U, fbits, ptot, packed_kinds, slot_bits, block, rel_bits, block_base, rel,
-               payload_bits, nunits, total_words, out, nchunks):
-    """Decode every unit into ``out`` (the last one cut to the tensor's
-    end), in ``nchunks`` runs of units; returns ``8 * unit + status`` of
-    the first malformed unit, or -1."""
+               payload_bits, nunits, total_words, out, first, last, nchunks):
+    """Decode units [first, last) into ``out`` from its start (the
+    tensor's last unit cut to its end), in ``nchunks`` runs of units;
+    returns ``8 * unit + status`` of the first malformed unit, or -1."""
     first_bad = np.full(nchunks, -1, np.int64)
     exact = slot_bits == 0
+    count = last - first
     for ch in prange(nchunks):
         exc, flag, tmp = decode_scratch(U)
         scratch = np.empty(0, out.dtype)
-        for u in range(ch * nunits // nchunks, (ch + 1) * nunits // nchunks):
+        for u in range(first + ch * count // nchunks, first + (ch + 1) * count // nchunks):
             start, end, kind = unit_span(u, packed_kinds, slot_bits, block, rel_bits, block_base, rel,
                                          payload_bits, nunits)
             n = min(U, total_words - u * U)
+            o = (u - first) * U
             if U > SCRATCH_WORDS:
                 st = decode_unit_in_passes(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, out,
-                                           u * U, np.int64(0), n)
+                                           o, np.int64(0), n)
             elif n == U:
-                st = decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, out, u * U, exc,
+                st = decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, out, o, exc,
                                  flag, tmp)
             else:
                 if scratch.shape[0] == 0:
@@ -1096,7 +1098,7 @@ def decode_all(words, t0, t1, W, p, U, fbits, ptot, packed_kinds, slot_bits, blo
                                  np.int64(0), exc, flag, tmp)
                 if st == OK:
                     for j in range(n):
-                        out[u * U + j] = scratch[j]
+                        out[o + j] = scratch[j]
             if st != OK:
                 first_bad[ch] = 8 * u + st
                 break

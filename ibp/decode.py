@@ -93,38 +93,54 @@ def jobs(ct, rows=None):
 
 def decode_into(ct, out_bytes, rows=None):
     """Decode all rows, or ``rows`` in order, into the flat byte buffer."""
-    g = ct.geometry
-    if g.row_words == 0:
+    if ct.geometry.row_words == 0:
         return
     if rows is not None:
         _run(ct, *jobs(ct, rows), out_bytes)
         return
+    decode_span(ct, 0, ct.geometry.nunits, out_bytes)
+
+
+def spans(ct, max_bytes):
+    """(first unit, end unit, bytes) of consecutive unit ranges that cover
+    the tensor, each decoding to at most ``max_bytes`` (or one unit)."""
+    g = ct.geometry
+    wb = g.word_bits // 8
+    per = max(1, max_bytes // (g.unit_words * wb))
+    for first in range(0, g.nunits if g.row_words else 0, per):
+        last = min(first + per, g.nunits)
+        yield first, last, (min(last * g.unit_words, g.total_words) - first * g.unit_words) * wb
+
+
+def decode_span(ct, first, last, out_bytes):
+    """Decode units [first, last) into the flat byte buffer: the tensor's
+    bytes from unit ``first`` on, up to its end (see ``spans``)."""
     while True:   # as _run: again if update_rows wrote the tensor meanwhile
         seen = ct._writes
         if seen % 2:
             time.sleep(0)
             continue
-        bad = _decode_all(ct, out_bytes)
+        bad = _decode_all(ct, first, last, out_bytes)
         if ct._writes == seen:
             break
     if bad >= 0:
         raise FormatError(f"unit {bad >> 3}: {codec.ERRORS[bad & 7]}")
-    rotation.rotate_back(out_bytes.view(f"<u{g.word_bits // 8}"), ct.model.rotate)
+    rotation.rotate_back(out_bytes.view(f"<u{ct.geometry.word_bits // 8}"), ct.model.rotate)
 
 
-def _decode_all(ct, out_bytes):
+def _decode_all(ct, first, last, out_bytes):
     g, model = ct.geometry, ct.model
     t0, t1, fbits, ptot = model.tables
     if ct.layout == "slotted":
         slot_bits, (block, rel_bits, block_base, rel), payload_bits = g.slot_words * 64, (1, 0, NO_BASE, NO_REL), 0
     else:
         slot_bits, (block, rel_bits, block_base, rel), payload_bits = 0, ct.index, ct.payload_bits
-    work = g.total_words
-    nchunks = min(g.nunits, 8 * numba.get_num_threads()) if work >= _bits.PARALLEL_MIN_WORDS else 1
+    work = (last - first) * g.unit_words
+    nchunks = min(last - first, 8 * numba.get_num_threads()) if work >= _bits.PARALLEL_MIN_WORDS else 1
     return codec.decode_all(work, frozen(ct.payload), t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
                             frozen(ct.kinds), slot_bits, block, rel_bits, frozen(block_base), frozen(rel),
-                            payload_bits, g.nunits,
-                            g.total_words, out_bytes.view(f"<u{g.word_bits // 8}"), nchunks)
+                            payload_bits, g.nunits, g.total_words, out_bytes.view(f"<u{g.word_bits // 8}"),
+                            first, last, nchunks)
 
 
 def decode_units(ct, units, out_bytes):
