@@ -564,7 +564,7 @@ def encode_waves(words, U, total_words, t0, t1, W, p, fbits, ptot, runs, run_uni
     bits."""
     n = kinds.shape[0]
     x, x64, tail, tail64 = unit_source(words, U, total_words)
-    works = [scratch(U, W) for _ in range(runs)]   # once: fresh scratch each wave cost more than the wave
+    works = [scratch(U, W) for _ in range(runs)]   # each run's encoder scratch, made once, not every wave
     starts = np.zeros(runs + 1, np.int64)
     pos = 0
     for w0 in range(0, n, runs * run_units):
