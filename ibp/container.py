@@ -567,7 +567,7 @@ def _plan_file(buf):
         if name in names or (name is None and len(entries) != 1):
             raise FormatError(f"duplicate or missing tensor name {name!r}")
         names.add(name)
-        taken += [(off, off + length, f"{fields['label']}/{key}") for key, (off, length, _) in spans.items()]
+        taken += [(off, off + length, fields["label"], key) for key, (off, length, _) in spans.items()]
         plans.append((fields, geom, spans))
     return meta, start, plans, _padding(buf, start, taken)
 
@@ -584,25 +584,29 @@ def loads(buf, *, verify=True):
     if isinstance(buf, memoryview):
         buf = buf.cast("B")
     _, start, plans, padding = _plan_file(buf)
-    view = memoryview(buf)
-    if any(any(view[a:b]) for a, b in padding):
-        raise FormatError("padding bytes are not zero")
+    _check_zeros(memoryview(buf), padding)
     return {fields["name"]: _build_entry(buf, start, fields, geom, spans, verify, own)
             for fields, geom, spans in plans}
 
 
-def _gaps(taken):
-    """(the byte ranges between sections, relative to data_start, and where
-    the last one ends), after checking that no two sections overlap."""
+def _gaps(taken, pos=0):
+    """(the byte ranges between sections ``taken``, (offset, end, label,
+    key) from data_start, after ``pos``, and where the last one ends),
+    after checking that no two sections overlap."""
     taken.sort()
     gaps = []
-    pos = 0
-    for off, end, name in taken:
+    for off, end, label, key in taken:
         if off < pos:
-            raise FormatError(f"section {name} overlaps the one before it")
+            raise FormatError(f"section {label}/{key} overlaps the one before it")
         gaps.append((pos, off))
         pos = max(pos, end)
     return gaps, pos
+
+
+def _check_zeros(view, ranges):
+    """FormatError unless the bytes of ``view`` in every (start, end) range are zero."""
+    if any(b > a and int.from_bytes(view[a:b], "little") for a, b in ranges):
+        raise FormatError("padding bytes are not zero")
 
 
 def _padding(buf, start, taken):
@@ -640,14 +644,9 @@ def load_entry(buf, plan, *, verify=True):
     ``plan_extent``): one tensor of a file read piece by piece
     (``stream.Reader``), checked as ``loads`` checks a whole file."""
     fields, geom, spans = plan
-    origin, end = plan_extent(plan)
+    origin = plan_extent(plan)[0]
+    gaps, end = _gaps([(off, off + length, fields["label"], key) for key, (off, length, _) in spans.items()], origin)
     if len(buf) != end - origin:
         raise FormatError(f"{fields['label']}: its sections take {end - origin} bytes, not the {len(buf)} read")
-    view, pos = memoryview(buf), origin
-    for key, (off, length, _) in sorted(spans.items(), key=lambda kv: kv[1]):
-        if off < pos:
-            raise FormatError(f"section {fields['label']}/{key} overlaps the one before it")
-        if off > pos and int.from_bytes(view[pos - origin:off - origin], "little"):
-            raise FormatError("padding bytes are not zero")
-        pos = max(pos, off + length)
+    _check_zeros(memoryview(buf), [(a - origin, b - origin) for a, b in gaps])
     return _build_entry(buf, -origin, fields, geom, spans, verify, True)
