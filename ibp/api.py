@@ -50,19 +50,31 @@ def compress(x: Tensor, *, model: Model | None = None, word_bits: int | None = N
     payload:   CUDA tensors only: "pinned" (default: the payload lands in
                pinned host memory) or "device" (it stays in GPU memory).
     """
+    if dtypes.is_torch(x) and x.device.type == "cuda":
+        _check_options(word_bits, layout, unit_rows)
+        from . import cuda_encode
+        return cuda_encode.compress(x, model=model, word_bits=word_bits, layout=layout, unit_rows=unit_rows,
+                                    payload="pinned" if payload is None else payload)
+    if payload is not None:
+        _check_options(word_bits, layout, unit_rows)
+        raise ValueError("payload= chooses where a CUDA tensor's payload goes; this tensor is not on a GPU")
+    return compress_bytes(*dtypes.as_bytes(x), model=model, word_bits=word_bits, layout=layout, unit_rows=unit_rows)
+
+
+def _check_options(word_bits, layout, unit_rows):
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if word_bits is not None and word_bits not in (8, 16, 32, 64):
         raise ValueError(f"word_bits must be 8, 16, 32 or 64, got {word_bits!r}")
     if unit_rows is not None and (isinstance(unit_rows, bool) or not isinstance(unit_rows, int) or unit_rows < 1):
         raise ValueError(f"unit_rows must be None or a positive integer, got {unit_rows!r}")
-    if dtypes.is_torch(x) and x.device.type == "cuda":
-        from . import cuda_encode
-        return cuda_encode.compress(x, model=model, word_bits=word_bits, layout=layout, unit_rows=unit_rows,
-                                    payload="pinned" if payload is None else payload)
-    if payload is not None:
-        raise ValueError("payload= chooses where a CUDA tensor's payload goes; this tensor is not on a GPU")
-    data, name, shape, framework = dtypes.as_bytes(x)
+
+
+def compress_bytes(data, name, shape, framework, *, model=None, word_bits=None, layout="packed", unit_rows=None):
+    """``compress`` of a tensor given as its flat read-only uint8 C-order
+    bytes (``dtypes.as_bytes``), its dtype name, shape and framework: what a
+    checkpoint reader has in hand, with no tensor object built around it."""
+    _check_options(word_bits, layout, unit_rows)
     itemsize = dtypes.ITEMSIZE[name]
     if model is None:
         model = analyze_bytes(data, shape, itemsize, word_bits)

@@ -2,9 +2,9 @@
 ibp and back one tensor at a time.
 
 A model is bigger than the memory people have to spare, so nothing here
-holds a checkpoint: a tensor is read (safetensors' ``safe_open``, or one ibp
-tensor's sections), converted and written out before the next one is read,
-so memory holds a few tensors at a time.
+holds a checkpoint: a tensor is read (a few MB of a safetensors file at a
+time, or one ibp tensor's sections), converted and written out before the
+next one is read, so memory holds a few tensors at a time.
 
 A compressed model directory keeps every file of the original except the
 weights: each ``X.safetensors`` becomes ``X.ibp`` (one ibp file per shard),
@@ -23,7 +23,7 @@ import numba
 import numpy as np
 
 from . import _bits, container, dtypes
-from .api import compress
+from .api import compress_bytes
 from .container import MAGIC
 from .decode import decode_span, spans
 from .errors import FormatError
@@ -129,24 +129,30 @@ def _spec(path, data_start, size, name, entry):
     return ST_NAMES[code], tuple(shape), offsets, nbytes
 
 
-def _read_tensor(f, path, data_start, name, spec, framework, buf):
-    """One tensor of a safetensors file, read with plain file reads into the
-    start of ``buf`` (one buffer for every tensor: fresh memory costs more
-    to touch than to encode).  A memory map (safetensors' ``safe_open``)
-    would leave every page read so far resident in this process, so memory
-    would grow to the whole checkpoint."""
-    dtype, shape, offsets, nbytes = spec
-    if nbytes > buf.size:  # the file holds them: no header can make this allocate more than the file
-        buf = np.frombuffer(scratch(nbytes), np.uint8)
-    flat = buf[:nbytes]
-    try:
-        tensor = dtypes.view(flat, shape, dtype, framework)
-    except TypeError as e:
-        raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
-    f.seek(data_start + offsets[0])
-    if nbytes and f.readinto(flat) != nbytes:
-        raise CheckpointError(f"{path}: truncated: tensor {name!r} runs past the end of the file")
-    return tensor, buf
+READ_AHEAD_BYTES = 4 << 20   # data read at once: one read covers many small tensors
+
+
+def _tensor_bytes(f, path, data_start, names, specs):
+    """(name, its bytes) for each tensor of a safetensors file, in data
+    order: a read-only view of one buffer that the next tensors reuse,
+    filled with plain file reads of READ_AHEAD_BYTES or one tensor,
+    whichever is more.  A read per small tensor cost more than encoding it;
+    fresh memory for each costs more to touch than to encode; and a memory
+    map (safetensors' ``safe_open``) would leave every page read so far
+    resident in this process, so memory would grow to the whole checkpoint."""
+    data_bytes = max((specs[n][2][1] for n in names), default=0)   # the tensors tile the data (_check_tiling)
+    buf = np.zeros(0, np.uint8)
+    lo = hi = 0   # the data offsets buf holds
+    for name in names:
+        start, stop = specs[name][2]
+        if not lo <= start <= stop <= hi:
+            lo, hi = start, max(stop, min(start + READ_AHEAD_BYTES, data_bytes))
+            if hi - lo > buf.size:  # the file holds them: no header can make this allocate more than the file
+                buf = np.frombuffer(scratch(hi - lo), np.uint8)
+            f.seek(data_start + lo)
+            if f.readinto(buf[:hi - lo]) != hi - lo:
+                raise CheckpointError(f"{path}: truncated: tensor {name!r} runs past the end of the file")
+        yield name, _bits.frozen(buf[start - lo:stop - lo])
 
 
 def compress_safetensors(path, stream, *, scratch_dir=None, progress=None, **options):
@@ -178,14 +184,12 @@ def compress_safetensors(path, stream, *, scratch_dir=None, progress=None, **opt
     else:
         writer = Writer(scratch_dir)
     with open(path, "rb", buffering=0) as f, writer:
-        buf = np.zeros(0, np.uint8)
-        for name in names:
-            t, buf = _read_tensor(f, path, data_start, name, specs[name], framework, buf)
+        for name, data in _tensor_bytes(f, path, data_start, names, specs):
+            dtype, shape = specs[name][:2]
             try:
-                writer.add(name, compress(t, **options))
+                writer.add(name, compress_bytes(data, dtype, shape, framework, **options))
             except (TypeError, ValueError) as e:
                 raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
-            del t
             if progress is not None:
                 progress(specs[name][3])
         writer.finish(stream, source)
@@ -268,17 +272,26 @@ def decompress_to_safetensors(reader, stream, *, progress=None):
     data = text.encode()
     stream.write(struct.pack("<Q", len(data)))
     stream.write(data)
-    buf = np.zeros(0, np.uint8)
+    # One buffer for every piece (fresh memory costs more to touch than to
+    # decode into), holding several small tensors before they are written
+    # (a write each cost more than decoding them).  A piece starts at a
+    # multiple of 8 bytes, or the buffer is written first: the decoder
+    # takes its words aligned.
+    buf, fill = np.zeros(0, np.uint8), 0
     for name in order:
         ct = reader.tensor(name, reuse=True)
         for first, last, nbytes in spans(ct, _decode_chunk_bytes()):
-            if nbytes > buf.size:   # one buffer for every piece: fresh memory costs more to touch than to decode into
+            if fill and (fill % 8 or fill + nbytes > buf.size):
+                container.write_all(stream, buf[:fill])
+                fill = 0
+            if nbytes > buf.size:
                 buf = np.frombuffer(scratch(max(nbytes, _decode_chunk_bytes())), np.uint8)
-            decode_span(ct, first, last, buf[:nbytes])
-            stream.write(buf[:nbytes])
+            decode_span(ct, first, last, buf[fill:fill + nbytes])
+            fill += nbytes
             if progress is not None:
                 progress(nbytes)
         del ct
+    container.write_all(stream, buf[:fill])
 
 
 def _decode_chunk_bytes():

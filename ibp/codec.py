@@ -18,7 +18,7 @@ from numba import njit, prange
 
 from numba.cpython.unsafe.numbers import leading_zeros
 
-from ._bits import (FAST_PEXT, ONE, U64, ZERO, Kernel, ctz, flush_bits, pdep, popcount,
+from ._bits import (FAST_PEXT, ONE, U64, ZERO, Kernel, ctz, flush_bits, low_mask, pdep, popcount,
                     put_bits, read_bits, read_only)
 
 RAW, ALL, SPARSE, BITMAP = 0, 1, 2, 3
@@ -158,10 +158,17 @@ def swar_groups(src64, o, ng, G, W, t0, grp):
     """The groups of G = 64 // W words of a unit (uint64s ``src64[o:o+ng]``)
     against a one-column level, all G lanes per operation: per group its
     matched residuals packed low to high (``grp[0]``), their bit count
-    (``grp[1]``) and the top bit of each lane that misses (``grp[2]``).
-    Lanes are subtracted without borrows between them (Hacker's Delight
-    2-18); returns whether a lane missed."""
+    (``grp[1]``) and a bit per lane that misses, lane 0 lowest
+    (``grp[2]``).  Lanes are subtracted without borrows between them
+    (Hacker's Delight 2-18); a multiply gathers the lanes' miss bits (lane
+    i's lands at bit T + i, T = (G - 1)(W - 1), with no carries).  Returns
+    whether a lane missed."""
     rep = lanes(G, W)
+    gather = ZERO
+    for i in range(G):
+        gather |= ONE << U64((G - 1 - i) * (W - 1))
+    T = U64((G - 1) * (W - 1))
+    lane_mask = low_mask(G)
     H = rep << U64(W - 1)
     L = ~H
     B = t0[0, BASE] * rep
@@ -184,7 +191,7 @@ def swar_groups(src64, o, ng, G, W, t0, grp):
             bits += width & keep
         grp[0, U64(g)] = v
         grp[1, U64(g)] = bits
-        grp[2, U64(g)] = nz
+        grp[2, U64(g)] = (((nz >> U64(W - 1)) & rep) * gather >> T) & lane_mask
         missed |= nz
     return missed != ZERO
 
@@ -192,14 +199,18 @@ def swar_groups(src64, o, ng, G, W, t0, grp):
 @njit(inline="always")
 def group_positions(grp, ng, W, exc):
     """Positions of the lanes ``swar_groups`` found missing into ``exc``;
-    returns their number."""
+    returns their number.  The groups' miss bits are joined into 64-bit
+    words first (no branch per group: a group with a miss is rare, and
+    testing each one cost more than the misses themselves)."""
     G = 64 // W
-    lw = 3 if W == 8 else (4 if W == 16 else 5)   # log2(W): no division per miss
+    per = 64 // G    # groups per joined word
     k = 0
-    for g in range(ng):
-        m = grp[2, U64(g)]
+    for g0 in range(0, ng, per):
+        m = ZERO
+        for j in range(min(per, ng - g0)):
+            m |= grp[2, U64(g0 + j)] << U64(j * G)
         while m != ZERO:
-            exc[U64(k)] = G * g + (ctz(m) >> lw)
+            exc[U64(k)] = g0 * G + ctz(m)
             k += 1
             m &= m - ONE
     return k

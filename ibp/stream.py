@@ -32,6 +32,11 @@ def scratch(nbytes):
     return buf
 
 
+# Sections are written once this many bytes of them are waiting: a write
+# per small tensor cost more than copying it into a joined one.
+PENDING_BYTES = 1 << 20
+
+
 class Writer:
     """Append tensors, then ``finish`` writes the whole file.
 
@@ -60,7 +65,10 @@ class Writer:
             self._body = tempfile.TemporaryFile(dir=scratch_dir)
         self._entries = []
         self._names = set()
-        self._end = 0
+        self._end = 0        # where the sections added so far end (from the first section)
+        self._pending = []   # [(offset, array)] added but not yet written ...
+        self._pending_bytes = 0
+        self._written = 0    # ... after those that end here
 
     def add(self, name, ct):
         """Write one CompressedTensor's sections (name None for a lone tensor)."""
@@ -68,13 +76,22 @@ class Writer:
             raise ValueError(f"tensor name {name!r} is a duplicate, or a lone tensor shares the file")
         self._names.add(name)
         (entry,), chunks = container._entries({name: ct}, container._align(self._end))
-        self._end = container.write_sections(self._body, chunks, self._end)
         self._entries.append(entry)
+        self._pending += chunks
+        self._pending_bytes += sum(arr.nbytes for _, arr in chunks)
+        self._end = chunks[-1][0] + chunks[-1][1].nbytes
+        if self._pending_bytes >= PENDING_BYTES:
+            self._flush()
+
+    def _flush(self):
+        self._written = container.write_sections(self._body, self._pending, self._written)
+        self._pending, self._pending_bytes = [], 0
 
     def finish(self, stream=None, metadata=None):
         """Write the file (preamble, header, then the sections) to ``stream``,
         or, writing to ``out``, the preamble and header in front of the
         sections there."""
+        self._flush()
         header = json.dumps({"metadata": dict(metadata or {}), "tensors": self._entries},
                             separators=(",", ":")).encode()
         p = container.PREAMBLE

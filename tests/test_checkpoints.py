@@ -227,6 +227,48 @@ def test_tensors_written_out_in_pieces(chunk, tmp_path, monkeypatch):
     assert (tmp_path / "back.safetensors").read_bytes() == src.read_bytes()
 
 
+@pytest.mark.parametrize("window", [1, 100, 5000])
+def test_many_small_tensors_read_written_and_decoded_together(window, tmp_path, monkeypatch):
+    """Small tensors share reads of the safetensors file, writes of the
+    sections and writes of the decoded data; windows that cut tensors,
+    tensors of odd byte counts between aligned ones, and a tensor bigger
+    than a window give the same ibp file and the same safetensors back."""
+    rng = np.random.default_rng(5)
+    tensors = {}
+    for i in range(40):
+        kind = i % 4
+        if kind == 0:
+            tensors[f"w{i}"] = (rng.standard_normal((3 + i, 7)) * 0.1).astype(np.float32)
+        elif kind == 1:
+            tensors[f"b{i}"] = rng.integers(0, 9, 5 + i, dtype=np.uint8)   # odd byte counts
+        elif kind == 2:
+            tensors[f"h{i}"] = rng.standard_normal(i + 1).astype(np.float16)
+        else:
+            tensors[f"q{i}"] = rng.integers(-50, 50, (i, 3), dtype=np.int64)
+    tensors["big"] = rng.standard_normal((1000, 400)).astype(np.float32)   # more than any window; and the
+    # sections go in place (the room left for the header is small beside the tensors)
+    src = tmp_path / "m.safetensors"
+    safetensors_numpy.save_file(tensors, src)
+    with open(tmp_path / "default.ibp", "wb") as f:
+        checkpoints.compress_safetensors(src, f)
+    monkeypatch.setattr(checkpoints, "READ_AHEAD_BYTES", window)
+    monkeypatch.setattr(stream, "PENDING_BYTES", window)
+    monkeypatch.setattr(checkpoints, "DECODE_CHUNK_BYTES", window)
+    with open(tmp_path / "m.ibp", "wb") as f:
+        checkpoints.compress_safetensors(src, f)
+    assert (tmp_path / "m.ibp").read_bytes() == (tmp_path / "default.ibp").read_bytes()
+    piped = WriteOnly()   # through a scratch file
+    checkpoints.compress_safetensors(src, piped, scratch_dir=tmp_path)
+    (tmp_path / "piped.ibp").write_bytes(bytes(piped.data))
+    loaded = ibp.load(tmp_path / "piped.ibp")
+    assert set(loaded) == set(tensors)
+    for name, x in tensors.items():
+        assert np.array_equal(ibp.decompress(loaded[name]), x)
+    with stream.Reader(tmp_path / "m.ibp") as r, open(tmp_path / "back.safetensors", "wb") as out:
+        checkpoints.decompress_to_safetensors(r, ShortWrites(out))
+    assert (tmp_path / "back.safetensors").read_bytes() == src.read_bytes()
+
+
 def test_a_writer_refuses_a_header_longer_than_its_room(tmp_path):
     with pytest.raises(ValueError, match="at most"):
         stream.Writer(out=open(tmp_path / "b.ibp", "wb"), header_room=container.MAX_HEADER + 1)
