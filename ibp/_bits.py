@@ -22,6 +22,7 @@ U64 = np.uint64
 ZERO = U64(0)
 ONE = U64(1)
 ALL_ONES = ~U64(0)
+WORD_DTYPES = {W: np.dtype(f"<u{W // 8}") for W in (8, 16, 32, 64)}   # a tensor's bytes seen as W-bit words
 
 
 @intrinsic

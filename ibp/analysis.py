@@ -349,8 +349,26 @@ def _same_model(lo, hi, base, e, f):
     return True
 
 
+@njit(inline="always")
+def _one_run(x):
+    """Whether the set bits of the non-zero ``x`` are consecutive."""
+    return ((x | (x - ONE)) + ONE) & x == ZERO
+
+
+@njit(inline="always")
+def _most_common(masks):
+    """The non-zero value most of ``masks`` hold (the lowest on ties), or 0."""
+    v = np.sort(masks)
+    best, count, run = ZERO, 0, 0
+    for i in range(v.shape[0]):
+        run = run + 1 if i and v[i] == v[i - 1] else 1
+        if v[i] != ZERO and run > count:
+            best, count = v[i], run
+    return best
+
+
 @Kernel
-def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base, hints):
+def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base, hints, gathers):
     """Learn one model per exception price, and one for low-cardinality
     columns: where a column has a few distinct values, both levels searched
     exactly over them (``_few_levels``: 0, 1 and 4 take one bit and a flag
@@ -371,7 +389,11 @@ def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base, hints):
     (``ibp.rotation``): ``hints[c]`` gets the one that could help column
     c, the low run its sampled words agree on where they also agree on a
     high run or take a few values (else 0), and the one most columns hint
-    at is returned (0 for none); last, the best model's ``Model.tables``."""
+    at is returned (0 for none); the gather worth trying: ``gathers[c]``
+    gets the bits column c's sampled words all agree on where neither they
+    nor the others are one run (no level or rotation fixes them all: 4, 13
+    and 37), and the one most columns hint at is returned; last, the best
+    model's ``Model.tables``."""
     p = lo.shape[2]
     rows = piece_words // p   # periods per piece
     m = (train.shape[0] * rows + step - 1) // step
@@ -391,6 +413,13 @@ def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base, hints):
         while high < W - low and (ones[W - 1 - high] == 0 or ones[W - 1 - high] == m):
             high += 1
         hints[c] = low if 0 < low < W and (high > 0 or few.shape[0] > 0) else 0
+        agree = ZERO
+        for bit in range(W):
+            if ones[bit] == 0 or ones[bit] == m:
+                agree |= ONE << U64(bit)
+        differ = low_mask(W) & ~agree
+        gathers[c] = agree if agree != ZERO and differ != ZERO and not _one_run(agree) and not _one_run(differ) \
+            else ZERO
         for e in range(ne + 1):
             if e == ne and few.shape[0] == 0 and most * MODE_SHARE < m:   # not low-cardinality data
                 lo[e, :, c], hi[e, :, c], base[e, :, c] = lo[0, :, c], hi[0, :, c], base[0, :, c]
@@ -444,7 +473,8 @@ def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base, hints):
     votes = np.zeros(W, np.int64)   # the rotation most columns hint at, the shortest on ties
     for c in range(p):
         votes[hints[c]] += hints[c] > 0
-    return best, bits[best], stranded, halves, np.argmax(votes) if votes.max() > 0 else 0, tables
+    return best, bits[best], stranded, halves, np.argmax(votes) if votes.max() > 0 else 0, _most_common(gathers), \
+        tables
 
 
 def learn(sample, word_bits, period, per_column, prices=None):
@@ -453,8 +483,8 @@ def learn(sample, word_bits, period, per_column, prices=None):
     column), measured on its test pieces: (lo, hi, base) each ``[2,
     period]``, the bits the test pieces encode to, the most stranded bits
     per column any model leaves, the columns whose low bits look like
-    padding under the first price's model, the rotation worth trying (see
-    ``_fit``), and the best model's ``Model.tables``."""
+    padding under the first price's model, the rotation and the gather
+    worth trying (see ``_fit``), and the best model's ``Model.tables``."""
     words, train, test, piece_words = sample
     prices = PRICES if prices is None else np.asarray(prices, np.float64)
     models = prices.size + 1
@@ -462,10 +492,12 @@ def learn(sample, word_bits, period, per_column, prices=None):
     hi = np.zeros((models, 2, period), np.uint8)
     base = np.zeros((models, 2, period), np.uint64)
     hints = np.zeros(period, np.int64)
+    gathers = np.zeros(period, np.uint64)
     step = -(-train.size * piece_words // period // per_column)
-    e, bits, stranded, halves, rotate, tables = _fit(train.size * piece_words // step, words, train, test,
-                                                     piece_words, step, word_bits, prices, lo, hi, base, hints)
-    return lo[e], hi[e], base[e], bits, stranded, halves, int(rotate), tables
+    e, bits, stranded, halves, rotate, gather, tables = _fit(train.size * piece_words // step, words, train, test,
+                                                             piece_words, step, word_bits, prices, lo, hi, base,
+                                                             hints, gathers)
+    return lo[e], hi[e], base[e], bits, stranded, halves, int(rotate), int(gather), tables
 
 
 def _samples(data, geom):
@@ -582,7 +614,8 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
     cands = list(candidates(shape, itemsize, word_bits))
     if data.size == 0:
         return Model.empty(cands[0][0])
-    best = None   # (cost, Model._learned's arguments, stranded bits per column, (W, p, rotation to try, scale, per_column))
+    best = None   # (cost, Model._learned's arguments, stranded bits per column, (W, p, transforms to try, scale,
+    #                                                                               per_column))
     samples = {}
     tried_half = bool(word_bits)
     tried_narrower = False
@@ -598,10 +631,10 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
         scale = geom.nunits * geom.unit_words / (test.size * piece_words)
         cap = NARROW_PER_COLUMN if (W, p) in narrower else MAX_PER_COLUMN
         per_column = min(cap, max(MIN_LEARN, geom.total_words // (LEARN_SHARE * p)))
-        lo, hi, base, bits, stranded, halves, rotate, tables = learn(samples[W], W, p, per_column)
+        lo, hi, base, bits, stranded, halves, rotate, gather, tables = learn(samples[W], W, p, per_column)
         cost = bits * scale + _model_bits(p, W)
         if best is None or cost < best[0]:
-            best = (cost, (W, lo, hi, base, 0, tables), stranded, (W, p, rotate, scale, per_column))
+            best = (cost, (W, lo, hi, base, 0, tables), stranded, (W, p, (rotate, gather), scale, per_column))
         if not tried_half:
             half = _try_half(halves, p, W, itemsize)
             cands = half + [c for c in cands if c not in half]
@@ -610,21 +643,24 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
             narrower = [c for c in _try_narrower(shape, itemsize, best[1][0], best[2]) if c not in half]
             cands += narrower
             tried_narrower = True
-    W, p, rotate, scale, per_column = best[3]
-    if rotate:   # the best candidate's words rotated (see ibp.rotation)
-        lo, hi, base, bits, *_, tables = learn(_rotated_sample(samples[W], rotate), W, p, per_column)
-        if bits * scale + _model_bits(p, W) < best[0]:
-            return Model._learned(W, lo, hi, base, rotate, tables)
-    return Model._learned(*best[1])
+    W, p, (rotate, gather), scale, per_column = best[3]
+    cost, learned = best[0], Model._learned(*best[1])
+    for r, g in ((rotate, 0), (0, gather)):   # the best candidate's words rotated or gathered (ibp.rotation)
+        if r or g:
+            lo, hi, base, bits, *_, tables = learn(_transformed_sample(samples[W], r, g), W, p, per_column)
+            if bits * scale + _model_bits(p, W) < cost:
+                cost, learned = bits * scale + _model_bits(p, W), Model._learned(W, lo, hi, base, r, tables, g)
+    return learned
 
 
-def _rotated_sample(sample, rotate):
+def _transformed_sample(sample, rotate, gather):
     """``sample`` (see ``_samples``) with its pieces copied side by side,
-    train then test, and rotated right by ``rotate`` bits."""
+    train then test, and rotated right by ``rotate`` bits or gathered by
+    ``gather``."""
     words, train, test, piece = sample
     pieces = np.concatenate([train, test])[:, None] + np.arange(piece)
     starts = np.arange(train.size + test.size, dtype=np.int64) * piece
-    return rotation.rotated(words[pieces].reshape(-1), rotate), frozen(starts[:train.size]), \
+    return rotation.transformed(words[pieces].reshape(-1), rotate, gather), frozen(starts[:train.size]), \
         frozen(starts[train.size:]), piece
 
 

@@ -716,6 +716,7 @@ def describe(ct):
     return {"dtype": ct.dtype_name, "shape": list(ct.shape), "ratio": ct.ratio,
             "raw_nbytes": ct.raw_nbytes, "nbytes": ct.nbytes, "word_bits": ct.word_bits,
             "layout": ct.layout, "period": ct.model.period, "rotate": ct.model.rotate,
+            "gather": ct.model.gather,
             "unit_words": ct.geometry.unit_words,
             "invariant_bits": float(ct.model.invariant_bits.mean()),
             "secondary_level": ct.model.has_secondary,

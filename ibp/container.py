@@ -26,8 +26,8 @@ from .model import Model
 from .tensor import CompressedTensor
 
 MAGIC = b"\x89IBP\r\n\x1a\n"
-VERSION = 3       # written only by files that need it (a rotated model); others are written as version 2
-READABLE = (1, 2, 3)  # version 2 added the uniform row index (index_rel_bits 0), 3 rotated models
+VERSION = 4       # written only by files that need it (a gathered model; 3: a rotated one); others are version 2
+READABLE = (1, 2, 3, 4)  # version 2 added the uniform row index (index_rel_bits 0), 3 rotated models, 4 gathered ones
 PREAMBLE = struct.Struct("<8sIIII")
 ALIGN = 64
 MAX_HEADER = 64 << 20
@@ -58,15 +58,17 @@ SECTIONS = {"packed": ("lo", "hi", "base", "kinds", "payload", "index_base", "in
 SECTIONS_SET = {layout: frozenset(keys) for layout, keys in SECTIONS.items()}
 
 
-def _entry(name, dtype, shape, framework, word_bits, unit_words, layout, period, rotate, secs, packed):
+def _entry(name, dtype, shape, framework, word_bits, unit_words, layout, period, rotate, gather, secs, packed):
     """A tensor's header entry; ``packed`` is (payload_bits, index_block,
-    index_rel_bits) for the packed layout; ``rotate`` is written only when
-    it is not 0 (and makes the file version 3)."""
+    index_rel_bits) for the packed layout; ``rotate`` and ``gather`` are
+    written only when they are not 0 (and make the file version 3 and 4)."""
     entry = {"name": name, "dtype": dtype, "shape": list(shape), "framework": framework,
              "word_bits": word_bits, "unit_words": unit_words, "layout": layout, "period": period,
              "sections": secs}
     if rotate:
         entry["rotate"] = rotate
+    if gather:
+        entry["gather"] = gather
     if layout == "packed":
         entry.update(payload_bits=packed[0], index_block=packed[1], index_rel_bits=packed[2])
     return entry
@@ -75,7 +77,7 @@ def _entry(name, dtype, shape, framework, word_bits, unit_words, layout, period,
 def version_of(entries):
     """The format version a file of these header entries is written as: the
     oldest that can hold them, so older readers read what they can."""
-    return 3 if any("rotate" in e for e in entries) else 2
+    return 4 if any("gather" in e for e in entries) else 3 if any("rotate" in e for e in entries) else 2
 
 
 def _entries(tensors, offset=0):
@@ -92,7 +94,7 @@ def _entries(tensors, offset=0):
         g = ct.geometry
         packed = (int(ct.payload_bits), int(ct.index[0]), int(ct.index[1])) if ct.layout == "packed" else None
         entries.append(_entry(name, ct.dtype_name, ct.shape, ct.framework, g.word_bits, g.unit_words, ct.layout,
-                              ct.model.period, ct.model.rotate, secs, packed))
+                              ct.model.period, ct.model.rotate, ct.model.gather, secs, packed))
     return entries, chunks
 
 
@@ -134,8 +136,9 @@ def header_bound(tensors, metadata, largest):
     shape, framework), given ``metadata`` and no number in their entries
     over ``largest`` (bits of the whole file bound them all)."""
     n = max(largest, 0xFFFFFFFF)   # a CRC-32, and so every smaller field, is below 2**32
-    entries = [_entry(name, dtype, shape, framework, n, n, "packed", n, n, {k: [n, n, n] for k in SECTIONS["packed"]},
-                      (n, n, n)) for name, dtype, shape, framework in tensors]   # packed and rotated: the longest
+    g = max(n, (1 << 64) - 1)   # the widest gather mask
+    entries = [_entry(name, dtype, shape, framework, n, n, "packed", n, 0, g, {k: [n, n, n] for k in SECTIONS["packed"]},
+                      (n, n, n)) for name, dtype, shape, framework in tensors]   # packed and gathered: the longest
     return len(json.dumps({"metadata": dict(metadata or {}), "tensors": entries}, separators=(",", ":")).encode())
 
 
@@ -415,8 +418,9 @@ def _first_bad_start(block_base, rel, block, payload_bits):
     return -1
 
 
-_ENTRY_KEYS = {(layout, rotated): ENTRY_KEYS | (PACKED_KEYS if layout == "packed" else set())
-               | ({"rotate"} if rotated else set()) for layout in ("packed", "slotted") for rotated in (False, True)}
+_ENTRY_KEYS = {(layout, transform): ENTRY_KEYS | (PACKED_KEYS if layout == "packed" else set())
+               | ({transform} if transform else set())
+               for layout in ("packed", "slotted") for transform in (None, "rotate", "gather")}
 _SECTION_ORDER = {layout: tuple(sorted(keys)) for layout, keys in SECTIONS.items()}
 
 
@@ -428,7 +432,9 @@ def _plan_entry(buflen, start, entry, version):
     layout = entry.get("layout")
     if layout not in ("packed", "slotted"):
         raise FormatError(f"layout must be 'packed' or 'slotted', got {layout!r}")
-    keys = _ENTRY_KEYS[layout, version >= 3 and "rotate" in entry]
+    transform = "rotate" if version >= 3 and "rotate" in entry else "gather" if version >= 4 and "gather" in entry \
+        else None
+    keys = _ENTRY_KEYS[layout, transform]
     if entry.keys() != keys:
         raise FormatError(f"tensor entry keys {sorted(entry)} != {sorted(keys)}")
     name = entry["name"]
@@ -446,7 +452,8 @@ def _plan_entry(buflen, start, entry, version):
     W = _int(entry["word_bits"], "word_bits", 8, 64)
     U = _int(entry["unit_words"], "unit_words", 1)
     p = _int(entry["period"], "period", 1)
-    rotate = _int(entry["rotate"], "rotate", 1, W - 1) if "rotate" in entry else 0
+    rotate = _int(entry["rotate"], "rotate", 1, W - 1) if transform == "rotate" else 0
+    gather = _int(entry["gather"], "gather", 1, (1 << W) - 1) if transform == "gather" else 0
     geom = _checked_geometry(shape, ITEMSIZE[dtype], W, U, p)
     secs = entry["sections"]
     order = _SECTION_ORDER[layout]
@@ -456,7 +463,7 @@ def _plan_entry(buflen, start, entry, version):
     want = {"lo": 2 * p, "hi": 2 * p, "base": 2 * p * W // 8, "kinds": -(-n // 4)}
     label = "tensor" if name is None else name
     fields = dict(name=name, label=label, dtype=dtype, shape=shape,
-                  framework=entry["framework"], layout=layout, period=p, rotate=rotate)
+                  framework=entry["framework"], layout=layout, period=p, rotate=rotate, gather=gather)
     if layout == "slotted":
         want["payload"] = (n * geom.slot_words + 1) * 8
     else:
@@ -498,7 +505,7 @@ def _build_entry(buf, start, fields, geom, spans, verify, own):
         model = Model._checked(W, _array(buf, start, spans["lo"], np.uint8, verify, label, "lo", own).reshape(2, p),
                                _array(buf, start, spans["hi"], np.uint8, verify, label, "hi", own).reshape(2, p),
                                _array(buf, start, spans["base"], f"<u{W // 8}", verify, label, "base", False)
-                               .reshape(2, p).astype(np.uint64), fields["rotate"])
+                               .reshape(2, p).astype(np.uint64), fields["rotate"], fields["gather"])
     except FormatError as e:
         raise FormatError(f"{label}: {e}") from None
     kinds = _array(buf, start, spans["kinds"], np.uint8, verify, label, "kinds", own)

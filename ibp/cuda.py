@@ -584,7 +584,7 @@ def decompress(ct, *, index=None, out=None, device="cuda", path="auto", sync=Fal
     dev = _device(torch, device)
     with torch.cuda.device(dev):
         _raise_finished(dev.index, wait=False)
-        if ct.model.rotate:
+        if ct.model.transforms_words:
             return _decoded_on_host(torch, ct, index, out, dev, path)
         tables = _tables_of(ct)
         flat_index = None
@@ -652,10 +652,10 @@ def decompress(ct, *, index=None, out=None, device="cuda", path="auto", sync=Fal
 
 
 def _decoded_on_host(torch, ct, index, out, dev, path):
-    """A rotated model's tensor (``ibp.rotation``; format version 3), which
-    the kernels do not rotate back yet: decoded on the CPU, then copied to
-    the device on torch's current stream (``path`` is checked as for any
-    tensor, but there is only one)."""
+    """A rotated or gathered model's tensor (``ibp.rotation``; format
+    versions 3 and 4), which the kernels do not transform back yet: decoded
+    on the CPU, then copied to the device on torch's current stream
+    (``path`` is checked as for any tensor, but there is only one)."""
     rows, shape = None, ct.shape
     if index is not None:
         if path == "stream":

@@ -452,9 +452,9 @@ def compress(x, *, model=None, word_bits=None, layout="packed", unit_rows=None, 
         raise TypeError(f"model must be an ibp.Model, not {type(model).__name__}")
     if model is not None and word_bits is not None and word_bits != model.word_bits:
         raise ValueError(f"word_bits={word_bits} contradicts the model's {model.word_bits}-bit words")
-    if model is not None and model.rotate:
-        raise ValueError("the GPU encoder does not rotate words (a model with rotate > 0): compress x.cpu() "
-                         "with this model, or let the GPU learn one")
+    if model is not None and model.transforms_words:
+        raise ValueError("the GPU encoder does not rotate words or gather their bits (a model with rotate or "
+                         "gather): compress x.cpu() with this model, or let the GPU learn one")
     name = dtypes.name_of_torch(x.dtype)
     itemsize = dtypes.ITEMSIZE[name]
     shape = tuple(x.shape)

@@ -7,7 +7,7 @@ import numpy as np
 from numba import njit
 
 from . import _bits, codec, rotation
-from ._bits import frozen
+from ._bits import WORD_DTYPES, frozen
 from .errors import FormatError
 
 NO_BASE, NO_REL = frozen(np.zeros(0, np.uint64)), frozen(np.zeros(0, np.uint16))  # a slotted tensor's (absent) row index
@@ -125,7 +125,8 @@ def decode_span(ct, first, last, out_bytes):
             break
     if bad >= 0:
         raise FormatError(f"unit {bad >> 3}: {codec.ERRORS[bad & 7]}")
-    rotation.rotate_back(out_bytes.view(f"<u{ct.geometry.word_bits // 8}"), ct.model.rotate)
+    if ct.model.transforms_words:
+        rotation.transform_back(out_bytes.view(WORD_DTYPES[ct.geometry.word_bits]), ct.model.rotate, ct.model.gather)
 
 
 def _decode_all(ct, first, last, out_bytes):
@@ -139,7 +140,7 @@ def _decode_all(ct, first, last, out_bytes):
     nchunks = min(last - first, 8 * numba.get_num_threads()) if work >= _bits.PARALLEL_MIN_WORDS else 1
     return codec.decode_all(work, frozen(ct.payload), t0, t1, g.word_bits, model.period, g.unit_words, fbits, ptot,
                             frozen(ct.kinds), slot_bits, block, rel_bits, frozen(block_base), frozen(rel),
-                            payload_bits, g.nunits, g.total_words, out_bytes.view(f"<u{g.word_bits // 8}"),
+                            payload_bits, g.nunits, g.total_words, out_bytes.view(WORD_DTYPES[g.word_bits]),
                             first, last, nchunks)
 
 
@@ -167,7 +168,8 @@ def _run(ct, units, src, length, dst, out_bytes):
     if status.any():
         i = int(np.flatnonzero(status)[0])
         raise FormatError(f"unit {units[i]}: {codec.ERRORS[int(status[i])]}")
-    rotation.rotate_back(out_bytes.view(f"<u{ct.geometry.word_bits // 8}"), ct.model.rotate)
+    if ct.model.transforms_words:
+        rotation.transform_back(out_bytes.view(WORD_DTYPES[ct.geometry.word_bits]), ct.model.rotate, ct.model.gather)
 
 
 def _decode_jobs(ct, units, src, length, dst, out_bytes):
@@ -175,7 +177,7 @@ def _decode_jobs(ct, units, src, length, dst, out_bytes):
     model = ct.model
     t0, t1, fbits, ptot = model.tables
     g = ct.geometry
-    out = out_bytes.view(f"<u{g.word_bits // 8}")
+    out = out_bytes.view(WORD_DTYPES[g.word_bits])
     status = np.zeros(units.size, np.int8)
     work = int(length.sum())
     nchunks = min(units.size, 8 * numba.get_num_threads()) if work >= _bits.PARALLEL_MIN_WORDS else 1

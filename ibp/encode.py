@@ -4,7 +4,7 @@ import numpy as np
 from numba import njit
 
 from . import _bits, codec, rotation
-from ._bits import frozen
+from ._bits import WORD_DTYPES, frozen
 
 MAX_BLOCK = 1 << 16
 # The index of units that all have the same size: no bytes at all.
@@ -12,8 +12,8 @@ UNIFORM_INDEX = (1, 0, frozen(np.zeros(0, np.uint64)), frozen(np.zeros(0, np.uin
 
 
 def _words(data, model):
-    """The bytes as the model's words, rotated as it asks (ibp.rotation)."""
-    return rotation.rotated(frozen(data.view(f"<u{model.word_bits // 8}")), model.rotate)
+    """The bytes as the model's words, rotated or gathered as it asks (ibp.rotation)."""
+    return rotation.transformed(frozen(data.view(WORD_DTYPES[model.word_bits])), model.rotate, model.gather)
 
 
 def pack_kinds(kinds):
@@ -128,8 +128,8 @@ def encode_packed(data, geom, model):
     t0, t1, fbits, ptot = model.tables
     words = _words(data, model)
     raw_words = -(-U * W // 64)   # a unit at most, in uint64s
-    threads = numba.get_num_threads()
-    if geom.total_words < _bits.PARALLEL_MIN_WORDS or threads == 1:  # as Kernel decides
+    threads = 1 if geom.total_words < _bits.PARALLEL_MIN_WORDS else numba.get_num_threads()   # as Kernel decides
+    if threads == 1:
         buf = np.zeros(n * raw_words + 1, np.uint64)
         packed, total, uniform, block, rel_bits, block_base, rel = _encode_serial(
             words, U, geom.total_words, t0, t1, W, model.period, fbits, ptot, buf)

@@ -150,8 +150,8 @@ def _fields(ct):
     m = ct.model
     index = None if ct.index is None else ct.index[:2]
     return dict(dtype=ct.dtype_name, shape=ct.shape, framework=ct.framework, geometry=ct.geometry,
-                layout=ct.layout, model=(m.word_bits, m.lo, m.hi, m.base, m.rotate), payload_bits=ct.payload_bits,
-                index=index)
+                layout=ct.layout, model=(m.word_bits, m.lo, m.hi, m.base, m.rotate, m.gather),
+                payload_bits=ct.payload_bits, index=index)
 
 
 def reduce(ct, protocol):

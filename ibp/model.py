@@ -16,7 +16,9 @@ the secondary level is stored with its secondary residual, else raw.
 A model may also *rotate* every word right by ``rotate`` bits before the
 levels see it (decoding rotates back): values that share bits on both sides
 of the bits where they differ (0, 2 and 6 share bit 0 and the bits above 2)
-then share one run at the top, which a level can fix (see ``ibp.rotation``).
+then share one run at the top, which a level can fix.  Or it may *gather*
+the bits under a mask to the top (4, 13 and 37 share bits in three places):
+see ``ibp.rotation``.  A model does one or the other, or neither.
 """
 from __future__ import annotations
 
@@ -91,22 +93,26 @@ class Model:
     """Per-column invariant-bit model for words of ``word_bits`` bits."""
 
     _rotate = 0   # models pickled before rotations have none
+    _gather = 0   # ... and before gathers
 
-    def __init__(self, word_bits: int, lo: np.ndarray, hi: np.ndarray, base: np.ndarray, rotate: int = 0):
+    def __init__(self, word_bits: int, lo: np.ndarray, hi: np.ndarray, base: np.ndarray, rotate: int = 0,
+                 gather: int = 0):
         self.word_bits = int(word_bits)
         self.lo = np.ascontiguousarray(lo, dtype=np.uint8)
         self.hi = np.ascontiguousarray(hi, dtype=np.uint8)
         self.base = np.ascontiguousarray(base, dtype=np.uint64)
-        if not isinstance(rotate, numbers.Integral) or isinstance(rotate, bool):
-            raise FormatError(f"rotate must be an integer, got {rotate!r}")
+        for name, value in (("rotate", rotate), ("gather", gather)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise FormatError(f"{name} must be an integer, got {value!r}")
         self._rotate = int(rotate)
+        self._gather = int(gather)
         for a in (self.lo, self.hi, self.base):
             a.flags.writeable = False
         self._validate()
 
     @classmethod
     def _learned(cls, word_bits: int, lo: np.ndarray, hi: np.ndarray, base: np.ndarray, rotate: int = 0,
-                 tables: tuple | None = None) -> Model:
+                 tables: tuple | None = None, gather: int = 0) -> Model:
         """A model from ibp's own learner: valid by construction, so not
         checked again (checking costs as much as compressing a small
         tensor), with its ``tables`` when the learner made them."""
@@ -114,6 +120,7 @@ class Model:
         model.word_bits = int(word_bits)
         model.lo, model.hi, model.base = lo, hi, base
         model._rotate = rotate
+        model._gather = gather
         for a in (lo, hi, base):
             a.setflags(write=False)
         if tables is not None:
@@ -122,10 +129,11 @@ class Model:
         return model
 
     @classmethod
-    def _checked(cls, word_bits: int, lo: np.ndarray, hi: np.ndarray, base: np.ndarray, rotate: int) -> Model:
+    def _checked(cls, word_bits: int, lo: np.ndarray, hi: np.ndarray, base: np.ndarray, rotate: int,
+                 gather: int = 0) -> Model:
         """A model from a file's sections (arrays of the right types that no
         one else holds: the reader's copies), checked as ``Model()`` checks."""
-        model = cls._learned(word_bits, lo, hi, base, rotate)
+        model = cls._learned(word_bits, lo, hi, base, rotate, gather=gather)
         model._validate()
         return model
 
@@ -135,6 +143,10 @@ class Model:
             raise FormatError(f"word width {W} is not one of {WORD_BITS}")
         if not 0 <= self.rotate < W:
             raise FormatError(f"rotate must be an integer in [0, {W - 1}], got {self.rotate!r}")
+        if not 0 <= self.gather < 1 << W:
+            raise FormatError(f"gather must be a {W}-bit mask, got {self.gather!r}")
+        if self.rotate and self.gather:
+            raise FormatError("a model rotates its words or gathers their bits, not both")
         if self.lo.ndim != 2 or self.lo.shape[0] != 2 or self.lo.shape[1] < 1:
             raise FormatError(f"model arrays must have shape (2, period >= 1), got {self.lo.shape}")
         if self.hi.shape != self.lo.shape or self.base.shape != self.lo.shape:
@@ -148,6 +160,18 @@ class Model:
         """Bits every word is rotated right by before the levels see it
         (ibp.rotation); 0 for most models."""
         return self._rotate
+
+    @property
+    def gather(self) -> int:
+        """The bits every word has moved to the top, in order, before the
+        levels see it (ibp.rotation); 0 for most models."""
+        return self._gather
+
+    @property
+    def transforms_words(self) -> bool:
+        """Whether the levels see words rotated or gathered (which the GPU
+        kernels do not do: see ibp.cuda)."""
+        return bool(self._rotate or self._gather)
 
     @property
     def period(self) -> int:
@@ -177,11 +201,11 @@ class Model:
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, Model) and self.word_bits == other.word_bits and self.rotate == other.rotate
-                and np.array_equal(self.lo, other.lo) and np.array_equal(self.hi, other.hi)
+                and self.gather == other.gather and np.array_equal(self.lo, other.lo) and np.array_equal(self.hi, other.hi)
                 and np.array_equal(self.base, other.base))
 
     def __repr__(self) -> str:
-        rotate = f", rotate={self.rotate}" if self.rotate else ""
+        rotate = f", rotate={self.rotate}" if self.rotate else f", gather={self.gather:#x}" if self.gather else ""
         return (f"ibp.Model(word_bits={self.word_bits}, period={self.period}{rotate}, "
                 f"invariant bits/column={self.invariant_bits.mean():.2f})")
 

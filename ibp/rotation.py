@@ -1,12 +1,19 @@
-"""Rotated words: a model's one transform of the words before its levels.
+"""Rotated and gathered words: a model's one transform of the words before
+its levels.
 
 A level fixes one run of bits.  Small integers such as 0, 2 and 6 (or -9,
 -5 and -1) agree on their low bits and on their high bits but differ in
 between, so one run fixes only one side.  Rotating every word right by the
 length of the low run that agrees moves those bits to the top, next to the
 high ones: one run then fixes both (``Model.rotate``; file format version 3).
-Encoding rotates a copy of the words right; decoding rotates its output back
-left, in place, after the kernels: the codec itself never sees a rotation.
+Values whose shared bits lie in more places than that (4, 13 and 37 differ
+in bits 0, 3 and 5 only) are *gathered*: the bits under a mask move to the
+top in order and the others to the bottom in order, so one run fixes every
+shared bit, as an arbitrary mask would (``Model.gather``; version 4).  A
+rotation right by r is the gather of the low r bits.
+
+Encoding transforms a copy of the words; decoding transforms its output
+back, in place, after the kernels: the codec itself never sees either.
 """
 import numpy as np
 
@@ -48,3 +55,64 @@ def rotate_back(words, rotate):
     if rotate and words.size:
         w = _uint(words)
         _rotate(w, w, 8 * w.dtype.itemsize - rotate)
+
+
+def _runs(mask, W):
+    """(start, length) of each run of set bits of the W-bit ``mask``, low to high."""
+    runs, bit = [], 0
+    while bit < W:
+        if mask >> bit & 1:
+            start = bit
+            while bit < W and mask >> bit & 1:
+                bit += 1
+            runs.append((start, bit - start))
+        else:
+            bit += 1
+    return runs
+
+
+def gather_moves(gather, W):
+    """(source bit, bits, destination bit) of each run of bits a gather
+    moves: the bits outside ``gather`` to the bottom, then those under it."""
+    moves, dest = [], 0
+    for mask in ((1 << W) - 1 & ~gather, gather):
+        for start, length in _runs(mask, W):
+            moves.append((start, length, dest))
+            dest += length
+    return moves
+
+
+def _move(src, dst, moves, back):
+    """``dst`` = the words ``src`` with each run of ``moves`` moved (from
+    source to destination, or back), a chunk at a time; ``dst`` may be ``src``."""
+    t = src.dtype.type
+    steps = [(t(a), t((1 << n) - 1), t(b)) for a, n, b in moves]
+    if back:
+        steps = [(b, m, a) for a, m, b in steps]
+    for i in range(0, src.size, CHUNK_WORDS):
+        s, d = src[i:i + CHUNK_WORDS], dst[i:i + CHUNK_WORDS]
+        out = np.zeros_like(s)
+        for a, m, b in steps:
+            out |= ((s >> a) & m) << b
+        d[...] = out
+
+
+def transformed(words, rotate, gather):
+    """A read-only copy of the W-bit ``words`` rotated right by ``rotate``
+    bits or gathered by ``gather`` (``words`` itself when both are 0)."""
+    if not gather:
+        return rotated(words, rotate)
+    w = _uint(words)
+    out = np.empty_like(w)
+    _move(w, out, gather_moves(gather, 8 * w.dtype.itemsize), False)
+    return frozen(out)
+
+
+def transform_back(words, rotate, gather):
+    """Undo ``transformed`` on the W-bit ``words``, in place: what decoding
+    a rotated or gathered model's words leaves them as."""
+    if gather and words.size:
+        w = _uint(words)
+        _move(w, w, gather_moves(gather, 8 * w.dtype.itemsize), True)
+    else:
+        rotate_back(words, rotate)

@@ -231,7 +231,7 @@ class CompressedTensor:
             raise IndexError("a 0-d tensor has no rows to update")
         rows, _ = normalize_index(index, self.nrows)
         on_gpu = dtypes.is_torch(values) and values.device.type == "cuda"
-        if on_gpu and self.model.rotate:   # the GPU encoder does not rotate words (ibp.rotation): encode here
+        if on_gpu and self.model.transforms_words:   # the GPU encoder does not (ibp.rotation): encode here
             values, on_gpu = values.cpu(), False
         if on_gpu:
             data, name, shape = None, dtypes.name_of_torch(values.dtype), tuple(values.shape)

@@ -96,6 +96,13 @@ def test_model_pickles():
     assert ibp.Model(8, np.zeros((2, 1)), np.zeros((2, 1)), np.zeros((2, 1)), rotate=np.int64(3)).rotate == 3
     with pytest.raises(AttributeError):
         rotated.rotate = 0   # a model is immutable: tensors that share it decode by it
+    gathered = ibp.analyze(np.random.default_rng(0).choice(np.array([4, 13, 37], np.int32), (64, 8)))
+    assert gathered.gather and pickle.loads(pickle.dumps(gathered)) == gathered and gathered != rotated
+    z = np.zeros((2, 1))
+    assert ibp.Model(8, z, z, z, gather=0xF0).gather == 0xF0
+    for bad in (dict(gather=256), dict(gather=-1), dict(gather=1.5), dict(rotate=1, gather=2)):
+        with pytest.raises(ValueError):
+            ibp.Model(8, z, z, z, **bad)
 
 
 def test_a_rotated_tensor_pickles_with_its_rotation():

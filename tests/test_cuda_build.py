@@ -206,8 +206,8 @@ def raw_bytes(x):
 def assert_same(emulator, ct, index=None, **kw):
     out, status = emulator.decode(ct, index, **kw)
     assert status == cuda.NO_ERROR, hex(status)
-    # the kernels decode the words the model sees: a rotated model's (ibp.rotation) are rotated back after them
-    rotation.rotate_back(out.view(f"<u{ct.word_bits // 8}"), ct.model.rotate)
+    # the kernels decode the words the model sees: a rotated or gathered model's (ibp.rotation) are turned back after
+    rotation.transform_back(out.view(f"<u{ct.word_bits // 8}"), ct.model.rotate, ct.model.gather)
     np.testing.assert_array_equal(out, raw_bytes(ibp.decompress(ct, index=index)))
 
 
@@ -303,6 +303,7 @@ def test_corrupted_units_fail_like_the_cpu(emulator):
         bad = ct._replace(payload=payload)
         index = rng.integers(0, ct.nrows, 6) if trial % 3 == 0 else None
         out, status = emulator.decode(bad, index)
+        rotation.transform_back(out.view(f"<u{ct.word_bits // 8}"), ct.model.rotate, ct.model.gather)
         try:
             expect = raw_bytes(ibp.decompress(bad, index=index))
         except ibp.FormatError as e:
@@ -661,14 +662,16 @@ def test_gpu_uses_wait_for_every_stream():
     assert sorted(synced) == [(1, 2), (2, 1)]       # the latest event of each stream
 
 
-def test_rotated_models_decode_through_the_host(cpu_as_gpu):
-    """A rotated model (ibp.rotation, format version 3) is decoded on the
-    CPU and copied over: the kernels do not rotate words back."""
+@pytest.mark.parametrize("values", [[0, 2, 6], [4, 13, 37]])
+def test_rotated_and_gathered_models_decode_through_the_host(cpu_as_gpu, values):
+    """A rotated or gathered model (ibp.rotation, format versions 3 and 4)
+    is decoded on the CPU and copied over: the kernels do not turn words
+    back."""
     torch = cpu_as_gpu
     rng = np.random.default_rng(16)
-    x = rng.choice(np.array([0, 2, 6], np.int32), (200, 12))
+    x = rng.choice(np.array(values, np.int32), (200, 12))
     packed = ibp.compress(x)
-    assert packed.model.rotate
+    assert packed.model.transforms_words
     for ct in (packed, ibp.compress(x, layout="slotted").pin_memory(), cuda.to_device(packed)):
         np.testing.assert_array_equal(cuda.decompress(ct, sync=True).numpy(), x)
         out = torch.full(x.shape, -1, dtype=torch.int32)
@@ -689,12 +692,13 @@ def test_rotated_models_decode_through_the_host(cpu_as_gpu):
     np.testing.assert_array_equal(cuda.decompress(packed.pin_memory(), path="zero-copy").numpy(), x)
 
 
-def test_the_kernels_decode_a_rotated_models_words(emulator):
+@pytest.mark.parametrize("values", [[-9, -5, -1, 7], [4, 13, 37]])
+def test_the_kernels_decode_a_rotated_or_gathered_models_words(emulator, values):
     """What a GPU rotate-back would start from: the kernels decode the
-    rotated words as they decode any others."""
-    x = np.random.default_rng(17).choice(np.array([-9, -5, -1, 7], np.int16), (90, 20))
+    rotated or gathered words as they decode any others."""
+    x = np.random.default_rng(17).choice(np.array(values, np.int16), (90, 20))
     for layout in ("packed", "slotted"):
         ct = ibp.compress(x, layout=layout)
-        assert ct.model.rotate
+        assert ct.model.transforms_words
         assert_same(emulator, ct)
         assert_same(emulator, ct, np.array([3, -1, 3, 0]))

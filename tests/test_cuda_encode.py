@@ -60,9 +60,10 @@ class Encoder:
         data, name, shape, _ = ibp.dtypes.as_bytes(x)
         W = model.word_bits
         g = ibp.geometry.Geometry.choose(shape, ibp.dtypes.ITEMSIZE[name], W, unit_rows)
-        # the kernel encodes the words the model sees: rotated ones for a rotated model (ibp.rotation), which
-        # ibp.cuda_encode refuses, so only the CPU makes them; here they show the kernel encodes them alike
-        words = np.ascontiguousarray(rotation.rotated(np.ascontiguousarray(data).view(f"<u{W // 8}"), model.rotate))
+        # the kernel encodes the words the model sees: rotated or gathered ones for such a model (ibp.rotation),
+        # which ibp.cuda_encode refuses, so only the CPU makes them; here they show the kernel encodes them alike
+        words = np.ascontiguousarray(rotation.transformed(np.ascontiguousarray(data).view(f"<u{W // 8}"),
+                                                          model.rotate, model.gather))
         table = cuda_encode.encode_table(torch, *cuda_encode.model_tensors(torch, model), W).numpy()
         n = g.nunits
         kinds8 = np.full(n, 0xEE, np.uint8)
@@ -454,13 +455,14 @@ def test_launcher_compresses_like_the_cpu(cpu_as_gpu, layout):
         np.testing.assert_array_equal(ibp.decompress(learned).numpy(), x)
 
 
-def test_a_rotated_model_is_refused(cpu_as_gpu):
-    x = np.random.default_rng(23).choice(np.array([0, 2, 6], np.int32), (100, 8))
+@pytest.mark.parametrize("values", [[0, 2, 6], [4, 13, 37]])
+def test_a_rotated_or_gathered_model_is_refused(cpu_as_gpu, values):
+    x = np.random.default_rng(23).choice(np.array(values, np.int32), (100, 8))
     model = ibp.analyze(x)
-    assert model.rotate   # see ibp.rotation: the GPU encoder does not rotate words
+    assert model.transforms_words   # see ibp.rotation: the GPU encoder does not rotate words or gather bits
     with pytest.raises(ValueError, match="rotate"):
         cuda_encode.compress(torch.from_numpy(x), model=model)
-    assert not cuda_encode.compress(torch.from_numpy(x)).model.rotate   # its own learner never rotates
+    assert not cuda_encode.compress(torch.from_numpy(x)).model.transforms_words   # its own learner never does
 
 
 def test_launcher_odd_inputs(cpu_as_gpu):
@@ -642,13 +644,14 @@ def test_update_rows_from_cuda_values(cpu_as_gpu, shape, unit_rows):
     np.testing.assert_array_equal(gpu_made.device_payload.numpy().view(np.uint64), expect.payload)
 
 
-def test_update_rows_of_a_rotated_model_from_cuda_values(cpu_as_gpu):
-    """The GPU encoder does not rotate words: such rows are encoded on the host."""
+@pytest.mark.parametrize("values", [[0, 2, 6], [4, 13, 37]])
+def test_update_rows_of_a_rotated_or_gathered_model_from_cuda_values(cpu_as_gpu, values):
+    """The GPU encoder does not rotate words or gather bits: such rows are encoded on the host."""
     rng = np.random.default_rng(23)
-    x = rng.choice(np.array([0, 2, 6], np.int32), (100, 8))
+    x = rng.choice(np.array(values, np.int32), (100, 8))
     ct = ibp.compress(x, layout="slotted")
-    assert ct.model.rotate
-    rows, new = np.array([3, 50, 3]), rng.choice(np.array([0, 2, 6, 7], np.int32), (3, 8))
+    assert ct.model.transforms_words
+    rows, new = np.array([3, 50, 3]), rng.choice(np.array(values + [7], np.int32), (3, 8))
     ct.update_rows(rows, torch.Tensor._make_subclass(_OnGpu, torch.from_numpy(new)))
     x[rows] = new
     np.testing.assert_array_equal(ibp.decompress(ct), x)

@@ -177,6 +177,53 @@ def test_a_rotation_in_an_older_version_is_rejected():
         ibp.CompressedTensor.from_bytes(blob[:8] + struct.pack("<I", 2) + blob[12:])
 
 
+def gathered_tensor(layout="packed"):
+    """A tensor whose model gathers bits (format version 4): 4, 13 and 37
+    share bits in three places."""
+    x = np.random.default_rng(6).choice(np.array([4, 13, 37], np.int16), (50, 30))
+    ct = ibp.compress(x, layout=layout)
+    assert ct.model.gather and not ct.model.rotate
+    return x, ct
+
+
+@pytest.mark.parametrize("layout", ["packed", "slotted"])
+def test_a_gathered_model_is_written_as_version_4_and_only_then(layout, tmp_path):
+    x, ct = gathered_tensor(layout)
+    blob = ct.to_bytes()
+    assert _version(blob) == 4 and _version(rotated_tensor(layout)[1].to_bytes()) == 3
+    assert json.loads(blob[24:24 + container.PREAMBLE.unpack_from(blob, 0)[2]])["tensors"][0]["gather"] == \
+        ct.model.gather
+    back = ibp.CompressedTensor.from_bytes(blob)
+    assert back.model == ct.model
+    assert np.array_equal(ibp.decompress(back), x)
+    assert np.array_equal(ibp.decompress(back, index=[7, -1, 7, 0]), x[[7, -1, 7, 0]])
+    ibp.save({"gathered": ct, "rotated": rotated_tensor(layout)[1]}, tmp_path / "both.ibp")
+    assert _version((tmp_path / "both.ibp").read_bytes()) == 4
+    loaded = ibp.load(tmp_path / "both.ibp", mmap=True)
+    assert np.array_equal(ibp.decompress(loaded["gathered"]), x) and loaded["rotated"].model.rotate == 1
+
+
+@pytest.mark.parametrize("lie", [
+    lambda h: h["tensors"][0].update(gather=0),         # written only when it gathers
+    lambda h: h["tensors"][0].update(gather=1 << 16),   # a 16-bit mask
+    lambda h: h["tensors"][0].update(gather=-1),
+    lambda h: h["tensors"][0].update(gather=True),
+    lambda h: h["tensors"][0].update(gather="0x1"),
+    lambda h: h["tensors"][0].update(rotate=1),         # one transform, not both
+])
+def test_lying_gathers_are_rejected(lie):
+    _, ct = gathered_tensor()
+    with pytest.raises(ibp.FormatError):
+        ibp.CompressedTensor.from_bytes(rebuild(ct.to_bytes(), lie))
+
+
+def test_a_gather_in_an_older_version_is_rejected():
+    _, ct = gathered_tensor()
+    blob = ct.to_bytes()
+    with pytest.raises(ibp.FormatError, match="keys"):
+        ibp.CompressedTensor.from_bytes(blob[:8] + struct.pack("<I", 3) + blob[12:])
+
+
 def test_the_checksum_is_zlibs_crc32():
     from ibp.checksum import crc32
     rng = np.random.default_rng(9)
@@ -189,7 +236,7 @@ def test_the_checksum_is_zlibs_crc32():
 def test_preamble_checks():
     _, ct = sample_tensor()
     blob = ct.to_bytes()
-    for bad in (b"NOTIBP00" + blob[8:], blob[:8] + struct.pack("<I", 4) + blob[12:],
+    for bad in (b"NOTIBP00" + blob[8:], blob[:8] + struct.pack("<I", 5) + blob[12:],
                 blob[:12] + struct.pack("<I", 1 << 30) + blob[16:], blob[:16] + b"\0\0\0\0" + blob[20:]):
         with pytest.raises(ibp.FormatError):
             ibp.CompressedTensor.from_bytes(bad)
