@@ -369,36 +369,40 @@ def _most_common(masks):
 
 
 @Kernel
-def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base, hints, gathers):
+def _fit(words, train, test, piece_words, step, W, prices, p):
     """Learn one model per exception price, and one for low-cardinality
     columns: where a column has a few distinct values, both levels searched
     exactly over them (``_few_levels``: 0, 1 and 4 take one bit and a flag
     where one run over all three leaves three), else where one word is
     frequent, that word as the whole primary level (values that share bits
     on both sides of those where they differ: a one-run level cannot fix
-    them all, two exact levels can); learned from every ``step``-th period of the sampled pieces of ``words`` that
-    start at ``train``, and measure them on those at ``test`` (as units of
-    ``piece_words``).  Fills lo/hi/base ``[models, 2, period]`` (per
-    column the primary level and the secondary level learned on the
-    primary's exceptions).  Returns the model whose test pieces encode
-    smallest and their bits, the most *stranded* bits per column any model
+    them all, two exact levels can); learned from every ``step``-th
+    period of the sampled pieces of ``words`` that start at ``train``, and
+    measured on those at ``test`` (as units of ``piece_words``).  Per
+    column a model has the primary level and the secondary level learned
+    on the primary's exceptions.  Returns the lo/hi/base ``[2, p]`` of the
+    model whose test pieces encode smallest and their bits, the most
+    *stranded* bits per column any model
     leaves (bits outside the primary run that at least STRANDED_AGREEMENT
     of the words agree on: a narrower word, with more columns, could also
     fix them), how many columns' primary run under the first price
     starts at bit 0 and spans at least W/8 bits (low bits that are
     padding: see ``_try_half``), the rotation worth trying
-    (``ibp.rotation``): ``hints[c]`` gets the one that could help column
-    c, the low run its sampled words agree on where they also agree on a
-    high run or take a few values (else 0), and the one most columns hint
-    at is returned (0 for none); the gather worth trying: ``gathers[c]``
-    gets the bits column c's sampled words all agree on where neither they
-    nor the others are one run (no level or rotation fixes them all: 4, 13
-    and 37), and the one most columns hint at is returned; last, the best
-    model's ``Model.tables``."""
-    p = lo.shape[2]
+    (``ibp.rotation``): the one most columns hint at (0 for none), a
+    column hinting at the low run its sampled words agree on where they
+    also agree on a high run or take a few values; the gather worth
+    trying: the one most columns hint at, a column hinting at the bits its
+    sampled words all agree on where neither they nor the others are one
+    run (no level or rotation fixes them all: 4, 13 and 37); last, the
+    best model's ``Model.tables``."""
+    ne = prices.shape[0]
+    lo = np.zeros((ne + 1, 2, p), np.uint8)   # [model, level, column]
+    hi = np.zeros((ne + 1, 2, p), np.uint8)
+    base = np.zeros((ne + 1, 2, p), np.uint64)
+    hints = np.zeros(p, np.int64)
+    gathers = np.zeros(p, np.uint64)
     rows = piece_words // p   # periods per piece
     m = (train.shape[0] * rows + step - 1) // step
-    ne = prices.shape[0]
     free = np.zeros(1)
     per_column = np.zeros((ne + 1, p), np.int64)
     for c in prange(p):
@@ -474,8 +478,8 @@ def _fit(words, train, test, piece_words, step, W, prices, lo, hi, base, hints, 
     votes = np.zeros(W, np.int64)   # the rotation most columns hint at, the shortest on ties
     for c in range(p):
         votes[hints[c]] += hints[c] > 0
-    return best, bits[best], stranded, halves, np.argmax(votes) if votes.max() > 0 else 0, _most_common(gathers), \
-        tables
+    return lo[best], hi[best], base[best], bits[best], stranded, halves, \
+        np.argmax(votes) if votes.max() > 0 else 0, _most_common(gathers), tables
 
 
 def learn(sample, word_bits, period, per_column, prices=None):
@@ -488,17 +492,10 @@ def learn(sample, word_bits, period, per_column, prices=None):
     worth trying (see ``_fit``), and the best model's ``Model.tables``."""
     words, train, test, piece_words = sample
     prices = PRICES if prices is None else np.asarray(prices, np.float64)
-    models = prices.size + 1
-    lo = np.zeros((models, 2, period), np.uint8)
-    hi = np.zeros((models, 2, period), np.uint8)
-    base = np.zeros((models, 2, period), np.uint64)
-    hints = np.zeros(period, np.int64)
-    gathers = np.zeros(period, np.uint64)
     step = -(-train.size * piece_words // period // per_column)
-    e, bits, stranded, halves, rotate, gather, tables = _fit(train.size * piece_words // step, words, train, test,
-                                                             piece_words, step, word_bits, prices, lo, hi, base,
-                                                             hints, gathers)
-    return lo[e], hi[e], base[e], bits, stranded, halves, int(rotate), int(gather), tables
+    lo, hi, base, bits, stranded, halves, rotate, gather, tables = _fit(
+        train.size * piece_words // step, words, train, test, piece_words, step, word_bits, prices, period)
+    return lo, hi, base, bits, stranded, halves, int(rotate), int(gather), tables
 
 
 def _samples(data, geom, least=0):

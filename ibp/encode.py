@@ -146,9 +146,8 @@ def encode_packed(data, geom, model):
     buf.resize(-(-total // 64) + 1, refcheck=False)   # + the spare zero word
     buf[-1] = 0
     index = UNIFORM_INDEX if uniform else \
-        (block, rel_bits, block_base, rel.astype(np.uint16) if rel_bits == 16 else rel)
-    for a in (packed, buf, index[2], index[3]):   # a packed tensor is never written: read as it is
-        a.flags.writeable = False
+        (block, rel_bits, frozen(block_base), frozen(rel.astype(np.uint16) if rel_bits == 16 else rel))
+    packed.flags.writeable = buf.flags.writeable = False   # a packed tensor is never written: read as it is
     return packed, buf, total, index
 
 

@@ -52,7 +52,7 @@ class CompressedTensor:
                  payload: np.ndarray, payload_bits: int | None = None,
                  index: tuple[int, int, np.ndarray, np.ndarray] | None = None):
         self.dtype_name = dtype
-        self._shape = tuple(int(s) for s in shape)
+        self._shape = tuple(map(int, shape))
         self.framework = framework
         self.geometry = geometry
         self.layout = layout
