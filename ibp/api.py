@@ -1,9 +1,12 @@
 """The public functions: compress, decompress, analyze, save, load."""
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Literal
+
+import numpy as np
 
 from . import dtypes
 from ._typing import Device, Index, Path, ReadableFile, Tensor, WritableFile
@@ -75,7 +78,13 @@ def compress_bytes(data, name, shape, framework, *, model=None, word_bits=None, 
     bytes (``dtypes.as_bytes``), its dtype name, shape and framework: what a
     checkpoint reader has in hand, with no tensor object built around it."""
     _check_options(word_bits, layout, unit_rows)
-    itemsize = dtypes.ITEMSIZE[name]
+    itemsize = dtypes.ITEMSIZE.get(name)
+    if itemsize is None:
+        raise TypeError(f"ibp cannot compress dtype {name!r}: use one of {sorted(dtypes.ITEMSIZE)}")
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1 and data.flags.c_contiguous
+            and data.size == math.prod(shape) * itemsize):
+        raise ValueError(f"data must be the {math.prod(shape) * itemsize} bytes of a {name} tensor of shape "
+                         f"{tuple(shape)} as a flat contiguous uint8 array")
     if model is None:
         model = analyze_bytes(data, shape, itemsize, word_bits)
     elif not isinstance(model, Model):

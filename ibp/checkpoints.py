@@ -150,9 +150,22 @@ def _tensor_bytes(f, path, data_start, names, specs):
             if hi - lo > buf.size:  # the file holds them: no header can make this allocate more than the file
                 buf = np.frombuffer(scratch(hi - lo), np.uint8)
             f.seek(data_start + lo)
-            if f.readinto(buf[:hi - lo]) != hi - lo:
+            if _read_into(f, memoryview(buf[:hi - lo])) != hi - lo:
                 raise CheckpointError(f"{path}: truncated: tensor {name!r} runs past the end of the file")
         yield name, _bits.frozen(buf[start - lo:stop - lo])
+
+
+def _read_into(f, view):
+    """Fill ``view`` from the raw file ``f``; returns the bytes read (fewer
+    only where the file ends).  One read returns at most about 2 GiB on
+    Linux, less than one embedding table of a big model."""
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            break
+        done += n
+    return done
 
 
 def compress_safetensors(path, stream, *, scratch_dir=None, progress=None, **options):

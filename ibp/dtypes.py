@@ -121,18 +121,6 @@ def empty(shape, name, framework):
     return a, a.reshape(-1).view(np.uint8)
 
 
-def view(flat, shape, name, framework):
-    """An array or tensor of ``shape`` and type ``name`` over the flat uint8
-    array ``flat`` (its memory, not a copy)."""
-    if framework == "torch":
-        torch = _torch()
-        if torch is not None:
-            if not flat.size:   # torch views no empty buffer as a wider type
-                return torch.empty(shape, dtype=torch_dtype(name))
-            return torch.from_numpy(flat).view(torch_dtype(name)).reshape(shape)
-    return flat.view(numpy_dtype(name)).reshape(shape)
-
-
 def output_view(out, shape, name):
     """Flat uint8 view of a caller's ``out`` buffer, after checking it fits."""
     if is_torch(out):

@@ -19,7 +19,7 @@ import numpy as np
 
 from ._bits import frozen
 
-CHUNK_WORDS = 1 << 18   # words rotated at a time: the temporaries stay small and in cache
+CHUNK_WORDS = 1 << 18   # words transformed at a time: the temporaries stay small and in cache
 
 
 def _rotate(src, dst, right):

@@ -71,7 +71,10 @@ class Writer:
         self._written = 0    # ... after those that end here
 
     def add(self, name, ct):
-        """Write one CompressedTensor's sections (name None for a lone tensor)."""
+        """Add one CompressedTensor (name None for a lone tensor).  Its
+        sections are checksummed now and written once a megabyte of them
+        waits, or at ``finish``: until then they must not change (a
+        ``Reader.tensor(reuse=True)`` tensor is copied first)."""
         if name in self._names or None in self._names or (name is None and self._names):
             raise ValueError(f"tensor name {name!r} is a duplicate, or a lone tensor shares the file")
         self._names.add(name)
@@ -195,7 +198,7 @@ class Reader:
         if not reuse:
             buf = scratch(hi - lo)
         elif len(self._reused) < hi - lo:   # sized once for the largest tensor: each new buffer is faulted in anew
-            buf = self._reused = scratch(max(hi - lo, min(self._largest_extent(), self.size)))
+            buf = self._reused = scratch(max(hi - lo, min(self._largest_extent(), self.size - self.start)))
         else:
             buf = self._reused
         view = memoryview(buf)[:hi - lo]

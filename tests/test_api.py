@@ -84,6 +84,18 @@ def test_model_validation():
         ibp.Model(8, np.ones((2, 1)), np.ones((2, 1)), np.zeros((2, 1)))
 
 
+def test_compress_bytes_checks_the_bytes_against_the_shape():
+    from ibp.api import compress_bytes
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    data = x.reshape(-1).view(np.uint8)
+    assert np.array_equal(ibp.decompress(compress_bytes(data, "float32", (3, 4), "numpy")), x)
+    for bad in (data[:-4], np.zeros(48, np.int8), data.reshape(6, 8), data[::2]):
+        with pytest.raises(ValueError, match="bytes"):
+            compress_bytes(bad, "float32", (3, 4), "numpy")
+    with pytest.raises(TypeError, match="dtype"):
+        compress_bytes(data, "float31", (3, 4), "numpy")
+
+
 def test_model_pickles():
     import pickle
     x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)

@@ -270,6 +270,27 @@ def test_many_small_tensors_read_written_and_decoded_together(window, tmp_path, 
     assert (tmp_path / "back.safetensors").read_bytes() == src.read_bytes()
 
 
+class ShortReads:
+    """A raw file that returns at most 1000 bytes a read, as one read of
+    more than about 2 GiB does on Linux."""
+
+    def __init__(self, data):
+        self.data, self.pos = data, 0
+
+    def readinto(self, view):
+        n = min(len(view), 1000, len(self.data) - self.pos)
+        view[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
+def test_reads_are_repeated_until_the_buffer_is_full():
+    data = bytes(range(256)) * 20
+    buf = bytearray(len(data))
+    assert checkpoints._read_into(ShortReads(data), memoryview(buf)) == len(data) and buf == data
+    assert checkpoints._read_into(ShortReads(data[:3000]), memoryview(buf)) == 3000   # the file ends: fewer
+
+
 def test_a_writer_refuses_a_header_longer_than_its_room(tmp_path):
     with pytest.raises(ValueError, match="at most"):
         stream.Writer(out=open(tmp_path / "b.ibp", "wb"), header_room=container.MAX_HEADER + 1)
