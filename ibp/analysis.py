@@ -670,7 +670,7 @@ def _columns_stand_out(sample, p):
     most 1.1 over a checkpoint's tensors), tables of a few values per
     column 1.5 to 5."""
     words, train, test, piece = sample
-    starts = train if test is train else np.concatenate([train, test])
+    starts = train if test is train else frozen(np.concatenate([train, test]))   # one compiled signature
     own, across = _agreement(words, starts, piece, p)
     return own - across >= COLUMN_AGREEMENT
 

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 import ibp
-from ibp import _bits
+from ibp import _bits, analysis
 
 
 def variants(x):
@@ -40,6 +40,9 @@ def warm(word_bits):
                         assert np.array_equal(ibp.decompress(ct, index=[1, 0]), x[[1, 0]])
                     if layout == "slotted":
                         fresh.update_rows([0], x[1:2])
+    # the per-column agreement test of analysis (ibp.analysis._agreement), per word width
+    words = _bits.frozen(rng.integers(0, 256, 1024, dtype=np.uint8).view(f"<u{word_bits // 8}"))
+    analysis._agreement(words, _bits.frozen(np.array([0, 32], np.int64)), 32, 4)
 
 
 if __name__ == "__main__":
