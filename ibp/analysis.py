@@ -47,6 +47,7 @@ PLATEAU = 4                   # stop lengthening a fixed run after this many ste
 MODE_SHARE = 8                # a word at least this share (1/8) of a column's is also tried as its whole primary level
 FEW_VALUES = 6                # a column of at most this many distinct sampled words gets both levels searched exactly
 COLUMN_AGREEMENT = 1.5        # bits per word that make a per-column period worth more samples (_columns_stand_out)
+TINY_BYTES = 256              # a tensor this small tries every narrower word width (_try_narrower)
 
 
 @njit(cache=True)
@@ -577,12 +578,14 @@ def _geometry(shape, itemsize, word_bits):
     return Geometry.choose(shape, itemsize, word_bits)
 
 
-def _try_narrower(shape, itemsize, W, stranded):
+def _try_narrower(shape, itemsize, W, stranded, nbytes):
     """Every narrower width, each with one column per element part, when the
     best full-width model leaves ``stranded`` agreeing bits per column
     unfixed (small integers stored as float64: the exponent bits that zero
-    and the other values share)."""
-    if stranded < STRANDED_MIN:
+    and the other values share), or the tensor is at most TINY_BYTES (its
+    model is a visible share of its bytes, and narrower words can fix more
+    of them: 8 float64 values of noise)."""
+    if stranded < STRANDED_MIN and nbytes > TINY_BYTES:
         return []
     fit = fitting_widths(shape, itemsize)
     return [(w, periods(shape, itemsize, w, _geometry(shape, itemsize, w).unit_words)[0])
@@ -642,12 +645,12 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
         cap = NARROW_PER_COLUMN if (W, p) in narrower else MAX_PER_COLUMN
         per_column = min(cap, max(MIN_LEARN, geom.total_words // (LEARN_SHARE * p)))
         lo, hi, base, bits, stranded, halves, rotate, gather, tables = learn(sample, W, p, per_column)
-        cost, learned = bits * scale + _model_bits(p, W), (W, lo, hi, base, 0, tables, 0)
+        cost, learned = _cost(bits * scale, p, W), (W, lo, hi, base, 0, tables, 0)
         for r, g in ((rotate, 0), (0, gather)):   # the words rotated or gathered, where the columns hint at it
             if r or g:
                 lo, hi, base, bits, *_, tables = learn(_transformed_sample(sample, r, g), W, p, per_column)
-                if bits * scale + _model_bits(p, W) < cost:
-                    cost, learned = bits * scale + _model_bits(p, W), (W, lo, hi, base, r, tables, g)
+                if _cost(bits * scale, p, W) < cost:
+                    cost, learned = _cost(bits * scale, p, W), (W, lo, hi, base, r, tables, g)
         if best is None or cost < best[0]:
             best = (cost, learned, stranded)
         if not tried_half:
@@ -655,7 +658,7 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
             cands = half + [c for c in cands if c not in half]
             tried_half = True
         if not tried_narrower and not word_bits:
-            narrower = [c for c in _try_narrower(shape, itemsize, best[1][0], best[2]) if c not in half]
+            narrower = [c for c in _try_narrower(shape, itemsize, best[1][0], best[2], data.size) if c not in half]
             cands += narrower
             tried_narrower = True
     return Model._learned(*best[1])
@@ -715,6 +718,12 @@ def _transformed_sample(sample, rotate, gather):
     starts = np.arange(train.size + test.size, dtype=np.int64) * piece
     return rotation.transformed(words[pieces].reshape(-1), rotate, gather), frozen(starts[:train.size]), \
         frozen(starts[train.size:]), piece
+
+
+def _cost(payload_bits, period, word_bits):
+    """Bits a tensor takes: its payload in whole 64-bit words (which decide
+    between word widths on a tensor of a few words) and its model."""
+    return math.ceil(payload_bits / 64) * 64 + _model_bits(period, word_bits)
 
 
 def _model_bits(period, word_bits):

@@ -133,6 +133,16 @@ def test_small_tables_of_a_few_values_per_column(seed):
     _assert_not_larger(x.astype(("int32", "float32", "float64", "int16")[seed % 4]))
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_a_tensor_of_a_few_words_takes_its_smallest_width(seed):
+    """Eight float64 values of noise: every word width is tried, and scored
+    by the payload in whole 64-bit words with the model, which is what
+    decides at this size (the 64-bit model came out 1 byte over the
+    reference in 278 of 300 such tables; the smallest width, in 78)."""
+    x = np.random.default_rng(seed).standard_normal((8, 1)) * 1e6
+    assert ibp.compress(x).nbytes == min(ibp.compress(x, word_bits=W).nbytes for W in (8, 16, 32, 64))
+
+
 def test_columns_of_their_own_middle_bits():
     rng = np.random.default_rng(4)
     x = np.stack([rng.choice(np.array(v, np.int32), 80) for v in [(0, 2, 6), (16, 18, 22), (1, 5, 9), (0, 2, 6)] * 8], 1)
