@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import codec, rotation
-from ._bits import ONE, U64, ZERO, Kernel, ctz, frozen, low_mask, popcount
+from ._bits import ONE, U64, WORD_DTYPES, ZERO, Kernel, ctz, frozen, low_mask, popcount
 from .codec import bit_length
 from .geometry import Geometry, periods, word_widths as fitting_widths
 from .model import Model, level_tables
@@ -516,14 +516,13 @@ def _samples(data, geom, least=0):
     if full == 0:
         padded = np.zeros(U * wb, np.uint8)
         padded[:data.size] = data
-        return frozen(padded.view(WORDS[wb])), ORIGIN, ORIGIN, U
+        return frozen(padded.view(WORD_DTYPES[geom.word_bits])), ORIGIN, ORIGIN, U
     budget = min(max(data.size // SAMPLE_SHARE, SAMPLE_BYTES[0], least), SAMPLE_BYTES[1])
     piece = U if U * wb <= SAMPLE_BYTES[1] else _chunk_bytes(geom.shape, geom.itemsize) // wb
     count = full * (U // piece)
-    return (frozen(data.view(WORDS[wb])), *_piece_starts(count, max(1, min(count, budget // (piece * wb))), U, piece), piece)
+    return (frozen(data.view(WORD_DTYPES[geom.word_bits])), *_piece_starts(count, max(1, min(count, budget // (piece * wb))), U, piece), piece)
 
 
-WORDS = {b: np.dtype(f"<u{b}") for b in (1, 2, 4, 8)}   # word dtypes by bytes
 ORIGIN = np.zeros(1, np.int64)
 ORIGIN.flags.writeable = False
 
@@ -649,8 +648,9 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
         for r, g in ((rotate, 0), (0, gather)):   # the words rotated or gathered, where the columns hint at it
             if r or g:
                 lo, hi, base, bits, *_, tables = learn(_transformed_sample(sample, r, g), W, p, per_column)
-                if _cost(bits * scale, p, W) < cost:
-                    cost, learned = _cost(bits * scale, p, W), (W, lo, hi, base, r, tables, g)
+                transformed_cost = _cost(bits * scale, p, W)
+                if transformed_cost < cost:
+                    cost, learned = transformed_cost, (W, lo, hi, base, r, tables, g)
         if best is None or cost < best[0]:
             best = (cost, learned, stranded)
         if not tried_half:

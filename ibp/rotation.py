@@ -22,39 +22,8 @@ from ._bits import frozen
 CHUNK_WORDS = 1 << 18   # words transformed at a time: the temporaries stay small and in cache
 
 
-def _rotate(src, dst, right):
-    """``dst`` = the W-bit words ``src`` rotated by ``right`` bits to the
-    right (``dst`` may be ``src``), a chunk at a time."""
-    W = 8 * src.dtype.itemsize
-    r, back = src.dtype.type(right), src.dtype.type(W - right)
-    for i in range(0, src.size, CHUNK_WORDS):
-        s, d = src[i:i + CHUNK_WORDS], dst[i:i + CHUNK_WORDS]
-        high = s << back
-        np.right_shift(s, r, out=d)
-        d |= high
-
-
 def _uint(words):
     return words.view(f"<u{words.dtype.itemsize}")
-
-
-def rotated(words, rotate):
-    """A read-only copy of the W-bit ``words`` rotated right by ``rotate``
-    bits (``words`` itself when ``rotate`` is 0)."""
-    if not rotate:
-        return words
-    w = _uint(words)
-    out = np.empty_like(w)
-    _rotate(w, out, rotate)
-    return frozen(out)
-
-
-def rotate_back(words, rotate):
-    """Rotate the W-bit ``words`` left by ``rotate`` bits, in place: what
-    decoding a rotated model's words leaves them as."""
-    if rotate and words.size:
-        w = _uint(words)
-        _rotate(w, w, 8 * w.dtype.itemsize - rotate)
 
 
 def _runs(mask, W):
@@ -82,11 +51,13 @@ def gather_moves(gather, W):
     return moves
 
 
-def _move(src, dst, moves, back):
-    """``dst`` = the words ``src`` with each run of ``moves`` moved (from
-    source to destination, or back), a chunk at a time; ``dst`` may be ``src``."""
+def _move(src, dst, rotate, gather, back):
+    """``dst`` = the words ``src`` rotated right by ``rotate`` bits or
+    gathered by ``gather`` (the gather of the low ``rotate`` bits), or that
+    undone, a chunk at a time; ``dst`` may be ``src``."""
     t = src.dtype.type
-    steps = [(t(a), t((1 << n) - 1), t(b)) for a, n, b in moves]
+    steps = [(t(a), t((1 << n) - 1), t(b))
+             for a, n, b in gather_moves(gather or (1 << rotate) - 1, 8 * src.dtype.itemsize)]
     if back:
         steps = [(b, m, a) for a, m, b in steps]
     for i in range(0, src.size, CHUNK_WORDS):
@@ -100,19 +71,17 @@ def _move(src, dst, moves, back):
 def transformed(words, rotate, gather):
     """A read-only copy of the W-bit ``words`` rotated right by ``rotate``
     bits or gathered by ``gather`` (``words`` itself when both are 0)."""
-    if not gather:
-        return rotated(words, rotate)
+    if not (rotate or gather):
+        return words
     w = _uint(words)
     out = np.empty_like(w)
-    _move(w, out, gather_moves(gather, 8 * w.dtype.itemsize), False)
+    _move(w, out, rotate, gather, False)
     return frozen(out)
 
 
 def transform_back(words, rotate, gather):
     """Undo ``transformed`` on the W-bit ``words``, in place: what decoding
     a rotated or gathered model's words leaves them as."""
-    if gather and words.size:
+    if (rotate or gather) and words.size:
         w = _uint(words)
-        _move(w, w, gather_moves(gather, 8 * w.dtype.itemsize), True)
-    else:
-        rotate_back(words, rotate)
+        _move(w, w, rotate, gather, True)
