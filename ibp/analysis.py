@@ -10,7 +10,8 @@ bit 0 (quantised or padded low bits: a histogram of agreement with the
 per-bit majority).  A third model takes each column's most frequent word
 as its whole primary level where that word is frequent (tables of a few
 values).  The secondary level is learned the same way on the primary's
-exceptions.
+exceptions, or where the sample holds too few of them, is a wider window
+around the primary's.
 
 Word width, period and ``E`` are chosen by encoding held-out sampled units
 with each candidate and keeping the smallest.  The sample, and the words a
@@ -33,6 +34,8 @@ from .model import Model, level_tables
 SAMPLE_BYTES = (1 << 13, 1 << 18)  # bytes of units sampled: at least, at most
 SAMPLE_SHARE = 32             # ... and otherwise 1/32 of the tensor
 SAMPLE_CHUNK_BYTES = 1 << 12  # pieces sampled from units longer than SAMPLE_BYTES[1]
+SPREAD_UNITS = 8              # a one-column model's sample that would hold fewer units than this ...
+SPREAD_PIECES = 64            # ... takes this many smaller pieces instead
 TEST_WORDS = 1 << 14          # candidates are scored on at most about this many sampled words
 MIN_PER_COLUMN = 32           # sampled words a column needs to be learned
 MAX_PER_COLUMN = 4096         # sampled words a column is learned from at most ...
@@ -47,6 +50,7 @@ PLATEAU = 4                   # stop lengthening a fixed run after this many ste
 MODE_SHARE = 8                # a word at least this share (1/8) of a column's is also tried as its whole primary level
 FEW_VALUES = 6                # a column of at most this many distinct sampled words gets both levels searched exactly
 COLUMN_AGREEMENT = 1.5        # bits per word that make a per-column period worth more samples (_columns_stand_out)
+FEW_MISSES = 8                # a secondary level is learned from at least this many sampled exceptions
 TINY_BYTES = 256              # a tensor this small tries every narrower word width (_try_narrower)
 
 
@@ -342,6 +346,22 @@ def _few_levels(vals, counts, W, m):
 
 
 @njit(inline="always")
+def _margin(lo, hi, base):
+    """The secondary level of a primary that fewer than FEW_MISSES sampled
+    words missed (a level learned from so few fits them alone): its run
+    two bits shorter from below, a window four times the primary's centred
+    on it.  Words just outside the primary window that the sample did not
+    hold (the newest timestamps, the farthest steps of a walk) then cost a
+    flag and a residual rather than the whole word; a tensor without
+    exceptions pays nothing for it."""
+    if hi - lo < 2:
+        return 0, 0, ZERO
+    lo2 = lo + min(2, hi - lo - 1)
+    centre = (ONE << U64(lo - 1)) if lo > 0 else ZERO
+    return lo2, hi, (base + centre - (ONE << U64(lo2 - 1))) & low_mask(hi)
+
+
+@njit(inline="always")
 def _same_model(lo, hi, base, e, f):
     """Whether models e and f are the same."""
     for lv in range(2):
@@ -442,8 +462,12 @@ def _fit(words, train, test, piece_words, step, W, prices, p):
                     x2, y2, z2 = lo[e - 1, 1, c], hi[e - 1, 1, c], base[e - 1, 1, c]
                 else:
                     fixed = low_mask(y) & ~low_mask(x)
-                    a2, b2, bs2 = _best_levels(v[((v - z) & fixed) != ZERO], W, free)[:3]
-                    x2, y2, z2 = a2[0], b2[0], bs2[0]
+                    missed = v[((v - z) & fixed) != ZERO]
+                    if missed.shape[0] < FEW_MISSES:
+                        x2, y2, z2 = _margin(x, y, z)
+                    else:
+                        a2, b2, bs2 = _best_levels(missed, W, free)[:3]
+                        x2, y2, z2 = a2[0], b2[0], bs2[0]
             lo[e, 0, c], hi[e, 0, c], base[e, 0, c] = x, y, z
             lo[e, 1, c], hi[e, 1, c], base[e, 1, c] = x2, y2, z2
             k = 0
@@ -499,17 +523,21 @@ def learn(sample, word_bits, period, per_column, prices=None):
     return lo, hi, base, bits, stranded, halves, int(rotate), int(gather), tables
 
 
-def _samples(data, geom, least=0):
+def _samples(data, geom, least=0, spread=False):
     """(words, train starts, test starts, words per piece): the tensor's
     bytes as W-bit words and the word offsets of the sampled pieces (at
     least ``least`` bytes of them where the tensor has them, up to
     SAMPLE_BYTES[1]), half of them to learn from and half to score on (all
-    of them for both when the sample holds every unit, or one piece).  A piece is a unit, or a
-    chunk of one when units are longer than the most a sample takes (rows
-    that do not split): chunks are a multiple of every period that can be
-    learned, aligned to it inside their unit, so analysis costs the same
-    whatever the unit size.  A tensor shorter than one unit is its padded
-    copy."""
+    of them for both when the sample holds every unit, or one piece).  A
+    piece is a unit, or a chunk of one when units are longer than the most
+    a sample takes (rows that do not split): chunks are a multiple of every
+    period that can be learned, aligned to it inside their unit, so
+    analysis costs the same whatever the unit size.  A ``spread`` sample,
+    for models of at most one column per element, takes SPREAD_PIECES
+    smaller pieces where whole units would come from fewer than
+    SPREAD_UNITS places: a few long rows of their own values (one series
+    per row) would teach a model that every other row misses.  A tensor
+    shorter than one unit is its padded copy."""
     wb = geom.word_bits // 8
     U = geom.unit_words
     full = data.size // (U * wb)
@@ -517,10 +545,27 @@ def _samples(data, geom, least=0):
         padded = np.zeros(U * wb, np.uint8)
         padded[:data.size] = data
         return frozen(padded.view(WORD_DTYPES[geom.word_bits])), ORIGIN, ORIGIN, U
-    budget = min(max(data.size // SAMPLE_SHARE, SAMPLE_BYTES[0], least), SAMPLE_BYTES[1])
-    piece = U if U * wb <= SAMPLE_BYTES[1] else _chunk_bytes(geom.shape, geom.itemsize) // wb
+    budget = _budget(data.size, least)
+    if U * wb > SAMPLE_BYTES[1]:
+        piece = _chunk_bytes(geom.shape, geom.itemsize) // wb
+    elif spread and _spreads(geom, data.size):
+        part = max(1, geom.itemsize // wb)   # words per element
+        piece = max(part, budget // (SPREAD_PIECES * wb) // part * part)
+    else:
+        piece = U
     count = full * (U // piece)
     return (frozen(data.view(WORD_DTYPES[geom.word_bits])), *_piece_starts(count, max(1, min(count, budget // (piece * wb))), U, piece), piece)
+
+
+def _budget(nbytes, least=0):
+    return min(max(nbytes // SAMPLE_SHARE, SAMPLE_BYTES[0], least), SAMPLE_BYTES[1])
+
+
+def _spreads(geom, nbytes):
+    """Whether a spread sample takes smaller pieces than units (see ``_samples``)."""
+    unit = geom.unit_words * geom.word_bits // 8
+    budget = _budget(nbytes)
+    return unit <= SAMPLE_BYTES[1] and SPREAD_UNITS * unit > budget and nbytes // unit * unit > budget
 
 
 ORIGIN = np.zeros(1, np.int64)
@@ -583,12 +628,13 @@ def _try_narrower(shape, itemsize, W, stranded, nbytes):
     unfixed (small integers stored as float64: the exponent bits that zero
     and the other values share), or the tensor is at most TINY_BYTES (its
     model is a visible share of its bytes, and narrower words can fix more
-    of them: 8 float64 values of noise)."""
+    of them: 8 float64 values of noise); else 32-bit words for 64-bit ones,
+    as the reference tries both (an exception then costs half as much, and
+    each half its own base: increasing int64 timestamps)."""
+    fit = [w for w in reversed(fitting_widths(shape, itemsize)) if w < W]
     if stranded < STRANDED_MIN and nbytes > TINY_BYTES:
-        return []
-    fit = fitting_widths(shape, itemsize)
-    return [(w, periods(shape, itemsize, w, _geometry(shape, itemsize, w).unit_words)[0])
-            for w in reversed(fit) if w < W]
+        fit = [w for w in fit if w == 32 == W // 2]
+    return [(w, periods(shape, itemsize, w, _geometry(shape, itemsize, w).unit_words)[0]) for w in fit]
 
 
 def _try_half(padded, period, W, itemsize):
@@ -623,9 +669,10 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
     while cands:
         W, p = cands.pop(0)
         geom = _geometry(shape, itemsize, W)
-        if W not in samples:
-            samples[W] = _samples(data, geom)
-        sample = samples[W]
+        spread = p <= max(1, itemsize * 8 // W) and _spreads(geom, data.size)
+        if (W, spread) not in samples:
+            samples[W, spread] = _samples(data, geom, spread=spread)
+        sample = samples[W, spread]
         _, train, test, piece_words = sample
         if piece_words % p:
             continue
@@ -666,12 +713,13 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
 
 def _columns_stand_out(sample, p):
     """Whether the sampled words of each of ``p`` columns agree on at least
-    COLUMN_AGREEMENT more bits than as many consecutive sampled words (of
-    as many different columns) do: columns of their own values
-    (categories, per-column scales), which a per-column model fixes and one
-    model for all columns does not.  Weights measure about 0.1 bits (at
-    most 1.1 over a checkpoint's tensors), tables of a few values per
-    column 1.5 to 5."""
+    COLUMN_AGREEMENT more bits than as many words of as many different
+    columns do (a diagonal: one word per row, the column moving on by one
+    each row, so rows that are series of their own count for neither):
+    columns of their own values (categories, per-column scales), which a
+    per-column model fixes and one model for all columns does not.
+    Weights measure about 0.1 bits (at most 1.1 over a checkpoint's
+    tensors), tables of a few values per column 1.5 to 5."""
     words, train, test, piece = sample
     starts = train if test is train else frozen(np.concatenate([train, test]))   # one compiled signature
     own, across = _agreement(words, starts, piece, p)
@@ -681,31 +729,33 @@ def _columns_stand_out(sample, p):
 @njit(cache=True)
 def _agreement(words, starts, piece, p):
     """Mean number of bits on which the words of a column agree, and on
-    which runs of as many consecutive words agree, over the pieces of
-    ``piece`` words at ``starts`` (one pass, no copies)."""
-    rows = starts.shape[0] * (piece // p)
+    which the words of a diagonal agree, over the pieces of ``piece`` words
+    at ``starts`` (one pass, no copies)."""
     W = words.itemsize * 8
     full = low_mask(W)
     col_and = np.full(p, full, np.uint64)
     col_or = np.zeros(p, np.uint64)
-    run_and, run_or, left = full, ZERO, rows   # the current run's, and its words still to come
-    across = 0
+    diag_and = np.full(p, full, np.uint64)
+    diag_or = np.zeros(p, np.uint64)
     c = 0
+    d = 0   # the diagonal of column c in this row: (c - row) mod p
     for s in starts:
         for j in range(piece):
             x = U64(words[s + j])
             col_and[c] &= x
             col_or[c] |= x
-            run_and &= x
-            run_or |= x
-            c = c + 1 if c + 1 < p else 0
-            left -= 1
-            if left == 0:
-                across += popcount(~(run_and ^ run_or) & full)
-                run_and, run_or, left = full, ZERO, rows
+            diag_and[d] &= x
+            diag_or[d] |= x
+            c += 1
+            d = d + 1 if d + 1 < p else 0
+            if c == p:   # next row: its diagonals start one further back
+                c = 0
+                d = d - 1 if d > 0 else p - 1
     own = 0
+    across = 0
     for c in range(p):
         own += popcount(~(col_and[c] ^ col_or[c]) & full)
+        across += popcount(~(diag_and[c] ^ diag_or[c]) & full)
     return own / p, across / p
 
 
