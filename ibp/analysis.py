@@ -21,6 +21,7 @@ compressing a small tensor and a bounded cost for a large one.
 """
 import functools
 import math
+import re
 
 import numpy as np
 from numba import njit, prange
@@ -51,6 +52,8 @@ MODE_SHARE = 8                # a word at least this share (1/8) of a column's i
 FEW_VALUES = 6                # a column of at most this many distinct sampled words gets both levels searched exactly
 COLUMN_AGREEMENT = 1.5        # bits per word that make a per-column period worth more samples (_columns_stand_out)
 FEW_MISSES = 8                # a secondary level is learned from at least this many sampled exceptions
+REUSE_SLACK = 0.005           # a checkpoint's tensor takes the last model of its role if it scores this close (Reuse) ...
+REUSE_BITS = 64               # ... or this many bits close (a vector of a few hundred values)
 TINY_BYTES = 256              # a tensor this small tries every narrower word width (_try_narrower)
 
 
@@ -657,10 +660,75 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
     score is then its exact encoded size, so the smallest candidate wins.
     Models are kept as arrays; only the winner becomes a Model.
     """
-    shape = tuple(shape)
+    return _analyze(data, tuple(shape), itemsize, word_bits)[0]
+
+
+class Reuse:
+    """``analyze_bytes`` for the tensors of one checkpoint: a tensor takes
+    the model learned for the last tensor of the same role (its name
+    without layer numbers), dtype width and row shape when it scores on it
+    within REUSE_SLACK of what it scored on its own tensor.  A network's
+    layers repeat the same tensors with the same statistics, and learning
+    is most of the cost of compressing a small one; a tensor that scores
+    differently (better or worse) is learned afresh.  A tensor of a few
+    hundred bytes may differ by REUSE_BITS (its sample is all of it, and
+    varies more)."""
+
+    def __init__(self):
+        self._learned = {}   # (role, row shape, itemsize, word_bits) -> (model, its bits per byte on its own tensor)
+
+    def role(self, tensor_name):
+        """The ``analyze_bytes`` for the tensor named ``tensor_name``."""
+        return functools.partial(self._analyze_bytes, re.sub(r"[0-9]+", "#", tensor_name))
+
+    def _analyze_bytes(self, role, data, shape, itemsize, word_bits=None):
+        shape = tuple(shape)
+        key = (role, shape[1:], itemsize, word_bits)
+        last = self._learned.get(key)
+        if last is not None and data.size:
+            model, per_byte = last
+            cost = _cost_on(data, shape, itemsize, model)
+            expected = per_byte * data.size
+            if cost is not None and abs(cost - expected) <= max(REUSE_SLACK * expected, REUSE_BITS):
+                return model
+        model, cost = _analyze(data, shape, itemsize, word_bits)
+        if data.size:
+            self._learned[key] = (model, cost / data.size)
+        return model
+
+
+def _cost_on(data, shape, itemsize, model):
+    """The bits ``model`` is estimated to take on the tensor, as
+    ``_analyze`` scores a candidate, or None where it cannot say (models
+    of many columns, transformed words)."""
+    W, p = model.word_bits, model.period
+    if model.transforms_words or p > max(1, itemsize * 8 // W):
+        return None
+    geom = _geometry(shape, itemsize, W)
+    if geom.unit_words % p:
+        return None
+    words, train, test, piece = _samples(data, geom, spread=_spreads(geom, data.size))
+    if piece % p:
+        return None
+    t0, t1, fbits, ptot = model.tables
+    bits = _score(words, test, piece, t0, t1, W, p, fbits, ptot)
+    return _cost(bits * geom.nunits * geom.unit_words / (test.size * piece), p, W)
+
+
+@njit(cache=True)
+def _score(words, test, piece, t0, t1, W, p, fbits, ptot):
+    """Bits the pieces at ``test`` encode to."""
+    bits = 0
+    for t in range(test.shape[0]):
+        bits += codec.unit_size(words, test[t], t0, t1, W, p, piece, fbits, ptot)[1]
+    return bits
+
+
+def _analyze(data, shape, itemsize, word_bits):
+    """``analyze_bytes``: the model and the bits it is estimated to take."""
     cands = list(candidates(shape, itemsize, word_bits))
     if data.size == 0:
-        return Model.empty(cands[0][0])
+        return Model.empty(cands[0][0]), 0
     best = None   # (cost, Model._learned's arguments, stranded bits per column)
     samples = {}
     tried_half = bool(word_bits)
@@ -708,7 +776,7 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
             narrower = [c for c in _try_narrower(shape, itemsize, best[1][0], best[2], data.size) if c not in half]
             cands += narrower
             tried_narrower = True
-    return Model._learned(*best[1])
+    return Model._learned(*best[1]), best[0]
 
 
 def _columns_stand_out(sample, p):

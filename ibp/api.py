@@ -8,9 +8,8 @@ from typing import Literal
 
 import numpy as np
 
-from . import dtypes
+from . import analysis, dtypes
 from ._typing import Device, Index, Path, ReadableFile, Tensor, WritableFile
-from .analysis import analyze_bytes
 from .container import load_file, loads, map_stream, read_metadata, read_stream, save_file, write_stream
 from .decode import decode_into, normalize_index
 from .encode import encode_packed, encode_slotted
@@ -26,7 +25,7 @@ def analyze(x: Tensor, *, word_bits: int | None = None) -> Model:
     from a sample of its rows.  Reuse it with ``compress(y, model=m)`` for
     tensors from the same distribution."""
     data, name, shape, _ = dtypes.as_bytes(x)
-    return analyze_bytes(data, shape, dtypes.ITEMSIZE[name], word_bits)
+    return analysis.analyze_bytes(data, shape, dtypes.ITEMSIZE[name], word_bits)
 
 
 def compress(x: Tensor, *, model: Model | None = None, word_bits: int | None = None,
@@ -73,10 +72,13 @@ def _check_options(word_bits, layout, unit_rows):
         raise ValueError(f"unit_rows must be None or a positive integer, got {unit_rows!r}")
 
 
-def compress_bytes(data, name, shape, framework, *, model=None, word_bits=None, layout="packed", unit_rows=None):
+def compress_bytes(data, name, shape, framework, *, model=None, word_bits=None, layout="packed", unit_rows=None,
+                   learn=analysis.analyze_bytes):
     """``compress`` of a tensor given as its flat read-only uint8 C-order
     bytes (``dtypes.as_bytes``), its dtype name, shape and framework: what a
-    checkpoint reader has in hand, with no tensor object built around it."""
+    checkpoint reader has in hand, with no tensor object built around it.
+    ``learn(data, shape, itemsize, word_bits)`` learns the model when none
+    is given (a checkpoint's: ``analysis.Reuse.role``)."""
     _check_options(word_bits, layout, unit_rows)
     itemsize = dtypes.ITEMSIZE.get(name)
     if itemsize is None:
@@ -86,7 +88,7 @@ def compress_bytes(data, name, shape, framework, *, model=None, word_bits=None, 
         raise ValueError(f"data must be the {math.prod(shape) * itemsize} bytes of a {name} tensor of shape "
                          f"{tuple(shape)} as a flat contiguous uint8 array")
     if model is None:
-        model = analyze_bytes(data, shape, itemsize, word_bits)
+        model = learn(data, shape, itemsize, word_bits)
     elif not isinstance(model, Model):
         raise TypeError(f"model must be an ibp.Model, not {type(model).__name__}")
     elif word_bits is not None and word_bits != model.word_bits:
@@ -138,6 +140,22 @@ def decompress(ct: CompressedTensor, *, index: Index | None = None, out: Tensor 
     return result
 
 
+def compress_tensors(tensors: Mapping[str, Tensor | CompressedTensor]) -> dict[str, CompressedTensor]:
+    """Compress a checkpoint's tensors, in order (compressed ones are kept):
+    a tensor learns its model only where the last tensor of its role in an
+    earlier layer has none that fits it (``analysis.Reuse``)."""
+    reuse = analysis.Reuse()
+    out = {}
+    for k, v in tensors.items():
+        if isinstance(v, CompressedTensor):
+            out[k] = v
+        elif dtypes.is_torch(v) and v.device.type == "cuda":
+            out[k] = compress(v)
+        else:
+            out[k] = compress_bytes(*dtypes.as_bytes(v), learn=reuse.role(str(k)))
+    return out
+
+
 def save(obj: CompressedTensor | Mapping[str, Tensor | CompressedTensor], path: Path | WritableFile, *,
          metadata: Mapping[str, str] | None = None) -> None:
     """Write one CompressedTensor, or a mapping of names to tensors (numpy,
@@ -149,11 +167,10 @@ def save(obj: CompressedTensor | Mapping[str, Tensor | CompressedTensor], path: 
     if isinstance(obj, CompressedTensor):
         tensors = {None: obj}
     elif isinstance(obj, Mapping):
-        tensors = {}
-        for k, v in obj.items():
+        for k in obj:
             if not isinstance(k, str) or not k:
                 raise TypeError(f"checkpoint names must be non-empty strings, got {k!r}")
-            tensors[k] = v if isinstance(v, CompressedTensor) else compress(v)
+        tensors = compress_tensors(obj)
     else:
         raise TypeError(f"save takes a CompressedTensor or a mapping, not {type(obj).__name__}")
     if metadata is not None and not (isinstance(metadata, Mapping) and

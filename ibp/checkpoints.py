@@ -23,6 +23,7 @@ import numba
 import numpy as np
 
 from . import _bits, container, dtypes
+from .analysis import Reuse
 from .api import compress_bytes
 from .container import MAGIC
 from .decode import decode_span, spans
@@ -196,11 +197,12 @@ def compress_safetensors(path, stream, *, scratch_dir=None, progress=None, **opt
         writer = Writer(out=stream, header_room=room)
     else:
         writer = Writer(scratch_dir)
+    reuse = Reuse()   # a network's layers repeat the same tensors: see Reuse
     with open(path, "rb", buffering=0) as f, writer:
         for name, data in _tensor_bytes(f, path, data_start, names, specs):
             dtype, shape = specs[name][:2]
             try:
-                writer.add(name, compress_bytes(data, dtype, shape, framework, **options))
+                writer.add(name, compress_bytes(data, dtype, shape, framework, learn=reuse.role(name), **options))
             except (TypeError, ValueError) as e:
                 raise CheckpointError(f"{path}: tensor {name!r}: {e}") from None
             if progress is not None:

@@ -31,6 +31,7 @@ import torch
 
 import ibp
 from ibp import dtypes
+from ibp.api import compress_tensors
 from ibp.tensor import CompressedTensor
 
 from ._torch_io import checked_device, compress_on_host, decode_whole
@@ -374,6 +375,6 @@ def compress_checkpoint(src: str | os.PathLike | Mapping[str, Any], path: str | 
     else:
         from safetensors.torch import load_file
         tensors = load_file(str(src))
-    compressed = {name: t if isinstance(t, CompressedTensor) else ibp.compress(t) for name, t in tensors.items()}
+    compressed = compress_tensors(tensors)
     ibp.save(compressed, path, metadata=metadata)
     return compressed

@@ -22,6 +22,8 @@ import torch
 
 import ibp
 from ibp import checkpoints, dtypes
+from ibp.analysis import Reuse
+from ibp.api import compress_bytes
 from ibp.tensor import CompressedTensor
 
 from ._torch_io import checked_device, decode_whole
@@ -201,12 +203,13 @@ def _weights(path: str) -> dict[str, CompressedTensor]:
                          "`ibp compress MODEL_DIR OUT`)")
     from safetensors import safe_open
     weights = {}
+    reuse = Reuse()   # layers share their tensors' models: see ibp.analysis.Reuse
     for name in files:
         with safe_open(os.path.join(path, name), framework="pt") as f:
             for key in f.keys():
                 if key in weights:
                     raise ValueError(f"{path}: tensor {key!r} is in two shards")
-                weights[key] = ibp.compress(f.get_tensor(key))
+                weights[key] = compress_bytes(*dtypes.as_bytes(f.get_tensor(key)), learn=reuse.role(key))
     return weights
 
 

@@ -418,3 +418,49 @@ def test_streams_in_append_mode_and_short_writes(tmp_path):
             assert len(got) == 6
             for k, v in got.items():
                 assert np.array_equal(np.asarray(ibp.decompress(v)), np.asarray(w[k]))
+
+
+def _layers(rng, n, scales):
+    """A checkpoint of ``n`` layers, each a weight and a norm per role."""
+    return {**{f"encoder.layer.{i}.dense.weight": (rng.standard_normal((64, 96)) * scales[i]).astype(np.float32)
+               for i in range(n)},
+            **{f"encoder.layer.{i}.norm.weight": (1 + 0.01 * rng.standard_normal(96)).astype(np.float32)
+               for i in range(n)}}
+
+
+def test_layers_of_a_checkpoint_share_their_models(monkeypatch):
+    """A tensor takes the model learned for its role in the layer before
+    (ibp.analysis.Reuse): each role is learned once here, and no tensor
+    grows by more than the slack a reused model is allowed."""
+    from ibp import analysis
+    learned = []
+    analyze = analysis._analyze
+    monkeypatch.setattr(analysis, "_analyze", lambda *a: learned.append(a[1]) or analyze(*a))
+    tensors = _layers(np.random.default_rng(0), 4, [0.02] * 4)
+    shared = ibp.api.compress_tensors(tensors)
+    assert sorted(learned) == [(64, 96), (96,)]   # each role once
+    for name, x in tensors.items():
+        alone = ibp.compress(x)
+        assert np.array_equal(ibp.decompress(shared[name]), x)
+        assert shared[name].nbytes <= alone.nbytes * (1 + analysis.REUSE_SLACK) + 8, name
+
+
+def test_a_layer_of_other_statistics_learns_its_own_model():
+    tensors = _layers(np.random.default_rng(1), 3, [0.02, 0.02, 300.0])
+    shared = ibp.api.compress_tensors(tensors)
+    assert shared["encoder.layer.1.dense.weight"].model is shared["encoder.layer.0.dense.weight"].model
+    third = shared["encoder.layer.2.dense.weight"]
+    assert third.model is not shared["encoder.layer.0.dense.weight"].model
+    assert third.nbytes == ibp.compress(tensors["encoder.layer.2.dense.weight"]).nbytes
+
+
+def test_a_converted_checkpoint_shares_models_across_layers(tmp_path):
+    tensors = _layers(np.random.default_rng(2), 3, [0.02] * 3)
+    safetensors_numpy.save_file(tensors, tmp_path / "model.safetensors")
+    with open(tmp_path / "model.ibp", "wb") as out:
+        checkpoints.compress_safetensors(str(tmp_path / "model.safetensors"), out)
+    loaded = ibp.load(tmp_path / "model.ibp")
+    for name, x in tensors.items():
+        assert np.array_equal(ibp.decompress(loaded[name]), x)
+    models = {name: loaded[name].model for name in tensors}
+    assert models["encoder.layer.2.dense.weight"] == models["encoder.layer.0.dense.weight"]

@@ -43,6 +43,11 @@ def warm(word_bits):
     # the per-column agreement test of analysis (ibp.analysis._agreement), per word width
     words = _bits.frozen(rng.integers(0, 256, 1024, dtype=np.uint8).view(f"<u{word_bits // 8}"))
     analysis._agreement(words, _bits.frozen(np.array([0, 32], np.int64)), 32, 4)
+    # a checkpoint's tensors trying the model of the layer before (ibp.analysis.Reuse)
+    reuse = analysis.Reuse()
+    for layer in range(2):
+        data = rng.standard_normal((64, 4)).view(np.uint8).reshape(-1)
+        reuse.role(f"layer.{layer}.weight")(_bits.frozen(data), (64, 4), 8, word_bits)
 
 
 if __name__ == "__main__":
