@@ -634,9 +634,10 @@ def _try_narrower(shape, itemsize, W, stranded, nbytes):
     of them: 8 float64 values of noise); else 32-bit words for 64-bit ones,
     as the reference tries both (an exception then costs half as much, and
     each half its own base: increasing int64 timestamps)."""
-    fit = [w for w in reversed(fitting_widths(shape, itemsize)) if w < W]
-    if stranded < STRANDED_MIN and nbytes > TINY_BYTES:
-        fit = [w for w in fit if w == 32 == W // 2]
+    few = stranded < STRANDED_MIN and nbytes > TINY_BYTES
+    if few and W != 64:
+        return []
+    fit = [w for w in reversed(fitting_widths(shape, itemsize)) if w < W and not (few and w != 32)]
     return [(w, periods(shape, itemsize, w, _geometry(shape, itemsize, w).unit_words)[0]) for w in fit]
 
 
