@@ -56,7 +56,9 @@ def _fast_bit_gather():
     """Whether this CPU has BMI2's pext/pdep at full speed: Intel since
     Haswell and AMD since Zen 3 do them in a cycle or three; AMD's Zen 1
     and 2 microcode them (hundreds of cycles), slower than shifting lanes.
-    IBP_NO_PEXT=1 turns them off (to test the portable path)."""
+    IBP_NO_PEXT=1 turns them off (to test the portable path) in kernels
+    compiled from then on: give it a fresh NUMBA_CACHE_DIR, since cached
+    kernels keep the choice they were compiled with."""
     if os.environ.get("IBP_NO_PEXT"):
         return False
     try:

@@ -661,75 +661,10 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
     score is then its exact encoded size, so the smallest candidate wins.
     Models are kept as arrays; only the winner becomes a Model.
     """
-    return _analyze(data, tuple(shape), itemsize, word_bits)[0]
-
-
-class Reuse:
-    """``analyze_bytes`` for the tensors of one checkpoint: a tensor takes
-    the model learned for the last tensor of the same role (its name
-    without layer numbers), dtype width and row shape when it scores on it
-    within REUSE_SLACK of what it scored on its own tensor.  A network's
-    layers repeat the same tensors with the same statistics, and learning
-    is most of the cost of compressing a small one; a tensor that scores
-    differently (better or worse) is learned afresh.  A tensor of a few
-    hundred bytes may differ by REUSE_BITS (its sample is all of it, and
-    varies more)."""
-
-    def __init__(self):
-        self._learned = {}   # (role, row shape, itemsize, word_bits) -> (model, its bits per byte on its own tensor)
-
-    def role(self, tensor_name):
-        """The ``analyze_bytes`` for the tensor named ``tensor_name``."""
-        return functools.partial(self._analyze_bytes, re.sub(r"[0-9]+", "#", tensor_name))
-
-    def _analyze_bytes(self, role, data, shape, itemsize, word_bits=None):
-        shape = tuple(shape)
-        key = (role, shape[1:], itemsize, word_bits)
-        last = self._learned.get(key)
-        if last is not None and data.size:
-            model, per_byte = last
-            cost = _cost_on(data, shape, itemsize, model)
-            expected = per_byte * data.size
-            if cost is not None and abs(cost - expected) <= max(REUSE_SLACK * expected, REUSE_BITS):
-                return model
-        model, cost = _analyze(data, shape, itemsize, word_bits)
-        if data.size:
-            self._learned[key] = (model, cost / data.size)
-        return model
-
-
-def _cost_on(data, shape, itemsize, model):
-    """The bits ``model`` is estimated to take on the tensor, as
-    ``_analyze`` scores a candidate, or None where it cannot say (models
-    of many columns, transformed words)."""
-    W, p = model.word_bits, model.period
-    if model.transforms_words or p > max(1, itemsize * 8 // W):
-        return None
-    geom = _geometry(shape, itemsize, W)
-    if geom.unit_words % p:
-        return None
-    words, train, test, piece = _samples(data, geom, spread=_spreads(geom, data.size))
-    if piece % p:
-        return None
-    t0, t1, fbits, ptot = model.tables
-    bits = _score(words, test, piece, t0, t1, W, p, fbits, ptot)
-    return _cost(bits * geom.nunits * geom.unit_words / (test.size * piece), p, W)
-
-
-@njit(cache=True)
-def _score(words, test, piece, t0, t1, W, p, fbits, ptot):
-    """Bits the pieces at ``test`` encode to."""
-    bits = 0
-    for t in range(test.shape[0]):
-        bits += codec.unit_size(words, test[t], t0, t1, W, p, piece, fbits, ptot)[1]
-    return bits
-
-
-def _analyze(data, shape, itemsize, word_bits):
-    """``analyze_bytes``: the model and the bits it is estimated to take."""
+    shape = tuple(shape)
     cands = list(candidates(shape, itemsize, word_bits))
     if data.size == 0:
-        return Model.empty(cands[0][0]), 0
+        return Model.empty(cands[0][0])
     best = None   # (cost, Model._learned's arguments, stranded bits per column)
     samples = {}
     tried_half = bool(word_bits)
@@ -777,7 +712,86 @@ def _analyze(data, shape, itemsize, word_bits):
             narrower = [c for c in _try_narrower(shape, itemsize, best[1][0], best[2], data.size) if c not in half]
             cands += narrower
             tried_narrower = True
-    return Model._learned(*best[1]), best[0]
+    return Model._learned(*best[1])
+
+
+class Reuse:
+    """``analyze_bytes`` for the tensors of one checkpoint: a tensor takes
+    the model its role (its name with layer numbers left out, its dtype
+    width and row shape) last learned, where that model fits it as it fit
+    the tensor it was learned on: its estimated size within REUSE_SLACK
+    (REUSE_BITS for a tensor of a few hundred bytes, whose sample is all of
+    it and varies more), and no more bits that all sampled words agree on
+    left outside its fixed runs (an untrained norm of ones, weights rounded
+    to fp16, zeros after noise: their own model would be far smaller).  A
+    network's layers repeat the same tensors with the same statistics, and
+    learning is a large share of compressing a small one."""
+
+    def __init__(self):
+        self._learned = {}   # (role, row shape, itemsize, word_bits) -> (model, bits per byte, unfixed agreeing bits)
+
+    def role(self, tensor_name):
+        """The ``analyze_bytes`` for the tensor named ``tensor_name``."""
+        return functools.partial(self._analyze_bytes, re.sub(r"(?<![^.])[0-9]+(?![^.])", "#", tensor_name))
+
+    def _analyze_bytes(self, role, data, shape, itemsize, word_bits=None):
+        shape = tuple(shape)
+        key = (role, shape[1:], itemsize, word_bits)
+        last = self._learned.get(key)
+        if last is not None and data.size:
+            model, per_byte, unfixed = last
+            fit = _fit_on(data, shape, itemsize, model)
+            expected = per_byte * data.size
+            if fit is not None and fit[1] <= unfixed and abs(fit[0] - expected) <= max(REUSE_SLACK * expected,
+                                                                                       REUSE_BITS):
+                return model
+        model = analyze_bytes(data, shape, itemsize, word_bits)
+        fit = _fit_on(data, shape, itemsize, model) if data.size else None
+        if fit is not None:
+            self._learned[key] = (model, fit[0] / data.size, fit[1])
+        return model
+
+
+def _fit_on(data, shape, itemsize, model):
+    """(bits ``model`` is estimated to take on the tensor, as
+    ``analyze_bytes`` scores a candidate; bits all the sampled words of a column agree on
+    outside its primary run, summed over columns), or None where it cannot
+    say (models of many columns, transformed words)."""
+    W, p = model.word_bits, model.period
+    if model.transforms_words or p > max(1, itemsize * 8 // W):
+        return None
+    geom = _geometry(shape, itemsize, W)
+    if geom.unit_words % p:
+        return None
+    words, train, test, piece = _samples(data, geom, spread=_spreads(geom, data.size))
+    if piece % p:
+        return None
+    t0, t1, fbits, ptot = model.tables
+    bits, unfixed = _score(words, test, piece, t0, t1, W, p, fbits, ptot)
+    return _cost(bits * geom.nunits * geom.unit_words / (test.size * piece), p, W), unfixed
+
+
+@njit(cache=True)
+def _score(words, test, piece, t0, t1, W, p, fbits, ptot):
+    """The bits the pieces at ``test`` encode to, and the bits all their
+    words of a column agree on outside its primary run, summed over the
+    ``p`` columns."""
+    bits = 0
+    full = low_mask(W)
+    col_and = np.full(p, full, np.uint64)
+    col_or = np.zeros(p, np.uint64)
+    for t in range(test.shape[0]):
+        bits += codec.unit_size(words, test[t], t0, t1, W, p, piece, fbits, ptot)[1]
+        c = 0
+        for j in range(piece):
+            x = U64(words[test[t] + j])
+            col_and[c] &= x
+            col_or[c] |= x
+            c = c + 1 if c + 1 < p else 0
+    unfixed = 0
+    for c in range(p):
+        unfixed += popcount(~(col_and[c] ^ col_or[c]) & full & ~t0[c, codec.FIX])
+    return bits, unfixed
 
 
 def _columns_stand_out(sample, p):

@@ -142,8 +142,9 @@ def decompress(ct: CompressedTensor, *, index: Index | None = None, out: Tensor 
 
 def compress_tensors(tensors: Mapping[str, Tensor | CompressedTensor]) -> dict[str, CompressedTensor]:
     """Compress a checkpoint's tensors, in order (compressed ones are kept):
-    a tensor learns its model only where the last tensor of its role in an
-    earlier layer has none that fits it (``analysis.Reuse``)."""
+    a tensor learns its model only where its role's model from an earlier
+    layer does not fit it (``analysis.Reuse``); a CUDA tensor always
+    learns its own (``ibp.cuda_encode``)."""
     reuse = analysis.Reuse()
     out = {}
     for k, v in tensors.items():
