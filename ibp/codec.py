@@ -523,13 +523,13 @@ def padded_tail(words, U, total_words):
 
 
 @njit(inline="always")
-def encode_units(x, x64, tail, tail64, n, first, last, t0, t1, W, p, U, fbits, ptot, work, buf, widx, kinds, sizes):
-    """Encode units [first, last) back to back into ``buf`` from word
-    ``widx``, with ``work`` from ``scratch``; record each unit's kind and
-    bit size."""
-    acc = ZERO
-    nb = ZERO
-    widx = U64(widx)
+def encode_units(x, x64, tail, tail64, n, first, last, t0, t1, W, p, U, fbits, ptot, work, buf, bit, kinds, sizes):
+    """Encode units [first, last) back to back into ``buf`` from bit
+    ``bit`` (the bits below it in its word are kept), with ``work`` from
+    ``scratch``; record each unit's kind and bit size."""
+    widx = U64(bit) >> U64(6)
+    nb = U64(bit) & U64(63)
+    acc = buf[widx] & low_mask(nb) if nb else ZERO
     for u in range(first, last):
         kinds[u], sizes[u], acc, nb, widx = encode_next(x, x64, tail, tail64, u, n, t0, t1, W, p, U, fbits,
                                                         ptot, work, buf, acc, nb, widx)
@@ -583,11 +583,12 @@ def place_bits(src, bits, out, d, inner):
 def encode_waves(words, U, total_words, t0, t1, W, p, fbits, ptot, runs, run_units, raw_words, scratch_buf,
                  kinds, sizes, out):
     """Every unit encoded into ``out`` back to back, by threads: in waves
-    of ``runs`` runs of ``run_units`` units, each run encoded into its
-    raw-size region of ``scratch_buf`` (``runs * run_units * raw_words``
-    words, reused by every wave), then its bits copied after those of the
-    runs before it.  Records each unit's kind and size; returns the total
-    bits."""
+    of ``runs`` runs of ``run_units`` units.  A wave's first run is
+    encoded in place, where the wave starts; each other run into its
+    raw-size region of ``scratch_buf`` (``(runs - 1) * run_units *
+    raw_words`` words, reused by every wave), then its bits copied after
+    those of the runs before it.  Records each unit's kind and size;
+    returns the total bits."""
     n = kinds.shape[0]
     x, x64, tail, tail64 = unit_source(words, U, total_words)
     works = [scratch(U, W) for _ in range(runs)]   # each run's encoder scratch, made once, not every wave
@@ -596,18 +597,22 @@ def encode_waves(words, U, total_words, t0, t1, W, p, fbits, ptot, runs, run_uni
     for w0 in range(0, n, runs * run_units):
         for r in prange(runs):
             a = min(w0 + r * run_units, n)
-            encode_units(x, x64, tail, tail64, n, a, min(a + run_units, n), t0, t1, W, p, U, fbits, ptot,
-                         works[r], scratch_buf, (a - w0) * raw_words, kinds, sizes)
+            if r == 0:
+                encode_units(x, x64, tail, tail64, n, a, min(a + run_units, n), t0, t1, W, p, U, fbits, ptot,
+                             works[r], out, pos, kinds, sizes)
+            else:
+                encode_units(x, x64, tail, tail64, n, a, min(a + run_units, n), t0, t1, W, p, U, fbits, ptot,
+                             works[r], scratch_buf, (r - 1) * run_units * raw_words * 64, kinds, sizes)
         for r in range(runs):
             a = min(w0 + r * run_units, n)
             starts[r + 1] = starts[r] + sizes[a:min(a + run_units, n)].sum()
-        for r in prange(runs):
+        for r in prange(1, runs):
             if starts[r + 1] > starts[r]:
-                place_bits(scratch_buf[r * run_units * raw_words:], starts[r + 1] - starts[r], out,
+                place_bits(scratch_buf[(r - 1) * run_units * raw_words:], starts[r + 1] - starts[r], out,
                            pos + starts[r], True)
-        for r in range(runs):
+        for r in range(1, runs):
             if starts[r + 1] > starts[r]:
-                place_bits(scratch_buf[r * run_units * raw_words:], starts[r + 1] - starts[r], out,
+                place_bits(scratch_buf[(r - 1) * run_units * raw_words:], starts[r + 1] - starts[r], out,
                            pos + starts[r], False)
         pos += starts[runs]
     return pos

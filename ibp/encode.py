@@ -119,9 +119,9 @@ def encode_packed(data, geom, model):
     """(packed kinds, payload words, payload bits, index) of the packed layout.
 
     One thread encodes the units back to back in one compiled call.
-    Several encode them in waves, a run each, into a scratch buffer that
-    every wave reuses (faulted in once), and copy each wave's runs back to
-    back into the payload (``codec.encode_waves``).  Encoding the whole
+    Several encode them in waves, a run each: a wave's first run in place
+    in the payload, the others into a scratch buffer that every wave
+    reuses (faulted in once), copied after it (``codec.encode_waves``).  Encoding the whole
     tensor into a fresh raw-size buffer, then gathering the runs with a
     copy that did not vectorize, made two threads 1.0-1.2x one."""
     n, U, W = geom.nunits, geom.unit_words, geom.word_bits
@@ -139,7 +139,7 @@ def encode_packed(data, geom, model):
         sizes = np.empty(n, np.int64)
         buf = np.empty(n * raw_words + 1, np.uint64)   # every word up to the last bit is written
         codec.encode_waves(geom.total_words, words, U, geom.total_words, t0, t1, W, model.period, fbits, ptot,
-                           threads, run_units, raw_words, np.empty(threads * run_units * raw_words + 1, np.uint64),
+                           threads, run_units, raw_words, np.empty((threads - 1) * run_units * raw_words + 1, np.uint64),
                            kinds, sizes, buf)
         packed, starts, total, uniform = _layout(kinds, sizes)
         block, rel_bits, block_base, rel = _blocked_index(starts)
