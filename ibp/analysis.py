@@ -535,10 +535,10 @@ def _samples(data, geom, least=0, spread=False):
     piece is a unit, or a chunk of one when units are longer than the most
     a sample takes (rows that do not split): chunks are a multiple of every
     period that can be learned, aligned to it inside their unit, so
-    analysis costs the same whatever the unit size.  A ``spread`` sample,
-    for models of at most one column per element, takes SPREAD_PIECES
-    smaller pieces where whole units would come from fewer than
-    SPREAD_UNITS places: a few long rows of their own values (one series
+    analysis costs the same whatever the unit size.  A ``spread`` sample
+    (for models of at most one column per element, where ``_spreads``)
+    takes SPREAD_PIECES smaller pieces, as whole units would come from
+    fewer than SPREAD_UNITS places: a few long rows of their own values (one series
     per row) would teach a model that every other row misses.  A tensor
     shorter than one unit is its padded copy."""
     wb = geom.word_bits // 8
@@ -551,7 +551,7 @@ def _samples(data, geom, least=0, spread=False):
     budget = _budget(data.size, least)
     if U * wb > SAMPLE_BYTES[1]:
         piece = _chunk_bytes(geom.shape, geom.itemsize) // wb
-    elif spread and _spreads(geom, data.size):
+    elif spread:
         part = max(1, geom.itemsize // wb)   # words per element
         piece = max(part, budget // (SPREAD_PIECES * wb) // part * part)
     else:
@@ -754,9 +754,9 @@ class Reuse:
 
 def _fit_on(data, shape, itemsize, model):
     """(bits ``model`` is estimated to take on the tensor, as
-    ``analyze_bytes`` scores a candidate; bits all the sampled words of a column agree on
-    outside its primary run, summed over columns), or None where it cannot
-    say (models of many columns, transformed words)."""
+    ``analyze_bytes`` scores a candidate; bits all the sampled words of a
+    column agree on outside its primary run, summed over columns), or None
+    where it cannot say (models of many columns, transformed words)."""
     W, p = model.word_bits, model.period
     if model.transforms_words or p > max(1, itemsize * 8 // W):
         return None
