@@ -154,20 +154,15 @@ def lanes(G, W):
 
 
 @njit(inline="always")
-def swar_residuals(src64, o, ng, G, W, t0, stream, grp, bitmap):
+def swar_groups(src64, o, ng, G, W, t0, grp):
     """The groups of G = 64 // W words of a unit (uint64s ``src64[o:o+ng]``)
-    against a one-column level, all G lanes per operation: the matched
-    words' residuals, packed low to high, as a bit stream into ``stream``
-    (pairs of 32-bit words: per pair its bits and their number into
-    ``grp``, for ``encode_swar_unit`` to append), and the unit's
-    exception bitmap (bit j: word j misses) into ``bitmap``.  Lanes are
-    subtracted without borrows between them (Hacker's Delight 2-18).  Where pext is fast, one gathers a group's
-    kept free bits and another its miss bits; else lanes are packed one by
-    one and a multiply gathers the miss bits (lane i's lands at bit T + i,
-    T = (G - 1)(W - 1), with no carries).  Groups of 8 and 4 words are
-    appended as they come (15% less time than a second pass); pairs of
-    32-bit words in a second pass (appending each as it came cost 5-10%
-    more), straight to the output."""
+    against a one-column level, all G lanes per operation: per group its
+    matched residuals packed low to high (``grp[0]``), their bit count
+    (``grp[1]``) and a bit per lane that misses, lane 0 lowest
+    (``grp[2]``).  Lanes are subtracted without borrows between them
+    (Hacker's Delight 2-18); a multiply gathers the lanes' miss bits (lane
+    i's lands at bit T + i, T = (G - 1)(W - 1), with no carries).  Returns
+    whether a lane missed."""
     rep = lanes(G, W)
     gather = ZERO
     for i in range(G):
@@ -180,60 +175,59 @@ def swar_residuals(src64, o, ng, G, W, t0, stream, grp, bitmap):
     F = t0[0, FIX] * rep
     LO = t0[0, LOW] * rep
     HI = t0[0, HIGH] * rep
-    FREE = LO | HI
     sh1, sh2, width, M = t0[0, SH1], t0[0, SH2], t0[0, WIDTH], t0[0, WMASK]
-    lane_ones = low_mask(W)
-    per = 64 // G   # groups per bitmap word
-    acc = ZERO
-    nb = ZERO
-    widx = ZERO
-    bm = ZERO
+    missed = ZERO
+    if FAST_PEXT:   # the kept lanes' free bits in one gather
+        FREE = LO | HI
+        lane_ones = low_mask(W)
+        for g in range(ng):
+            x = src64[U64(o + g)]
+            y = ((x | H) - (B & L)) ^ ((x ^ ~B) & H)
+            t = y & F
+            nz = (((t & L) + L) | t) & H
+            miss = (nz >> U64(W - 1)) & rep
+            keep = FREE & ~(miss * lane_ones)
+            grp[0, U64(g)] = pext(y, keep)
+            grp[1, U64(g)] = popcount(keep)
+            grp[2, U64(g)] = (miss * gather >> T) & lane_mask
+            missed |= nz
+        return missed != ZERO
     for g in range(ng):
         x = src64[U64(o + g)]
         y = ((x | H) - (B & L)) ^ ((x ^ ~B) & H)
         t = y & F
         nz = (((t & L) + L) | t) & H
-        if FAST_PEXT:
-            keep = FREE & ~((nz >> U64(W - 1)) * lane_ones)
-            v = pext(y, keep)
-            bits = U64(popcount(keep))
-            misses = pext(nz, H)
-        else:
-            r = (y & LO) | (((y & HI) >> sh1) >> sh2)
-            v = ZERO
-            bits = ZERO
-            for lane in range(G):
-                kept = ((nz >> U64(lane * W + W - 1)) & ONE) - ONE
-                v |= ((r >> U64(lane * W)) & M & kept) << bits
-                bits += width & kept
-            misses = (((nz >> U64(W - 1)) & rep) * gather >> T) & lane_mask
-        if G == 2:
-            grp[0, U64(g)] = v
-            grp[1, U64(g)] = bits
-        else:
-            acc, nb, widx = put_bits(stream, acc, nb, widx, v, bits)
-        j = g & (per - 1)
-        bm |= misses << U64(j * G)
-        if j == per - 1:
-            bitmap[U64(g // per)] = bm
-            bm = ZERO
-    if ng % per:
-        bitmap[U64(ng // per)] = bm
-    flush_bits(stream, acc, nb, widx)
+        r = (y & LO) | (((y & HI) >> sh1) >> sh2)
+        v = ZERO
+        bits = ZERO
+        for lane in range(G):
+            keep = ((nz >> U64(lane * W + W - 1)) & ONE) - ONE
+            v |= ((r >> U64(lane * W)) & M & keep) << bits
+            bits += width & keep
+        grp[0, U64(g)] = v
+        grp[1, U64(g)] = bits
+        grp[2, U64(g)] = (((nz >> U64(W - 1)) & rep) * gather >> T) & lane_mask
+        missed |= nz
+    return missed != ZERO
 
 
 @njit(inline="always")
-def bitmap_positions(bitmap, U, exc):
-    """The positions of the set bits of the U-bit ``bitmap`` (uint64s)
-    into ``exc``, then U; returns their number."""
+def group_positions(grp, ng, W, exc):
+    """Positions of the lanes ``swar_groups`` found missing into ``exc``;
+    returns their number.  The groups' miss bits are joined into 64-bit
+    words first (no branch per group: a group with a miss is rare, and
+    testing each one cost more than the misses themselves)."""
+    G = 64 // W
+    per = 64 // G    # groups per joined word
     k = 0
-    for i in range((U + 63) >> 6):
-        w = bitmap[U64(i)]
-        while w != ZERO:
-            exc[U64(k)] = (i << 6) + ctz(w)
+    for g0 in range(0, ng, per):
+        m = ZERO
+        for j in range(min(per, ng - g0)):
+            m |= grp[2, U64(g0 + j)] << U64(j * G)
+        while m != ZERO:
+            exc[U64(k)] = g0 * G + ctz(m)
             k += 1
-            w &= w - ONE
-    exc[U64(k)] = U
+            m &= m - ONE
     return k
 
 
@@ -332,42 +326,48 @@ def scan(src, off, t0, p, U, exc, stream):
 
 
 @njit(inline="always")
-def append_stream(stream, o, nbits, buf, acc, nb, widx):
-    """Append the first ``nbits`` bits of the bit stream that starts at
-    ``stream[o]`` to a writer: a shifted copy of its whole words, then
-    the rest."""
-    n = nbits >> 6
-    o = U64(o)
-    if nb == ZERO:
-        for i in range(n):
-            buf[widx + U64(i)] = stream[o + U64(i)]
-    else:
-        down = U64(64) - nb
-        for i in range(n):
-            s = stream[o + U64(i)]
-            buf[widx + U64(i)] = acc | (s << nb)
-            acc = s >> down
-    widx += U64(n)
-    rest = U64(nbits & 63)
-    if rest:
-        return put_bits(buf, acc, nb, widx, stream[o + U64(n)] & mask_of(rest), rest)
-    if nb:   # as put_bits leaves it: the pending bits stored
-        buf[widx] = acc
+def append_stream(stream, nbits, buf, acc, nb, widx):
+    """Append the first ``nbits`` bits of ``stream`` to a writer."""
+    i = 0
+    while nbits >= 64:
+        acc, nb, widx = put_bits(buf, acc, nb, widx, stream[i], U64(64))
+        i += 1
+        nbits -= 64
+    if nbits > 0:
+        acc, nb, widx = put_bits(buf, acc, nb, widx, stream[i] & mask_of(nbits), U64(nbits))
     return acc, nb, widx
 
 
 @njit
-def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, buf, acc, nb, widx):
+def encode_unit(src, src64, off, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, grp, buf, acc, nb,
+                widx):
     """Append one unit in its cheapest kind to a writer (state: uint64 acc,
-    nb, widx); returns (kind, bits, writer state).  ``exc``, ``flag`` and
-    ``stream`` are scratch for units of up to SCRATCH_WORDS words (see
-    ``scratch``; ``flag64`` views ``flag``).  A one-column model's
-    residuals are found one per word into ``stream`` and packed straight
-    into ``buf`` (where ``encode_swar_unit`` does not take the unit: see
-    ``swar``); other models' are packed into ``stream``, then copied."""
+    nb, widx); returns (kind, bits, writer state).  ``exc``, ``flag``,
+    ``stream`` and ``grp`` are scratch for units of up to SCRATCH_WORDS
+    words (see ``scratch``; ``flag64`` views ``flag``).  A one-column
+    model's residuals are found 64 bits of words at a time when ``src64``
+    views ``src`` as uint64s (else it is empty) and U is a whole number of
+    them, else one per word into ``stream``; either way they are packed
+    straight into ``buf``.  Other models' are packed into ``stream`` and
+    copied."""
     if U > SCRATCH_WORDS:
         return encode_unit_in_passes(src, off, t0, t1, W, p, U, fbits, ptot, buf, acc, nb, widx)
-    if p == 1:
+    pbits, kmax, kbits = unit_geometry(U)
+    G = 64 // W
+    ng = U // G
+    swar = p == 1 and G > 1 and src64.shape[0] > 0 and U % G == 0
+    if swar:
+        o = off // G
+        if W == 8:
+            missed = swar_groups(src64, o, ng, 8, 8, t0, grp)
+        elif W == 16:
+            missed = swar_groups(src64, o, ng, 4, 16, t0, grp)
+        else:
+            missed = swar_groups(src64, o, ng, 2, 32, t0, grp)
+        k = group_positions(grp, ng, W, exc) if missed else 0
+        exc[k] = U
+        sbits = (U - k) * np.int64(t0[0, WIDTH])
+    elif p == 1:
         k = residuals_one_column(src, off, t0, U, stream, flag)
         k = miss_positions(flag64, U, exc) if k else 0
         exc[k] = U
@@ -388,7 +388,9 @@ def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, strea
             acc, nb, widx = put_bits(buf, acc, nb, widx, U64(src[off + j]), Wu)
         return kind, bits, acc, nb, widx
     if kind == SPARSE:
-        acc, nb, widx = put_positions(exc, k, U, buf, acc, nb, widx)
+        acc, nb, widx = put_bits(buf, acc, nb, widx, U64(k), U64(kbits))
+        for e in range(k):
+            acc, nb, widx = put_bits(buf, acc, nb, widx, U64(exc[e]), U64(pbits))
     elif kind == BITMAP:
         e = 0
         for j0 in range(0, U, 64):
@@ -398,10 +400,13 @@ def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, strea
                 word |= ONE << U64(exc[e] - j0)
                 e += 1
             acc, nb, widx = put_bits(buf, acc, nb, widx, word, U64(n))
-    if p == 1:
+    if swar:
+        for g in range(ng):
+            acc, nb, widx = put_bits(buf, acc, nb, widx, grp[0, U64(g)], grp[1, U64(g)])
+    elif p == 1:
         acc, nb, widx = pack_matched(stream, exc, k, W, t0[0, WIDTH], buf, acc, nb, widx)
     else:
-        acc, nb, widx = append_stream(stream, 0, sbits, buf, acc, nb, widx)
+        acc, nb, widx = append_stream(stream, sbits, buf, acc, nb, widx)
     if fbits:
         acc, nb, widx = pack_flags(flag, k, buf, acc, nb, widx)
     for e in range(k):   # one put_bits, no branch: numba then keeps no reference counts in the loop
@@ -411,86 +416,6 @@ def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, strea
         acc, nb, widx = put_bits(buf, acc, nb, widx, (x & whole) | (residual(x, t1, c) & ~whole),
                                  (Wu & whole) | (t1[c, WIDTH] & ~whole))
     return kind, bits, acc, nb, widx
-
-
-@njit
-def encode_swar_units(x64, first, last, skip, W, U, t0, t1, fbits, exc, flag, stream, grp, bitmap, buf, acc, nb,
-                      widx, kinds, sizes):
-    """Units [first, last) of a one-column model's words (``x64``: their
-    uint64 view from unit ``skip`` on) appended to a writer by
-    ``encode_swar_unit``; records each unit's kind and bit size, returns
-    the writer.  One call per run of units, each unit inlined with its
-    word width a constant: a call per unit cost a fifth of a 16-bit
-    unit's time (atomic reference counts of its arrays), and inlining
-    the units into the parallel kernels made numba take 20 minutes to
-    compile them."""
-    if W == 8:
-        for u in range(first, last):
-            kinds[u], sizes[u], acc, nb, widx = encode_swar_unit(x64, (u - skip) * U // 8, 8, 8, U, t0, t1, fbits,
-                                                                 exc, flag, stream, grp, bitmap, buf, acc, nb, widx)
-    elif W == 16:
-        for u in range(first, last):
-            kinds[u], sizes[u], acc, nb, widx = encode_swar_unit(x64, (u - skip) * U // 4, 4, 16, U, t0, t1, fbits,
-                                                                 exc, flag, stream, grp, bitmap, buf, acc, nb, widx)
-    else:
-        for u in range(first, last):
-            kinds[u], sizes[u], acc, nb, widx = encode_swar_unit(x64, (u - skip) * U // 2, 2, 32, U, t0, t1, fbits,
-                                                                 exc, flag, stream, grp, bitmap, buf, acc, nb, widx)
-    return acc, nb, widx
-
-
-@njit(inline="always")
-def encode_swar_unit(src64, o, G, W, U, t0, t1, fbits, exc, flag, stream, grp, bitmap, buf, acc, nb, widx):
-    """``encode_unit`` for a one-column model's unit of U words of W = 64 //
-    G bits, the uint64s ``src64[o:o + U // G]``: 64 bits of words at a
-    time (``swar_residuals``), a RAW unit and the exception bitmap copied
-    a uint64 at a time."""
-    swar_residuals(src64, o, U // G, G, W, t0, stream, grp, bitmap)
-    k = bitmap_positions(bitmap, U, exc)
-    sbits = (U - k) * np.int64(t0[0, WIDTH])
-    excbits = 0
-    for e in range(k):
-        x = lane(src64, o, exc[e], G, W)
-        second = fbits != 0 and matches(x, t1, 0)
-        flag[e] = second
-        excbits += np.int64(t1[0, WIDTH]) if second else W
-    kind, bits = cheapest(U, W, k, sbits, fbits, excbits)
-    if kind == RAW:   # the words' bits in order are their bytes
-        acc, nb, widx = append_stream(src64, o, U * W, buf, acc, nb, widx)
-        return kind, bits, acc, nb, widx
-    if kind == SPARSE:
-        acc, nb, widx = put_positions(exc, k, U, buf, acc, nb, widx)
-    elif kind == BITMAP:
-        acc, nb, widx = append_stream(bitmap, 0, U, buf, acc, nb, widx)
-    if G == 2:
-        for g in range(U // 2):
-            acc, nb, widx = put_bits(buf, acc, nb, widx, grp[0, U64(g)], grp[1, U64(g)])
-    else:
-        acc, nb, widx = append_stream(stream, 0, sbits, buf, acc, nb, widx)
-    if fbits:
-        acc, nb, widx = pack_flags(flag, k, buf, acc, nb, widx)
-    for e in range(k):
-        x = lane(src64, o, exc[e], G, W)
-        whole = U64(flag[e]) - ONE   # all ones: stored whole; zero: its secondary residual
-        acc, nb, widx = put_bits(buf, acc, nb, widx, (x & whole) | (residual(x, t1, 0) & ~whole),
-                                 (U64(W) & whole) | (t1[0, WIDTH] & ~whole))
-    return kind, bits, acc, nb, widx
-
-
-@njit(inline="always")
-def lane(src64, o, j, G, W):
-    """Word j of the W-bit words packed G to a uint64 from ``src64[o]`` on."""
-    return (src64[U64(o + j // G)] >> U64((j % G) * W)) & low_mask(W)
-
-
-@njit(inline="always")
-def put_positions(exc, k, U, buf, acc, nb, widx):
-    """Append a SPARSE unit's exception count and positions."""
-    pbits, kmax, kbits = unit_geometry(U)
-    acc, nb, widx = put_bits(buf, acc, nb, widx, U64(k), U64(kbits))
-    for e in range(k):
-        acc, nb, widx = put_bits(buf, acc, nb, widx, U64(exc[e]), U64(pbits))
-    return acc, nb, widx
 
 
 @njit(inline="always")
@@ -550,46 +475,27 @@ def encode_unit_in_passes(src, off, t0, t1, W, p, U, fbits, ptot, buf, acc, nb, 
 
 @njit(inline="always")
 def scratch(U, W):
-    """(exc, flag, flag64, stream, grp, bitmap) scratch arrays of the unit
-    encoders for U-word units: ``flag`` also holds a miss byte per word,
-    zero-padded to whole uint64s (``flag64`` views them so), ``stream`` a
-    residual per word, ``grp`` two values per pair of words and
-    ``bitmap`` a bit per word (``swar_residuals``)."""
+    """(exc, flag, flag64, stream, grp) scratch arrays of ``encode_unit``
+    for U-word units: ``flag`` also holds a miss byte per word, zero-padded
+    to whole uint64s (``flag64`` views them so), ``stream`` a residual per
+    word and ``grp`` three values per group of words (``swar_groups``)."""
     n = min(U, SCRATCH_WORDS)
     flag = np.zeros((n + 15) // 8 * 8, np.uint8)
     return (np.empty(n + 1, np.int64), flag, flag.view(np.uint64), np.empty(n + 2, np.uint64),
-            np.empty((2, n // 2 + 1), np.uint64), np.empty(n // 64 + 1, np.uint64))
+            np.empty((3, n // 2 + 1), np.uint64))
 
 
 @njit(inline="always")
-def encode_one(x, x64, tail, tail64, u, n, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, grp, bitmap,
-               buf, acc, nb, widx, kinds, sizes):
+def encode_next(x, x64, tail, tail64, u, n, t0, t1, W, p, U, fbits, ptot, scratch, buf, acc, nb, widx):
     """Encode unit ``u`` (the padded ``tail`` when it is the last and
-    ``tail`` is not empty) and append it, with the arrays of ``scratch``;
-    records its kind and size, returns the writer.  ``x64`` and
-    ``tail64`` view ``x`` and ``tail`` as uint64s, or are empty."""
+    ``tail`` is not empty) and append it; returns (kind, size, writer).
+    ``x64`` and ``tail64`` view ``x`` and ``tail`` as uint64s, or are empty."""
+    exc, flag, flag64, stream, grp = scratch
     if u == n - 1 and tail.shape[0] > 0:
-        if swar(tail64, W, p, U):
-            return encode_swar_units(tail64, u, u + 1, u, W, U, t0, t1, fbits, exc, flag, stream, grp, bitmap, buf,
-                                     acc, nb, widx, kinds, sizes)
-        kinds[u], sizes[u], acc, nb, widx = encode_unit(tail, 0, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64,
-                                                        stream, buf, acc, nb, widx)
-        return acc, nb, widx
-    if swar(x64, W, p, U):
-        return encode_swar_units(x64, u, u + 1, 0, W, U, t0, t1, fbits, exc, flag, stream, grp, bitmap, buf, acc, nb,
-                                 widx, kinds, sizes)
-    kinds[u], sizes[u], acc, nb, widx = encode_unit(x, u * U, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream,
-                                                    buf, acc, nb, widx)
-    return acc, nb, widx
-
-
-@njit(inline="always")
-def swar(src64, W, p, U):
-    """Whether a unit is encoded by ``encode_swar_unit``: a one-column
-    model, words narrower than 64 bits, viewed as uint64s (``src64`` not
-    empty), a whole number of them in a unit that fits in scratch."""
-    G = 64 // W
-    return p == 1 and G > 1 and src64.shape[0] > 0 and U % G == 0 and U <= SCRATCH_WORDS
+        return encode_unit(tail, tail64, np.int64(0), t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, grp, buf, acc,
+                           nb, widx)
+    return encode_unit(x, x64, u * U, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, grp, buf, acc, nb,
+                       widx)
 
 
 @njit(inline="always")
@@ -624,15 +530,9 @@ def encode_units(x, x64, tail, tail64, n, first, last, t0, t1, W, p, U, fbits, p
     widx = U64(bit) >> U64(6)
     nb = U64(bit) & U64(63)
     acc = buf[widx] & low_mask(nb) if nb else ZERO
-    exc, flag, flag64, stream, grp, bitmap = work
-    start = first
-    if swar(x64, W, p, U):   # all but a padded last unit in one call
-        start = max(first, min(last, n - 1 if tail.shape[0] > 0 else n))
-        acc, nb, widx = encode_swar_units(x64, first, start, 0, W, U, t0, t1, fbits, exc, flag, stream, grp, bitmap,
-                                          buf, acc, nb, widx, kinds, sizes)
-    for u in range(start, last):
-        acc, nb, widx = encode_one(x, x64, tail, tail64, u, n, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream,
-                                   grp, bitmap, buf, acc, nb, widx, kinds, sizes)
+    for u in range(first, last):
+        kinds[u], sizes[u], acc, nb, widx = encode_next(x, x64, tail, tail64, u, n, t0, t1, W, p, U, fbits,
+                                                        ptot, work, buf, acc, nb, widx)
     flush_bits(buf, acc, nb, widx)
 
 
@@ -722,15 +622,14 @@ def encode_waves(words, U, total_words, t0, t1, W, p, fbits, ptot, runs, run_uni
 def encode_slotted(words, U, total_words, t0, t1, W, p, fbits, ptot, slots, slot_words, buf, kinds):
     """Write unit ``i`` of ``words`` into slot ``slots[i]``; zero the slot's rest."""
     n = kinds.shape[0]
-    sizes = np.empty(n, np.int64)
     x, x64, tail, tail64 = unit_source(words, U, total_words)
     nchunks = min(n, 64)
     for ch in prange(nchunks):
-        exc, flag, flag64, stream, grp, bitmap = scratch(U, W)
+        work = scratch(U, W)
         for i in range(ch * n // nchunks, (ch + 1) * n // nchunks):
             w0 = U64(slots[i] * slot_words)
-            acc, nb, widx = encode_one(x, x64, tail, tail64, i, n, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64,
-                                       stream, grp, bitmap, buf, ZERO, ZERO, w0, kinds, sizes)
+            kinds[i], _, acc, nb, widx = encode_next(x, x64, tail, tail64, i, n, t0, t1, W, p, U, fbits, ptot,
+                                                     work, buf, ZERO, ZERO, w0)
             flush_bits(buf, acc, nb, widx)
             if nb > ZERO:
                 widx += ONE
