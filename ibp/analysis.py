@@ -538,9 +538,9 @@ def _samples(data, geom, least=0, spread=False):
     analysis costs the same whatever the unit size.  A ``spread`` sample
     (for models of at most one column per element, where ``_spreads``)
     takes SPREAD_PIECES smaller pieces, as whole units would come from
-    fewer than SPREAD_UNITS places: a few long rows of their own values (one series
-    per row) would teach a model that every other row misses.  A tensor
-    shorter than one unit is its padded copy."""
+    fewer than SPREAD_UNITS places: a few long rows of their own values
+    (one series per row) would teach a model that every other row misses.
+    A tensor shorter than one unit is its padded copy."""
     wb = geom.word_bits // 8
     U = geom.unit_words
     full = data.size // (U * wb)

@@ -121,9 +121,10 @@ def encode_packed(data, geom, model):
     One thread encodes the units back to back in one compiled call.
     Several encode them in waves, a run each: a wave's first run in place
     in the payload, the others into a scratch buffer that every wave
-    reuses (faulted in once), copied after it (``codec.encode_waves``).  Encoding the whole
-    tensor into a fresh raw-size buffer, then gathering the runs with a
-    copy that did not vectorize, made two threads 1.0-1.2x one."""
+    reuses (faulted in once), copied after it (``codec.encode_waves``).
+    Encoding the whole tensor into a fresh raw-size buffer, then gathering
+    the runs with a copy that did not vectorize, made two threads 1.0-1.2x
+    one."""
     n, U, W = geom.nunits, geom.unit_words, geom.word_bits
     t0, t1, fbits, ptot = model.tables
     words = _words(data, model)
