@@ -48,7 +48,7 @@ def test_dry_run_exits_0_on_the_gpu_machines_packages(pack, tmp_path):
     summary = (out / "summary.md").read_text()
     assert r.returncode == 0, summary + r.stderr[-2000:]
     assert "dry run" in summary and f"pack: {pack}/pack" in summary
-    for step in ("environment", "imports", "smoke", "shapes", "gpu-bench", "e2e-kv", "collect"):
+    for step in ("warm", "environment", "imports", "smoke", "shapes", "gpu-bench", "e2e-kv", "collect"):
         assert f"- {step}: ok" in summary, summary
     with tarfile.open(out / "logs.tar.gz") as t:
         logs = {Path(n).name: n for n in t.getnames()}
