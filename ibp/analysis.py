@@ -634,11 +634,16 @@ def _try_narrower(shape, itemsize, W, stranded, nbytes):
     of them: 8 float64 values of noise); else 32-bit words for 64-bit ones,
     as the reference tries both (an exception then costs half as much, and
     each half its own base: increasing int64 timestamps)."""
-    few = stranded < STRANDED_MIN and nbytes > TINY_BYTES
+    return _narrower(shape, itemsize, W, stranded < STRANDED_MIN and nbytes > TINY_BYTES)
+
+
+@functools.lru_cache(maxsize=4096)
+def _narrower(shape, itemsize, W, few):
+    """``_try_narrower``'s candidates, cached: a small tensor cannot afford the arithmetic."""
     if few and W != 64:
-        return []
+        return ()
     fit = [w for w in reversed(fitting_widths(shape, itemsize)) if w < W and not (few and w != 32)]
-    return [(w, periods(shape, itemsize, w, _geometry(shape, itemsize, w).unit_words)[0]) for w in fit]
+    return tuple((w, periods(shape, itemsize, w, _geometry(shape, itemsize, w).unit_words)[0]) for w in fit)
 
 
 def _try_half(padded, period, W, itemsize):
@@ -800,46 +805,93 @@ def _columns_stand_out(sample, p):
     columns do (a diagonal: one word per row, the column moving on by one
     each row, so rows that are series of their own count for neither):
     columns of their own values (categories, per-column scales), which a
-    per-column model fixes and one model for all columns does not.
-    Weights measure about 0.1 bits (at most 1.1 over a checkpoint's
-    tensors), tables of a few values per column 1.5 to 5."""
+    per-column model fixes and one model for all columns does not.  Or
+    whether the median column's values span that many fewer bits than a
+    diagonal's whose columns lie far apart: the time steps down the
+    columns of rows that are series, each a narrower window than the steps
+    together, though their bits agree no more.  Weights measure about 0.1
+    bits of agreement (at most 1.1 over a checkpoint's tensors) and at
+    most 1 of span, tables of a few values per column 1.5 to 5."""
     words, train, test, piece = sample
     starts = train if test is train else frozen(np.concatenate([train, test]))   # one compiled signature
-    own, across = _agreement(words, starts, piece, p)
-    return own - across >= COLUMN_AGREEMENT
+    own, across, own_span, across_span = _agreement(words, starts, piece, p)
+    return own - across >= COLUMN_AGREEMENT or across_span - own_span >= COLUMN_AGREEMENT
 
 
 @njit(cache=True)
 def _agreement(words, starts, piece, p):
     """Mean number of bits on which the words of a column agree, and on
     which the words of a diagonal agree, over the pieces of ``piece`` words
-    at ``starts`` (one pass, no copies)."""
+    at ``starts`` (no copies); then the median bits of the range the
+    values of a column span, and of a diagonal moving on by p / rows
+    columns a row, as unsigned words, with the top bit flipped (two's
+    complement about zero) or cleared (a sign bit, which a level leaves
+    free), the narrowest: the median, as a few columns of their own scale
+    (embeddings) do not pay for a per-column model.  A row at a time, a
+    diagonal's words in two runs, so every loop vectorizes."""
     W = words.itemsize * 8
     full = low_mask(W)
     col_and = np.full(p, full, np.uint64)
     col_or = np.zeros(p, np.uint64)
     diag_and = np.full(p, full, np.uint64)
     diag_or = np.zeros(p, np.uint64)
-    c = 0
-    d = 0   # the diagonal of column c in this row: (c - row) mod p
+    col_lo = np.full((3, p), full, np.uint64)   # per view: unsigned, top bit flipped, top bit cleared
+    col_hi = np.zeros((3, p), np.uint64)
+    diag_lo = np.full((3, p), full, np.uint64)
+    diag_hi = np.zeros((3, p), np.uint64)
+    stride = max(1, p // max(1, starts.shape[0] * piece // p))
+    row = 0
     for s in starts:
-        for j in range(piece):
-            x = U64(words[s + j])
-            col_and[c] &= x
-            col_or[c] |= x
-            diag_and[d] &= x
-            diag_or[d] |= x
-            c += 1
-            d = d + 1 if d + 1 < p else 0
-            if c == p:   # next row: its diagonals start one further back
-                c = 0
-                d = d - 1 if d > 0 else p - 1
+        for r0 in range(s, s + piece, p):
+            x = words[r0:r0 + p]
+            _fold(x, 0, p, 0, col_and, col_or, col_lo, col_hi, W)
+            k = row % p   # the diagonal of column c in this row: (c - row) mod p
+            _and_or(x, k, p, -k, diag_and, diag_or)
+            _and_or(x, 0, k, p - k, diag_and, diag_or)
+            k = row * stride % p   # its span diagonal: (c - row * stride) mod p
+            _fold(x, k, p, -k, diag_and[:0], diag_or[:0], diag_lo, diag_hi, W)
+            _fold(x, 0, k, p - k, diag_and[:0], diag_or[:0], diag_lo, diag_hi, W)
+            row += 1
     own = 0
     across = 0
+    own_span = np.empty(p)
+    across_span = np.empty(p)
     for c in range(p):
         own += popcount(~(col_and[c] ^ col_or[c]) & full)
         across += popcount(~(diag_and[c] ^ diag_or[c]) & full)
-    return own / p, across / p
+        own_span[c] = across_span[c] = W
+        for v in range(3):
+            own_span[c] = min(own_span[c], bit_length(col_hi[v, c] - col_lo[v, c]))
+            across_span[c] = min(across_span[c], bit_length(diag_hi[v, c] - diag_lo[v, c]))
+    return own / p, across / p, np.median(own_span), np.median(across_span)
+
+
+@njit(inline="always")
+def _and_or(x, c0, c1, shift, a, o):
+    """The AND and OR of words ``x[c0:c1]`` into ``a`` and ``o`` at ``c + shift``."""
+    for c in range(U64(c0), U64(c1)):
+        i = c + U64(shift)
+        a[i] &= U64(x[c])
+        o[i] |= U64(x[c])
+
+
+@njit(inline="always")
+def _fold(x, c0, c1, shift, a, o, lo, hi, W):
+    """``_and_or`` (where ``a`` is not empty), and the least and greatest of
+    each view of the words (see ``_agreement``) into ``lo`` and ``hi``."""
+    if a.shape[0]:
+        _and_or(x, c0, c1, shift, a, o)
+    flip = ONE << U64(W - 1)
+    lo0, lo1, lo2, hi0, hi1, hi2 = lo[0], lo[1], lo[2], hi[0], hi[1], hi[2]
+    for c in range(U64(c0), U64(c1)):
+        y = U64(x[c])
+        i = c + U64(shift)
+        lo0[i] = min(lo0[i], y)
+        hi0[i] = max(hi0[i], y)
+        lo1[i] = min(lo1[i], y ^ flip)
+        hi1[i] = max(hi1[i], y ^ flip)
+        lo2[i] = min(lo2[i], y & ~flip)
+        hi2[i] = max(hi2[i], y & ~flip)
 
 
 def _transformed_sample(sample, rotate, gather):

@@ -131,7 +131,7 @@ def encode_packed(data, geom, model):
     raw_words = -(-U * W // 64)   # a unit at most, in uint64s
     threads = 1 if geom.total_words < _bits.PARALLEL_MIN_WORDS else numba.get_num_threads()   # as Kernel decides
     if threads == 1:
-        buf = np.zeros(n * raw_words + 1, np.uint64)
+        buf = np.empty(n * raw_words + 1, np.uint64)   # every word up to the last bit is written
         packed, total, uniform, block, rel_bits, block_base, rel = _encode_serial(
             words, U, geom.total_words, t0, t1, W, model.period, fbits, ptot, buf)
     else:

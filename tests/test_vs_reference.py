@@ -177,9 +177,7 @@ def _series(rng, kind, rows, cols, step):
     return rng.uniform(0, 1000, cols) + np.cumsum(rng.standard_normal((rows, cols)), axis=0)
 
 
-@pytest.mark.parametrize("seed", [pytest.param(s, marks=pytest.mark.xfail(
-    strict=True, reason="known gap: rows that are series spreading out as they go, which a per-column model "
-    "fits 12% better, but a sample of a few rows does not show it")) if s == 4 else s for s in range(30)])
+@pytest.mark.parametrize("seed", range(30))
 def test_time_series(seed):
     """Series down the columns or along the rows.  Rows of their own
     values, sampled whole from a few places, once taught a model that the
@@ -187,7 +185,9 @@ def test_time_series(seed):
     64-bit words (up to 1.3x the reference): the one-column sample is now
     spread over the tensor, a primary level no sampled word misses gets a
     wider secondary, and 64-bit elements also try 32-bit words as the
-    reference does."""
+    reference does.  Rows that are series spreading out as they go (seed
+    4) fit a per-column model 12% better, which a sample of three rows
+    shows only in the range of each column's values (_columns_stand_out)."""
     rng = np.random.default_rng(seed)
     kind = ("timestamps", "walks")[seed % 2]
     x = _series(rng, kind, int(rng.integers(16, 400)), int(rng.choice([8, 16, 50, 100])), (10, 1000, 100000)[seed % 3])
