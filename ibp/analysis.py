@@ -54,7 +54,7 @@ COLUMN_AGREEMENT = 1.5        # bits per word that make a per-column period wort
 FEW_MISSES = 8                # a secondary level is learned from at least this many sampled exceptions
 REUSE_SLACK = 0.005           # a checkpoint's tensor takes the last model of its role if it scores this close (Reuse) ...
 REUSE_BITS = 64               # ... or this many bits close (a vector of a few hundred values)
-TINY_BYTES = 256              # a tensor this small tries every narrower word width (_try_narrower)
+TINY_BYTES = 64               # a tensor this small tries every narrower word width (_try_narrower)
 
 
 @njit(cache=True)
