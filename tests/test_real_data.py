@@ -43,6 +43,21 @@ def test_minilm_weights(name):
     check(big, rows=64)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_minilm_small_checkpoints_are_cut_copies(dtype, tmp_path):
+    full, small = datasets.load(f"minilm-{dtype}"), datasets.load(f"minilm-small-{dtype}")
+    assert list(small) == list(full)
+    for k, v in small.items():
+        assert v.shape[0] == min(datasets.SMALL_ROWS, full[k].shape[0]) and v.shape[1:] == full[k].shape[1:]
+        assert as_bytes(v) == as_bytes(full[k][:datasets.SMALL_ROWS])
+        base = v._base if isinstance(v, torch.Tensor) else v.base
+        assert base is None, k   # its own memory: a checkpoint writer sees 128 rows, not the whole tensor
+    check(small, layouts=("packed",), rows=16)
+    ibp.save(small, tmp_path / "small.ibp")
+    back = ibp.load(tmp_path / "small.ibp")
+    assert all(as_bytes(ibp.decompress(back[k])) == as_bytes(v) for k, v in small.items())
+
+
 def test_minilm_kv_cache():
     kv = datasets.load("minilm-kv")
     check(dict(list(kv.items())[:4]), rows=3)  # one row per tensor: each gather decodes all of it
