@@ -135,13 +135,6 @@ def unit_size(src, off, t0, t1, W, p, U, fbits, ptot):
     return kind, bits, k
 
 
-@Kernel
-def classify_units(x, t0, t1, W, p, U, fbits, ptot, sizes):
-    """Bit size of every unit of ``x`` (a whole number of units)."""
-    for u in prange(sizes.shape[0]):
-        sizes[u] = unit_size(x, u * U, t0, t1, W, p, U, fbits, ptot)[1]
-
-
 # -- encoding --------------------------------------------------------------
 
 @njit(inline="always")

@@ -67,20 +67,11 @@ def normalize_index(index, nrows):
     return np.where(flat < 0, flat + nrows, flat), idx.shape
 
 
-@njit(cache=True)
-def _all_jobs(nunits, U, total_words):
-    """``jobs`` of the whole tensor: every unit whole, the last one cut."""
-    units = np.arange(nunits)
-    length = np.minimum(U, total_words - units * U)
-    return units, np.zeros(nunits, np.int64), length, units * U
-
-
-def jobs(ct, rows=None):
-    """(unit, src word, length, dst word) per job, for all rows or ``rows``."""
+def jobs(ct, rows):
+    """(unit, src word, length, dst word) per job that gathers ``rows``
+    (a whole tensor is decoded unit by unit instead: ``decode_span``)."""
     g = ct.geometry
     U, R = g.unit_words, g.row_words
-    if rows is None:
-        return _all_jobs(g.nunits, U, g.total_words)
     slot = np.arange(rows.size, dtype=np.int64)
     if U >= R:
         per = U // R
