@@ -815,8 +815,8 @@ def _jsonable(value):
 BENCH_DATA = (".npy", ".npz", ".safetensors", ".pt", ".pth")
 QUICK_SKIPS = ("minilm-kv", "glove-50d")  # the slowest to load and to run
 BENCH_DURATION = ("ibp bench: every dataset, 3 repeats: about 10 minutes on 2 cores "
-                  "(--quick: about 2 minutes)")
-BENCH_DURATION_QUICK = "ibp bench --quick: about 2 minutes on 2 cores"
+                  "(--quick: about 3 minutes)")
+BENCH_DURATION_QUICK = "ibp bench --quick: about 3 minutes on 2 cores"
 
 
 def cmd_bench(args):
@@ -929,11 +929,11 @@ def build_parser():
     i.add_argument("--json", action="store_true", help="print the facts as JSON")
     i.set_defaults(func=cmd_info)
 
-    b = sub.add_parser("bench", help="compression ratio and speed on real data (about 10 minutes; --quick 2)",
+    b = sub.add_parser("bench", help="compression ratio and speed on real data (about 10 minutes; --quick 3)",
                        description="Benchmark ibp against the reference algorithm and general-purpose "
                                    "codecs on the real datasets (or on --data), then write JSON and a plot. "
                                    "Every dataset with 3 repeats takes about 10 minutes on 2 cores; --quick "
-                                   "about 2. Results already in --out are kept unless -f.")
+                                   "about 3. Results already in --out are kept unless -f.")
     b.add_argument("--data", metavar="PATH", help="benchmark the tensors of this file instead of the datasets")
     b.add_argument("--datasets", nargs="+", metavar="NAME", choices=datasets.DATASETS,
                    help="only these of ibp.datasets (default: every one installed)")
