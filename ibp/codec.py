@@ -147,97 +147,50 @@ def lanes(G, W):
 
 
 @njit(inline="always")
-def swar_groups(src64, o, ng, G, W, t0, grp):
-    """The groups of G = 64 // W words of a unit (uint64s ``src64[o:o+ng]``)
-    against a one-column level, all G lanes per operation: per group its
-    matched residuals packed low to high (``grp[0]``), their bit count
-    (``grp[1]``) and a bit per lane that misses, lane 0 lowest
-    (``grp[2]``).  Lanes are subtracted without borrows between them
-    (Hacker's Delight 2-18); a multiply gathers the lanes' miss bits (lane
-    i's lands at bit T + i, T = (G - 1)(W - 1), with no carries).  Returns
-    whether a lane missed."""
+def lane_words(src, off, t0, U, ys, keep, flag):
+    """Pass one over a unit of a one-column model: each word less the base
+    into ``ys``, all ones into ``keep`` where it matches the level (else
+    zero) and 1 into ``flag`` where it misses.  No word depends on another
+    and the arrays have the words' width, so LLVM vectorizes it: cheaper
+    than testing the lanes of a uint64 with borrow-free arithmetic."""
+    base = ys.dtype.type(t0[0, BASE])
+    fix = ys.dtype.type(t0[0, FIX])
+    one = ys.dtype.type(1)
+    for j in range(U):
+        y = ys.dtype.type(src[U64(off + j)] - base)
+        miss = (y & fix) != 0
+        ys[U64(j)] = y
+        keep[U64(j)] = ys.dtype.type(miss) - one
+        flag[U64(j)] = miss
+
+
+@njit(inline="always")
+def pack_lanes(ys, keep, ng, G, W, t0, buf, acc, nb, widx):
+    """Pass two: append the residuals of the matched words of ``lane_words``
+    (``ys``, ``keep`` as uint64s: ``ng`` groups of G = 64 // W words), a
+    group per append: one ``pext`` gathers its kept words' free bits."""
     rep = lanes(G, W)
-    gather = ZERO
-    for i in range(G):
-        gather |= ONE << U64((G - 1 - i) * (W - 1))
-    T = U64((G - 1) * (W - 1))
-    lane_mask = low_mask(G)
-    H = rep << U64(W - 1)
-    L = ~H
-    B = t0[0, BASE] * rep
-    F = t0[0, FIX] * rep
     LO = t0[0, LOW] * rep
     HI = t0[0, HIGH] * rep
-    sh1, sh2, width, M = t0[0, SH1], t0[0, SH2], t0[0, WIDTH], t0[0, WMASK]
-    missed = ZERO
-    if FAST_PEXT:   # the kept lanes' free bits in one gather
+    if FAST_PEXT:
         FREE = LO | HI
-        lane_ones = low_mask(W)
         for g in range(ng):
-            x = src64[U64(o + g)]
-            y = ((x | H) - (B & L)) ^ ((x ^ ~B) & H)
-            t = y & F
-            nz = (((t & L) + L) | t) & H
-            miss = (nz >> U64(W - 1)) & rep
-            keep = FREE & ~(miss * lane_ones)
-            grp[0, U64(g)] = pext(y, keep)
-            grp[1, U64(g)] = popcount(keep)
-            grp[2, U64(g)] = (miss * gather >> T) & lane_mask
-            missed |= nz
-        return missed != ZERO
+            kk = FREE & keep[U64(g)]
+            acc, nb, widx = put_bits(buf, acc, nb, widx, pext(ys[U64(g)], kk), popcount(kk))
+        return acc, nb, widx
+    sh1, sh2, M, width = t0[0, SH1], t0[0, SH2], t0[0, WMASK], t0[0, WIDTH]
     for g in range(ng):
-        x = src64[U64(o + g)]
-        y = ((x | H) - (B & L)) ^ ((x ^ ~B) & H)
-        t = y & F
-        nz = (((t & L) + L) | t) & H
-        r = (y & LO) | (((y & HI) >> sh1) >> sh2)
+        y = ys[U64(g)]
+        r = (y & LO) | (((y & HI) >> sh1) >> sh2)   # lane by lane: a lane's high bits stay in it
+        kk = keep[U64(g)]
         v = ZERO
         bits = ZERO
         for lane in range(G):
-            keep = ((nz >> U64(lane * W + W - 1)) & ONE) - ONE
-            v |= ((r >> U64(lane * W)) & M & keep) << bits
-            bits += width & keep
-        grp[0, U64(g)] = v
-        grp[1, U64(g)] = bits
-        grp[2, U64(g)] = (((nz >> U64(W - 1)) & rep) * gather >> T) & lane_mask
-        missed |= nz
-    return missed != ZERO
-
-
-@njit(inline="always")
-def group_positions(grp, ng, W, exc):
-    """Positions of the lanes ``swar_groups`` found missing into ``exc``;
-    returns their number.  The groups' miss bits are joined into 64-bit
-    words first (no branch per group: a group with a miss is rare, and
-    testing each one cost more than the misses themselves)."""
-    G = 64 // W
-    per = 64 // G    # groups per joined word
-    k = 0
-    for g0 in range(0, ng, per):
-        m = ZERO
-        for j in range(min(per, ng - g0)):
-            m |= grp[2, U64(g0 + j)] << U64(j * G)
-        while m != ZERO:
-            exc[U64(k)] = g0 * G + ctz(m)
-            k += 1
-            m &= m - ONE
-    return k
-
-
-@njit(inline="always")
-def residuals_one_column(src, off, t0, U, res, miss):
-    """Every word of a unit against a one-column level: its residual into
-    ``res`` and whether it misses into ``miss`` (no dependence between
-    words, so LLVM vectorizes it); returns the number of misses."""
-    base, fix, low, high, sh1, sh2 = t0[0, BASE], t0[0, FIX], t0[0, LOW], t0[0, HIGH], t0[0, SH1], t0[0, SH2]
-    k = 0
-    for j in range(U):
-        y = U64(src[U64(off + j)]) - base
-        res[U64(j)] = (y & low) | (((y & high) >> sh1) >> sh2)
-        m = (y & fix) != ZERO
-        miss[U64(j)] = m
-        k += np.int64(m)
-    return k
+            kept = ZERO - ((kk >> U64(lane * W)) & ONE)
+            v |= ((r >> U64(lane * W)) & M & kept) << bits
+            bits += width & kept
+        acc, nb, widx = put_bits(buf, acc, nb, widx, v, bits)
+    return acc, nb, widx
 
 
 @njit(inline="always")
@@ -254,42 +207,6 @@ def miss_positions(m64, U, exc):
             w &= w - ONE
     exc[U64(k)] = U
     return k
-
-
-@njit(inline="always")
-def pack_run(res, j0, j1, G, width, buf, acc, nb, widx):
-    """Append the residuals res[j0:j1] (``width`` bits each), G per append."""
-    j = j0
-    step = width * U64(G)
-    while j + G <= j1:
-        v = ZERO
-        for g in range(G):
-            v |= res[U64(j + g)] << (width * U64(g))
-        acc, nb, widx = put_bits(buf, acc, nb, widx, v, step)
-        j += G
-    while j < j1:
-        acc, nb, widx = put_bits(buf, acc, nb, widx, res[U64(j)], width)
-        j += 1
-    return acc, nb, widx
-
-
-@njit(inline="always")
-def pack_matched(res, exc, k, W, width, buf, acc, nb, widx):
-    """Append the residuals of the words between the ``k`` exceptions: G =
-    64 // W per append (``width`` <= W bits each)."""
-    j = 0
-    for e in range(k + 1):
-        q = exc[e]
-        if W == 8:
-            acc, nb, widx = pack_run(res, j, q, 8, width, buf, acc, nb, widx)
-        elif W == 16:
-            acc, nb, widx = pack_run(res, j, q, 4, width, buf, acc, nb, widx)
-        elif W == 32:
-            acc, nb, widx = pack_run(res, j, q, 2, width, buf, acc, nb, widx)
-        else:
-            acc, nb, widx = pack_run(res, j, q, 1, width, buf, acc, nb, widx)
-        j = q + 1
-    return acc, nb, widx
 
 
 @njit(inline="always")
@@ -331,39 +248,21 @@ def append_stream(stream, nbits, buf, acc, nb, widx):
     return acc, nb, widx
 
 
-@njit
-def encode_unit(src, src64, off, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, grp, buf, acc, nb,
-                widx):
+@njit(inline="always")
+def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, ys, keep, buf, acc, nb, widx):
     """Append one unit in its cheapest kind to a writer (state: uint64 acc,
     nb, widx); returns (kind, bits, writer state).  ``exc``, ``flag``,
-    ``stream`` and ``grp`` are scratch for units of up to SCRATCH_WORDS
-    words (see ``scratch``; ``flag64`` views ``flag``).  A one-column
-    model's residuals are found 64 bits of words at a time when ``src64``
-    views ``src`` as uint64s (else it is empty) and U is a whole number of
-    them, else one per word into ``stream``; either way they are packed
-    straight into ``buf``.  Other models' are packed into ``stream`` and
-    copied."""
+    ``stream``, ``ys`` and ``keep`` are scratch for units of up to
+    SCRATCH_WORDS words (see ``scratch``; ``flag64`` views ``flag``).  A
+    one-column model's unit takes two passes (``lane_words``, then
+    ``pack_lanes`` straight into ``buf``); other models' residuals are
+    packed into ``stream`` and copied."""
     if U > SCRATCH_WORDS:
         return encode_unit_in_passes(src, off, t0, t1, W, p, U, fbits, ptot, buf, acc, nb, widx)
     pbits, kmax, kbits = unit_geometry(U)
-    G = 64 // W
-    ng = U // G
-    swar = p == 1 and G > 1 and src64.shape[0] > 0 and U % G == 0
-    if swar:
-        o = off // G
-        if W == 8:
-            missed = swar_groups(src64, o, ng, 8, 8, t0, grp)
-        elif W == 16:
-            missed = swar_groups(src64, o, ng, 4, 16, t0, grp)
-        else:
-            missed = swar_groups(src64, o, ng, 2, 32, t0, grp)
-        k = group_positions(grp, ng, W, exc) if missed else 0
-        exc[k] = U
-        sbits = (U - k) * np.int64(t0[0, WIDTH])
-    elif p == 1:
-        k = residuals_one_column(src, off, t0, U, stream, flag)
-        k = miss_positions(flag64, U, exc) if k else 0
-        exc[k] = U
+    if p == 1:
+        lane_words(src, off, t0, U, ys, keep, flag)
+        k = miss_positions(flag64, U, exc)
         sbits = (U - k) * np.int64(t0[0, WIDTH])
     else:
         k, sbits = scan(src, off, t0, p, U, exc, stream)
@@ -393,11 +292,18 @@ def encode_unit(src, src64, off, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64
                 word |= ONE << U64(exc[e] - j0)
                 e += 1
             acc, nb, widx = put_bits(buf, acc, nb, widx, word, U64(n))
-    if swar:
-        for g in range(ng):
-            acc, nb, widx = put_bits(buf, acc, nb, widx, grp[0, U64(g)], grp[1, U64(g)])
-    elif p == 1:
-        acc, nb, widx = pack_matched(stream, exc, k, W, t0[0, WIDTH], buf, acc, nb, widx)
+    if p == 1:
+        if W == 8:
+            acc, nb, widx = pack_lanes(ys.view(np.uint64), keep.view(np.uint64), (U + 7) // 8, 8, 8, t0, buf, acc,
+                                       nb, widx)
+        elif W == 16:
+            acc, nb, widx = pack_lanes(ys.view(np.uint64), keep.view(np.uint64), (U + 3) // 4, 4, 16, t0, buf, acc,
+                                       nb, widx)
+        elif W == 32:
+            acc, nb, widx = pack_lanes(ys.view(np.uint64), keep.view(np.uint64), (U + 1) // 2, 2, 32, t0, buf, acc,
+                                       nb, widx)
+        else:
+            acc, nb, widx = pack_lanes(ys.view(np.uint64), keep.view(np.uint64), U, 1, 64, t0, buf, acc, nb, widx)
     else:
         acc, nb, widx = append_stream(stream, sbits, buf, acc, nb, widx)
     if fbits:
@@ -467,38 +373,18 @@ def encode_unit_in_passes(src, off, t0, t1, W, p, U, fbits, ptot, buf, acc, nb, 
 
 
 @njit(inline="always")
-def scratch(U, W):
-    """(exc, flag, flag64, stream, grp) scratch arrays of ``encode_unit``
-    for U-word units: ``flag`` also holds a miss byte per word, zero-padded
-    to whole uint64s (``flag64`` views them so), ``stream`` a residual per
-    word and ``grp`` three values per group of words (``swar_groups``)."""
+def scratch(U, words):
+    """(exc, flag, flag64, stream, ys, keep) scratch arrays of
+    ``encode_unit`` for U-word units of ``words``: ``flag`` also holds a
+    miss byte per word, zero-padded to whole uint64s (``flag64`` views
+    them so), ``stream`` a residual per word, ``ys`` and ``keep`` a word
+    each (``lane_words``) in whole uint64s, ``keep`` zero past U so a
+    last part-filled group keeps only the unit's words."""
     n = min(U, SCRATCH_WORDS)
     flag = np.zeros((n + 15) // 8 * 8, np.uint8)
+    m = (n + 15) // 8 * 8
     return (np.empty(n + 1, np.int64), flag, flag.view(np.uint64), np.empty(n + 2, np.uint64),
-            np.empty((3, n // 2 + 1), np.uint64))
-
-
-@njit(inline="always")
-def encode_next(x, x64, tail, tail64, u, n, t0, t1, W, p, U, fbits, ptot, scratch, buf, acc, nb, widx):
-    """Encode unit ``u`` (the padded ``tail`` when it is the last and
-    ``tail`` is not empty) and append it; returns (kind, size, writer).
-    ``x64`` and ``tail64`` view ``x`` and ``tail`` as uint64s, or are empty."""
-    exc, flag, flag64, stream, grp = scratch
-    if u == n - 1 and tail.shape[0] > 0:
-        return encode_unit(tail, tail64, np.int64(0), t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, grp, buf, acc,
-                           nb, widx)
-    return encode_unit(x, x64, u * U, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, stream, grp, buf, acc, nb,
-                       widx)
-
-
-@njit(inline="always")
-def as_u64(x):
-    """``x`` viewed as uint64s for the lane-parallel path, or empty where
-    it does not start on an 8-byte boundary or is not a whole number of
-    them (a view at an odd offset: then one word at a time)."""
-    if x.ctypes.data % 8 == 0 and (x.shape[0] * x.itemsize) % 8 == 0:
-        return x.view(np.uint64)
-    return x[:0].view(np.uint64)
+            np.empty(m, words.dtype), np.zeros(m, words.dtype))
 
 
 @njit(inline="always")
@@ -515,28 +401,32 @@ def padded_tail(words, U, total_words):
     return tail
 
 
-@njit(inline="always")
-def encode_units(x, x64, tail, tail64, n, first, last, t0, t1, W, p, U, fbits, ptot, work, buf, bit, kinds, sizes):
-    """Encode units [first, last) back to back into ``buf`` from bit
+@njit
+def encode_units(x, tail, n, first, last, t0, t1, W, p, U, fbits, ptot, work, buf, bit, kinds, sizes):
+    """Encode units [first, last) of the ``n`` (the last one the padded
+    ``tail`` when it is not empty) back to back into ``buf`` from bit
     ``bit`` (the bits below it in its word are kept), with ``work`` from
-    ``scratch``; record each unit's kind and bit size."""
+    ``scratch``; record each unit's kind and bit size.  The one compiled
+    call around ``encode_unit``, which is inlined here only: a call per
+    unit cost a quarter of a small unit's time."""
+    exc, flag, flag64, stream, ys, keep = work
     widx = U64(bit) >> U64(6)
     nb = U64(bit) & U64(63)
     acc = buf[widx] & low_mask(nb) if nb else ZERO
     for u in range(first, last):
-        kinds[u], sizes[u], acc, nb, widx = encode_next(x, x64, tail, tail64, u, n, t0, t1, W, p, U, fbits,
-                                                        ptot, work, buf, acc, nb, widx)
+        end = u == n - 1 and tail.shape[0] > 0
+        kinds[u], sizes[u], acc, nb, widx = encode_unit(tail if end else x, 0 if end else u * U, t0, t1, W, p, U,
+                                                        fbits, ptot, exc, flag, flag64, stream, ys, keep, buf, acc,
+                                                        nb, widx)
     flush_bits(buf, acc, nb, widx)
 
 
 @njit(inline="always")
 def unit_source(words, U, total_words):
-    """(the whole units of ``words``, their uint64 view or empty, the
-    padded last unit or empty, its uint64 view or empty)."""
+    """(the whole units of ``words``, the padded last unit or empty)."""
     n = (total_words + U - 1) // U
     tail = read_only(padded_tail(words, U, total_words))
-    x = words[:(n - 1) * U if tail.shape[0] else total_words]
-    return x, as_u64(x), tail, as_u64(tail)
+    return words[:(n - 1) * U if tail.shape[0] else total_words], tail
 
 
 @njit(inline="always")
@@ -583,18 +473,18 @@ def encode_waves(words, U, total_words, t0, t1, W, p, fbits, ptot, runs, run_uni
     those of the runs before it.  Records each unit's kind and size;
     returns the total bits."""
     n = kinds.shape[0]
-    x, x64, tail, tail64 = unit_source(words, U, total_words)
-    works = [scratch(U, W) for _ in range(runs)]   # each run's encoder scratch, made once, not every wave
+    x, tail = unit_source(words, U, total_words)
+    works = [scratch(U, words) for _ in range(runs)]   # each run's encoder scratch, made once, not every wave
     starts = np.zeros(runs + 1, np.int64)
     pos = 0
     for w0 in range(0, n, runs * run_units):
         for r in prange(runs):
             a = min(w0 + r * run_units, n)
             if r == 0:
-                encode_units(x, x64, tail, tail64, n, a, min(a + run_units, n), t0, t1, W, p, U, fbits, ptot,
+                encode_units(x, tail, n, a, min(a + run_units, n), t0, t1, W, p, U, fbits, ptot,
                              works[r], out, pos, kinds, sizes)
             else:
-                encode_units(x, x64, tail, tail64, n, a, min(a + run_units, n), t0, t1, W, p, U, fbits, ptot,
+                encode_units(x, tail, n, a, min(a + run_units, n), t0, t1, W, p, U, fbits, ptot,
                              works[r], scratch_buf, (r - 1) * run_units * raw_words * 64, kinds, sizes)
         for r in range(runs):
             a = min(w0 + r * run_units, n)
@@ -615,20 +505,15 @@ def encode_waves(words, U, total_words, t0, t1, W, p, fbits, ptot, runs, run_uni
 def encode_slotted(words, U, total_words, t0, t1, W, p, fbits, ptot, slots, slot_words, buf, kinds):
     """Write unit ``i`` of ``words`` into slot ``slots[i]``; zero the slot's rest."""
     n = kinds.shape[0]
-    x, x64, tail, tail64 = unit_source(words, U, total_words)
+    x, tail = unit_source(words, U, total_words)
+    sizes = np.empty(n, np.int64)
     nchunks = min(n, 64)
     for ch in prange(nchunks):
-        work = scratch(U, W)
+        work = scratch(U, words)
         for i in range(ch * n // nchunks, (ch + 1) * n // nchunks):
-            w0 = U64(slots[i] * slot_words)
-            kinds[i], _, acc, nb, widx = encode_next(x, x64, tail, tail64, i, n, t0, t1, W, p, U, fbits, ptot,
-                                                     work, buf, ZERO, ZERO, w0)
-            flush_bits(buf, acc, nb, widx)
-            if nb > ZERO:
-                widx += ONE
-            while widx < w0 + U64(slot_words):
-                buf[widx] = ZERO
-                widx += ONE
+            w0 = slots[i] * slot_words
+            encode_units(x, tail, n, i, i + 1, t0, t1, W, p, U, fbits, ptot, work, buf, w0 * 64, kinds, sizes)
+            buf[w0 + (sizes[i] + 63) // 64:w0 + slot_words] = 0
 
 
 # -- decoding --------------------------------------------------------------

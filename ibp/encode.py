@@ -162,8 +162,9 @@ def _encode_serial(words, U, total_words, t0, t1, W, p, fbits, ptot, buf):
     kinds = np.empty(n, np.uint8)
     sizes = np.empty(n, np.int64)
     if n:
-        x, x64, tail, tail64 = codec.unit_source(words, U, total_words)
-        codec.encode_units(x, x64, tail, tail64, n, 0, n, t0, t1, W, p, U, fbits, ptot, codec.scratch(U, W), buf, 0,
+        x, tail = codec.unit_source(words, U, total_words)
+        zero = np.int64(0)   # not the literal 0: encode_units then compiles once for every caller
+        codec.encode_units(x, tail, n, zero, n, t0, t1, W, p, U, fbits, ptot, codec.scratch(U, words), buf, zero,
                            kinds, sizes)
     packed, starts, total, uniform = _layout(kinds, sizes)
     block, rel_bits, block_base, rel = _blocked_index(starts)
