@@ -134,12 +134,26 @@ def _plan(tensors, metadata):
 def header_bound(tensors, metadata, largest):
     """The most bytes a header can take for ``tensors`` (name, dtype,
     shape, framework), given ``metadata`` and no number in their entries
-    over ``largest`` (bits of the whole file bound them all)."""
+    over ``largest`` (bits of the whole file bound them all).  Counted, not
+    written: an entry's JSON is that of its dtype and framework's widest
+    entry, with its name and shape in place of empty ones (writing every
+    entry out cost a millisecond per hundred tensors)."""
+    total = len(json.dumps({"metadata": dict(metadata or {}), "tensors": []}, separators=(",", ":")).encode())
+    total += max(len(tensors) - 1, 0)   # the commas between entries
     n = max(largest, 0xFFFFFFFF)   # a CRC-32, and so every smaller field, is below 2**32
-    g = max(n, (1 << 64) - 1)   # the widest gather mask
-    entries = [_entry(name, dtype, shape, framework, n, n, "packed", n, 0, g, {k: [n, n, n] for k in SECTIONS["packed"]},
-                      (n, n, n)) for name, dtype, shape, framework in tensors]   # packed and gathered: the longest
-    return len(json.dumps({"metadata": dict(metadata or {}), "tensors": entries}, separators=(",", ":")).encode())
+    for name, dtype, shape, framework in tensors:
+        total += _widest_entry(dtype, framework, n) + len(json.dumps(name)) - 2 + \
+            sum(len(str(s)) for s in shape) + max(len(shape) - 1, 0)
+    return total
+
+
+@functools.lru_cache(maxsize=64)
+def _widest_entry(dtype, framework, n):
+    """Bytes of the JSON of the longest entry with an empty name and shape:
+    packed and gathered, every number ``n`` (the gather mask up to 2**64 - 1)."""
+    entry = _entry("", dtype, (), framework, n, n, "packed", n, 0, max(n, (1 << 64) - 1),
+                   {k: [n, n, n] for k in SECTIONS["packed"]}, (n, n, n))
+    return len(json.dumps(entry, separators=(",", ":")).encode())
 
 
 def write_all(stream, data):

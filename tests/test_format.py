@@ -1,5 +1,7 @@
 """The container format: bytes, files, checkpoints, and hostile input."""
+import io
 import json
+import math
 import struct
 import zlib
 
@@ -322,3 +324,32 @@ def test_metadata_is_read_from_the_header(tmp_path):
     (tmp_path / "bad.ibp").write_bytes(b"\x89IBP\r\n\x1a\n" + b"\0" * 4)
     with pytest.raises(ibp.FormatError):
         ibp.load_metadata(tmp_path / "bad.ibp")
+
+
+def test_header_bound_counts_what_the_widest_entries_would_write():
+    """header_bound counts bytes instead of writing the entries: it must
+    equal the JSON of every tensor's widest entry (packed, gathered, every
+    number as wide as the bound) and hold a real header of the same tensors."""
+    rng = np.random.default_rng(0)
+    names = ["w", "layer.0.attn", 'quo"te\\', "naïve ünïcode", "\n\t", "", "emoji 🚀"]
+    tensors = [(names[i % len(names)] + str(i), ["float32", "bfloat16", "int8", "complex128"][i % 4],
+                tuple(int(s) for s in rng.integers(0, 10 ** int(rng.integers(1, 9)), int(rng.integers(0, 5)))),
+                ["numpy", "torch"][i % 2]) for i in range(40)]
+    for metadata in (None, {}, {"k": "v", "ü": "\"x\""}):
+        for largest in (0, 1 << 40, 10 ** 30):
+            n = max(largest, 0xFFFFFFFF)
+            entries = [container._entry(name, dtype, shape, fw, n, n, "packed", n, 0, max(n, (1 << 64) - 1),
+                                        {k: [n, n, n] for k in container.SECTIONS["packed"]}, (n, n, n))
+                       for name, dtype, shape, fw in tensors]
+            written = json.dumps({"metadata": dict(metadata or {}), "tensors": entries}, separators=(",", ":"))
+            assert container.header_bound(tensors, metadata, largest) == len(written.encode())
+            assert container.header_bound(tensors[:1], metadata, largest) < len(written.encode())
+            assert container.header_bound([], metadata, largest) == len(json.dumps(
+                {"metadata": dict(metadata or {}), "tensors": []}, separators=(",", ":")))
+    x = {name: np.zeros(shape, np.float32) for name, _, shape, _ in tensors if math.prod(shape) < 10 ** 5}
+    buf = io.BytesIO()
+    ibp.save(x, buf)
+    blob = buf.getvalue()
+    assert len(x) > 3
+    hlen = container.PREAMBLE.unpack_from(blob, 0)[2]
+    assert hlen <= container.header_bound([(k, "float32", v.shape, "numpy") for k, v in x.items()], None, 8 * len(blob))
