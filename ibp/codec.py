@@ -440,21 +440,24 @@ def shifted(src, nw, i, sh):
 
 
 @njit(inline="always")
-def place_bits(src, bits, out, d, inner):
+def place_bits(src, bits, out, d, inner, part=0, parts=1):
     """Copy the ``bits`` bits at the start of ``src`` to bit ``d`` of
-    ``out``: the words they fill alone when ``inner`` (a run's, in
-    parallel with other runs'), else the first and last words they touch,
-    which neighbouring runs share (in order: the bits below ``d`` are
-    kept, those after the run are zero until the next run's)."""
+    ``out``: part ``part`` of ``parts`` of the words they fill alone when
+    ``inner`` (in parallel with other parts and runs), else the first and
+    last words they touch, which neighbouring runs share (in order: the
+    bits below ``d`` are kept, those after the run are zero until the next
+    run's)."""
     nw = (bits + 63) >> 6
     q, last, sh = d >> 6, (d + bits - 1) >> 6, d & 63
     if inner:   # words 1 .. last - q - 1 of the shifted stream: all inside src, so no checks (they vectorize)
+        m = max(last - q - 1, 0)
+        i0, i1 = 1 + m * part // parts, 1 + m * (part + 1) // parts
         if sh == 0:
-            for i in range(1, last - q):
+            for i in range(i0, i1):
                 out[U64(q + i)] = src[U64(i)]
         else:
             up, down = U64(sh), U64(64 - sh)
-            for i in range(1, last - q):
+            for i in range(i0, i1):
                 out[U64(q + i)] = (src[U64(i)] << up) | (src[U64(i - 1)] >> down)
         return
     out[q] = (out[q] & mask_of(sh)) | shifted(src, nw, 0, sh)
@@ -489,10 +492,11 @@ def encode_waves(words, U, total_words, t0, t1, W, p, fbits, ptot, runs, run_uni
         for r in range(runs):
             a = min(w0 + r * run_units, n)
             starts[r + 1] = starts[r] + sizes[a:min(a + run_units, n)].sum()
-        for r in prange(1, runs):
+        for i in prange((runs - 1) * runs):   # each copied run in as many parts as threads: all of them copy
+            r, part = 1 + i // runs, i % runs
             if starts[r + 1] > starts[r]:
                 place_bits(scratch_buf[(r - 1) * run_units * raw_words:], starts[r + 1] - starts[r], out,
-                           pos + starts[r], True)
+                           pos + starts[r], True, part, runs)
         for r in range(1, runs):
             if starts[r + 1] > starts[r]:
                 place_bits(scratch_buf[(r - 1) * run_units * raw_words:], starts[r + 1] - starts[r], out,
