@@ -83,17 +83,6 @@ def _radix_sort(v, W):
 
 
 @njit(inline="always")
-def _fits(z2, m, mb, k, i, width):
-    """Whether the k sorted values from ``i`` on (cyclically) lie in a
-    window of ``width``; a run that wraps around spans ``z2[i + k - 1] -
-    z2[i] + 2**b``, compared less one (``2**b`` overflows 64 bits)."""
-    j = i + U64(k - 1)
-    if j < m:
-        return ((z2[j] - z2[i]) & mb) < width
-    return ((z2[j] - z2[i] - ONE) & mb) < width - ONE
-
-
-@njit(inline="always")
 def _k_fit(z2, m, mb, k, width):
     """Whether some k cyclically consecutive sorted values (``z2`` holds
     them twice over) lie in a window of ``width``: branch-free minima over
@@ -111,6 +100,25 @@ def _k_fit(z2, m, mb, k, width):
 
 
 @njit(inline="always")
+def _first_fit(z2, m, mb, k, width):
+    """The lowest i from which k cyclically consecutive sorted values lie
+    in a window of ``width`` (a run that wraps around spans ``z2[i + k -
+    1] - z2[i] + 2**b``, compared less one: ``2**b`` overflows 64 bits),
+    m where none do: branch-free minima as in ``_k_fit``, which vectorize
+    (a scan that stops at the first fit does not)."""
+    off = U64(k - 1)
+    split = m - off
+    first = m
+    for i in range(split):
+        first = min(first, i if ((z2[i + off] - z2[i]) & mb) < width else m)
+    if first < m:
+        return np.int64(first)
+    for i in range(split, m):
+        first = min(first, i if ((z2[i + off] - z2[i] - ONE) & mb) < width - ONE else m)
+    return np.int64(first)
+
+
+@njit(inline="always")
 def _densest(z2, m, b, a, least, most):
     """(count, first) of the densest cyclic window ``[z[first], z[first] +
     2**a)`` of the m sorted b-bit values in ``z2`` (twice over), the lowest
@@ -125,10 +133,7 @@ def _densest(z2, m, b, a, least, most):
             least = k
         else:
             most = k - 1
-    first = ZERO
-    while not _fits(z2, m, mb, least, first, width):
-        first += ONE
-    return least, np.int64(first)
+    return least, _first_fit(z2, m, mb, least, width)
 
 
 @njit(inline="always")
