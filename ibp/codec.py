@@ -292,18 +292,16 @@ def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, strea
                 word |= ONE << U64(exc[e] - j0)
                 e += 1
             acc, nb, widx = put_bits(buf, acc, nb, widx, word, U64(n))
-    if p == 1:
+    if p == 1:   # the word width spelled out, so each lane loop compiles for its own constants
+        y64, k64 = ys.view(np.uint64), keep.view(np.uint64)
         if W == 8:
-            acc, nb, widx = pack_lanes(ys.view(np.uint64), keep.view(np.uint64), (U + 7) // 8, 8, 8, t0, buf, acc,
-                                       nb, widx)
+            acc, nb, widx = pack_lanes(y64, k64, (U + 7) // 8, 8, 8, t0, buf, acc, nb, widx)
         elif W == 16:
-            acc, nb, widx = pack_lanes(ys.view(np.uint64), keep.view(np.uint64), (U + 3) // 4, 4, 16, t0, buf, acc,
-                                       nb, widx)
+            acc, nb, widx = pack_lanes(y64, k64, (U + 3) // 4, 4, 16, t0, buf, acc, nb, widx)
         elif W == 32:
-            acc, nb, widx = pack_lanes(ys.view(np.uint64), keep.view(np.uint64), (U + 1) // 2, 2, 32, t0, buf, acc,
-                                       nb, widx)
+            acc, nb, widx = pack_lanes(y64, k64, (U + 1) // 2, 2, 32, t0, buf, acc, nb, widx)
         else:
-            acc, nb, widx = pack_lanes(ys.view(np.uint64), keep.view(np.uint64), U, 1, 64, t0, buf, acc, nb, widx)
+            acc, nb, widx = pack_lanes(y64, k64, U, 1, 64, t0, buf, acc, nb, widx)
     else:
         acc, nb, widx = append_stream(stream, sbits, buf, acc, nb, widx)
     if fbits:
@@ -381,8 +379,8 @@ def scratch(U, words):
     each (``lane_words``) in whole uint64s, ``keep`` zero past U so a
     last part-filled group keeps only the unit's words."""
     n = min(U, SCRATCH_WORDS)
-    flag = np.zeros((n + 15) // 8 * 8, np.uint8)
     m = (n + 15) // 8 * 8
+    flag = np.zeros(m, np.uint8)
     return (np.empty(n + 1, np.int64), flag, flag.view(np.uint64), np.empty(n + 2, np.uint64),
             np.empty(m, words.dtype), np.zeros(m, words.dtype))
 
