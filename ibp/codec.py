@@ -655,14 +655,29 @@ def decode_dense_exceptions(words, pos, G, U, k, exc, out, o, t0, tmp, xmap):
 
 
 @njit(inline="always")
-def decode_group_run(words, pos, G, j0, j1, out, o, mask, low, sh1, sh2, base, width):
+def decode_group_run(words, pos, G, j0, j1, room, out, o, mask, low, sh1, sh2, base, width):
     """Words j0..j1-1 of a unit, all matching a one-column level: G
-    residuals (G * W <= 64) from each 64-bit read; returns the next bit."""
+    residuals (G * W <= 64) from each 64-bit read; returns the next bit.
+
+    Words j1..room-1 may be overwritten with anything (the caller writes
+    them afterwards): a run that ends G words or more before ``room`` is
+    decoded in whole groups, its last one spilling past j1, which spares
+    the short tail loop whose length a branch predictor cannot guess
+    (runs between exceptions have random lengths)."""
     j = j0
     step = width * U64(G)
     nlow = ~low
     if FAST_PEXT and G > 1:  # G words from one read: spread to their lanes, base added lane-wise
         W, free, H, L, B, BL = lane_constants(G, mask, low, sh1, sh2, base)
+        if j1 + G <= room:
+            while j < j1:
+                d = pdep(read_bits(words, pos, ~ZERO), free)
+                x = ((d & L) + BL) ^ ((d ^ B) & H)
+                for g in range(G):
+                    out[U64(o + j + g)] = x >> (W * U64(g))
+                pos += step
+                j += G
+            return pos - width * U64(j - j1)
         while j + G <= j1:
             d = pdep(read_bits(words, pos, ~ZERO), free)
             x = ((d & L) + BL) ^ ((d ^ B) & H)
@@ -699,37 +714,39 @@ def decode_run_one_column(words, pos, W, j0, j1, out, o, t0):
     mask, low, sh1, sh2, base, width = t0[0, WMASK], t0[0, LOW], t0[0, SH1], t0[0, SH2], t0[0, BASE], t0[0, WIDTH]
     G = 64 // W
     if G == 8:
-        return decode_group_run(words, pos, 8, j0, j1, out, o, mask, low, sh1, sh2, base, width)
+        return decode_group_run(words, pos, 8, j0, j1, j1, out, o, mask, low, sh1, sh2, base, width)
     if G == 4:
-        return decode_group_run(words, pos, 4, j0, j1, out, o, mask, low, sh1, sh2, base, width)
+        return decode_group_run(words, pos, 4, j0, j1, j1, out, o, mask, low, sh1, sh2, base, width)
     if G == 2:
-        return decode_group_run(words, pos, 2, j0, j1, out, o, mask, low, sh1, sh2, base, width)
-    return decode_group_run(words, pos, 1, j0, j1, out, o, mask, low, sh1, sh2, base, width)
+        return decode_group_run(words, pos, 2, j0, j1, j1, out, o, mask, low, sh1, sh2, base, width)
+    return decode_group_run(words, pos, 1, j0, j1, j1, out, o, mask, low, sh1, sh2, base, width)
 
 
 @njit(inline="always")
 def decode_matched_one_column(words, pos, W, U, k, exc, out, o, t0, tmp, xmap):
-    """The matched words of a unit with a one-column model; returns the bit
-    after them.  The output's type drops the bits above W."""
+    """The matched words of a unit with a one-column model into
+    ``out[o:o+U]``; returns the bit after them.  Exception positions get
+    any value, to be written afterwards.  The output's type drops the bits
+    above W."""
     if FAST_PEXT and W < 64 and DENSE_EXCEPTIONS * k >= U:
         return decode_dense_exceptions(words, pos, 64 // W, U, k, exc, out, o, t0, tmp, xmap)
     mask, low, sh1, sh2, base, width = t0[0, WMASK], t0[0, LOW], t0[0, SH1], t0[0, SH2], t0[0, BASE], t0[0, WIDTH]
     j = 0
     if W == 8:
         for e in range(k + 1):
-            pos = decode_group_run(words, pos, 8, j, exc[e], out, o, mask, low, sh1, sh2, base, width)
+            pos = decode_group_run(words, pos, 8, j, exc[e], U, out, o, mask, low, sh1, sh2, base, width)
             j = exc[e] + 1
     elif W == 16:
         for e in range(k + 1):
-            pos = decode_group_run(words, pos, 4, j, exc[e], out, o, mask, low, sh1, sh2, base, width)
+            pos = decode_group_run(words, pos, 4, j, exc[e], U, out, o, mask, low, sh1, sh2, base, width)
             j = exc[e] + 1
     elif W == 32:
         for e in range(k + 1):
-            pos = decode_group_run(words, pos, 2, j, exc[e], out, o, mask, low, sh1, sh2, base, width)
+            pos = decode_group_run(words, pos, 2, j, exc[e], U, out, o, mask, low, sh1, sh2, base, width)
             j = exc[e] + 1
     else:
         for e in range(k + 1):
-            pos = decode_group_run(words, pos, 1, j, exc[e], out, o, mask, low, sh1, sh2, base, width)
+            pos = decode_group_run(words, pos, 1, j, exc[e], U, out, o, mask, low, sh1, sh2, base, width)
             j = exc[e] + 1
     return pos
 

@@ -112,6 +112,33 @@ def test_every_unit_kind_decodes(word_bits, layout):
     assert same_bits(x[::-3], ibp.decompress(ct, index=np.arange(rows)[::-3]))
 
 
+@pytest.mark.parametrize("word_bits", [8, 16, 32, 64])
+def test_decoding_writes_only_the_rows_asked_for(word_bits):
+    """Units with an exception at every distance from their end (the
+    decoder writes a run's last group whole when the unit has room after
+    it): whole tensors and gathered rows land in a caller's buffer without
+    touching a byte around it, and exactly."""
+    dtype = np.dtype(f"u{word_bits // 8}")
+    rows, width = 60, 43
+    x = np.full((rows, width), 5, dtype)
+    r = np.arange(rows)
+    x[r, width - 1 - r % 10] = dtype.type(np.iinfo(dtype).max)   # exceptions 0..9 words before each row's end
+    x[r, r % 7] = dtype.type(np.iinfo(dtype).max - 1)
+    model = ibp.analyze(np.full((8, width), 5, dtype), word_bits=word_bits)
+    for unit_rows in (1, 3, None):
+        ct = ibp.compress(x, model=model, unit_rows=unit_rows)
+        assert set(np.unique(ct.unit_kinds())) == {2}
+        for index in (None, r[::-1], r[1::4]):
+            want = x if index is None else x[index]
+            guarded = np.full(want.size + 2 * 64, 0xA5, np.uint8).view(dtype) if word_bits == 8 else \
+                np.full(want.size + 2 * 64, np.iinfo(dtype).max // 3, dtype)
+            before = guarded.copy()
+            out = guarded[64:64 + want.size].reshape(want.shape)
+            ibp.decompress(ct, index=index, out=out)
+            assert same_bits(want, out)
+            assert same_bits(guarded[:64], before[:64]) and same_bits(guarded[-64:], before[-64:])
+
+
 @pytest.mark.parametrize("word_bits", [8, 16, 32])
 def test_forced_word_width(word_bits):
     x = (np.random.default_rng(0).standard_normal((50, 64)) * 0.1).astype(np.float32)
