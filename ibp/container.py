@@ -511,17 +511,24 @@ def _checked_geometry(shape, itemsize, W, U, p):
     return geom
 
 
-def _build_entry(buf, start, fields, geom, spans, verify, own):
+def _build_entry(buf, start, fields, geom, spans, verify, own, models=None):
     """The CompressedTensor of a planned entry: read, CRC-check and validate
-    its sections' contents."""
+    its sections' contents.  ``models`` (a dict) maps the model sections'
+    bytes to a model already checked: a checkpoint's layers mostly share
+    their roles' models, whose checks and tables then are made once."""
     label, p, W, n = fields["label"], fields["period"], geom.word_bits, geom.nunits
-    try:
-        model = Model._checked(W, _array(buf, start, spans["lo"], np.uint8, verify, label, "lo", own).reshape(2, p),
-                               _array(buf, start, spans["hi"], np.uint8, verify, label, "hi", own).reshape(2, p),
-                               _array(buf, start, spans["base"], f"<u{W // 8}", verify, label, "base", False)
-                               .reshape(2, p).astype(np.uint64), fields["rotate"], fields["gather"])
-    except FormatError as e:
-        raise FormatError(f"{label}: {e}") from None
+    lo, hi, base = (_array(buf, start, spans[key], np.uint8, verify, label, key, own) for key in ("lo", "hi", "base"))
+    key = (W, fields["rotate"], fields["gather"], lo.tobytes(), hi.tobytes(), base.tobytes())
+    model = None if models is None else models.get(key)
+    if model is None:
+        try:
+            model = Model._checked(W, lo.reshape(2, p), hi.reshape(2, p),
+                                   base.view(f"<u{W // 8}").reshape(2, p).astype(np.uint64), fields["rotate"],
+                                   fields["gather"])
+        except FormatError as e:
+            raise FormatError(f"{label}: {e}") from None
+        if models is not None:
+            models[key] = model
     kinds = _array(buf, start, spans["kinds"], np.uint8, verify, label, "kinds", own)
     if n % 4 and kinds[-1] >> (2 * (n % 4)):
         raise FormatError(f"{label}: unused kind bits are not zero")
@@ -606,7 +613,8 @@ def loads(buf, *, verify=True):
         buf = buf.cast("B")
     _, start, plans, padding = _plan_file(buf)
     _check_zeros(memoryview(buf), padding)
-    return {fields["name"]: _build_entry(buf, start, fields, geom, spans, verify, own)
+    models = {}
+    return {fields["name"]: _build_entry(buf, start, fields, geom, spans, verify, own, models)
             for fields, geom, spans in plans}
 
 
@@ -649,25 +657,29 @@ UNBOUNDED = 1 << 62   # the data length to plan an entry against when its bounds
 def plan_entry(entry, version):
     """Check a header ``entry``'s fields, reading nothing (offsets are
     checked against the file when its sections are read): the plan
-    ``load_entry`` takes."""
-    return _plan_entry(UNBOUNDED, 0, entry, version)
+    ``load_entry`` takes, (fields, geometry, spans, (first byte, end) of
+    its sections from data_start, the gaps between them from the first
+    byte), made once per tensor however often it is read."""
+    fields, geom, spans = _plan_entry(UNBOUNDED, 0, entry, version)
+    origin = min(off for off, _, _ in spans.values())
+    gaps, end = _gaps([(off, off + length, fields["label"], key) for key, (off, length, _) in spans.items()], origin)
+    return fields, geom, spans, (origin, end), [(a - origin, b - origin) for a, b in gaps if b > a]
 
 
 def plan_extent(plan):
     """(first byte, end) of a planned entry's sections, from data_start."""
-    spans = plan[2].values()
-    return min(off for off, _, _ in spans), max(off + length for off, length, _ in spans)
+    return plan[3]
 
 
-def load_entry(buf, plan, *, verify=True):
+def load_entry(buf, plan, *, verify=True, models=None):
     """The CompressedTensor of a planned entry (``plan_entry``) whose
     sections, and the zero bytes between them, are all ``buf`` holds (its
     ``plan_extent``): one tensor of a file read piece by piece
-    (``stream.Reader``), checked as ``loads`` checks a whole file."""
-    fields, geom, spans = plan
-    origin = plan_extent(plan)[0]
-    gaps, end = _gaps([(off, off + length, fields["label"], key) for key, (off, length, _) in spans.items()], origin)
+    (``stream.Reader``), checked as ``loads`` checks a whole file.
+    ``models`` (a dict) keeps the models read so far, by their bytes, for
+    the next tensors to share (see ``_build_entry``)."""
+    fields, geom, spans, (origin, end), gaps = plan
     if len(buf) != end - origin:
         raise FormatError(f"{fields['label']}: its sections take {end - origin} bytes, not the {len(buf)} read")
-    _check_zeros(memoryview(buf), [(a - origin, b - origin) for a, b in gaps])
-    return _build_entry(buf, -origin, fields, geom, spans, verify, True)
+    _check_zeros(memoryview(buf), gaps)
+    return _build_entry(buf, -origin, fields, geom, spans, verify, True, models)

@@ -64,6 +64,7 @@ class LazyFile:
             raise
         self._plans = {fields["name"]: (fields, geom, spans) for fields, geom, spans in plans}
         self._tensors = {}
+        self._models = {}   # the models read so far, shared by the tensors that have the same
 
     def keys(self) -> list[str | None]:
         """The tensors' names in file order (``[None]`` for a file holding
@@ -91,7 +92,7 @@ class LazyFile:
         ct = self._tensors.get(name)
         if ct is None:
             fields, geom, spans = self._plan(name)
-            ct = container._build_entry(self._map, self._start, fields, geom, spans, self._verify, True)
+            ct = container._build_entry(self._map, self._start, fields, geom, spans, self._verify, True, self._models)
             self._tensors[name] = ct
         return ct
 
@@ -116,6 +117,7 @@ class LazyFile:
         ``get_compressed`` that views it does."""
         m, self._map = self._map, None
         self._tensors = {}
+        self._models = {}   # the models read so far, shared by the tensors that have the same
         if isinstance(m, mmap.mmap):
             try:
                 m.close()

@@ -152,6 +152,7 @@ class Reader:
             self.metadata, entries, self.start, self.version = container._header(head + self._file.read(hlen))
             self.entries = {}
             self._plans = {}   # name -> its checked entry (container.plan_entry)
+            self._models = {}  # the models read so far, shared by the tensors that have the same
             for entry in entries:
                 name = entry.get("name") if isinstance(entry, dict) else None
                 if not isinstance(name, (str, type(None))):
@@ -205,7 +206,7 @@ class Reader:
         self._file.seek(self.start + lo)
         if self._file.readinto(view) != hi - lo:
             raise FormatError(f"tensor {name!r} runs past the end of the file: the file is truncated")
-        return container.load_entry(view, plan, verify=verify)
+        return container.load_entry(view, plan, verify=verify, models=self._models)
 
     def close(self):
         self._file.close()

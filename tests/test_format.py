@@ -353,3 +353,28 @@ def test_header_bound_counts_what_the_widest_entries_would_write():
     assert len(x) > 3
     hlen = container.PREAMBLE.unpack_from(blob, 0)[2]
     assert hlen <= container.header_bound([(k, "float32", v.shape, "numpy") for k, v in x.items()], None, 8 * len(blob))
+
+
+def test_tensors_of_one_model_share_it_once_read(tmp_path):
+    """A checkpoint's layers mostly share their roles' models: every reader
+    checks a model once and hands the same object to each tensor that has
+    its bytes, and a tensor with other model bytes gets its own."""
+    from ibp import lazy, stream
+    rng = np.random.default_rng(0)
+    x = [(rng.standard_normal((50, 24)) * 0.01).astype(np.float32) for _ in range(3)]
+    model = ibp.analyze(x[0])
+    other = ibp.analyze(x[2].astype(np.float64).astype(np.float32) + 7)
+    assert other != model
+    cts = {"a": ibp.compress(x[0], model=model), "b": ibp.compress(x[1], model=model),
+           "c": ibp.compress(x[2], model=other)}
+    path = tmp_path / "m.ibp"
+    ibp.save(cts, path)
+    with stream.Reader(path) as r:
+        streamed = {name: r.tensor(name) for name in r}
+    with lazy.open(path) as f:
+        mapped = {name: f.get_compressed(name) for name in f.keys()}
+        for loaded in (ibp.load(path), ibp.load(path, mmap=True), streamed, mapped):
+            assert loaded["a"].model is loaded["b"].model and loaded["a"].model == model
+            assert loaded["c"].model is not loaded["a"].model and loaded["c"].model == other
+            for name, want in zip("abc", x):
+                assert np.array_equal(ibp.decompress(loaded[name]), want)
