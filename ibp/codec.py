@@ -664,6 +664,10 @@ def decode_group_run(words, pos, G, j0, j1, room, out, o, mask, low, sh1, sh2, b
     decoded in whole groups, its last one spilling past j1, which spares
     the short tail loop whose length a branch predictor cannot guess
     (runs between exceptions have random lengths)."""
+    if width == ZERO:   # every bit invariant (zeros of a sparse table): the base repeated, a vectorized fill
+        for j in range(j0, j1):
+            out[U64(o + j)] = base
+        return pos
     j = j0
     step = width * U64(G)
     nlow = ~low

@@ -5,6 +5,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import ibp
+from ibp.codec import WIDTH
 
 NUMPY_DTYPES = [np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64,
                 np.uint64, np.float16, np.float32, np.float64, np.complex64, np.complex128]
@@ -113,18 +114,23 @@ def test_every_unit_kind_decodes(word_bits, layout):
 
 
 @pytest.mark.parametrize("word_bits", [8, 16, 32, 64])
-def test_decoding_writes_only_the_rows_asked_for(word_bits):
+@pytest.mark.parametrize("free_bits", [0, 2])
+def test_decoding_writes_only_the_rows_asked_for(word_bits, free_bits):
     """Units with an exception at every distance from their end (the
     decoder writes a run's last group whole when the unit has room after
-    it): whole tensors and gathered rows land in a caller's buffer without
-    touching a byte around it, and exactly."""
+    it, and fills a run of a level with no free bits): whole tensors and
+    gathered rows land in a caller's buffer without touching a byte around
+    it, and exactly."""
     dtype = np.dtype(f"u{word_bits // 8}")
+    rng = np.random.default_rng(word_bits)
     rows, width = 60, 43
-    x = np.full((rows, width), 5, dtype)
+    x = (4 + rng.integers(0, 1 << free_bits, (rows + 8, width))).astype(dtype)
+    model = ibp.analyze(x[rows:], word_bits=word_bits)
+    assert model.period == 1 and model.tables[0][0, WIDTH] == free_bits   # the bits each matched word stores
+    x = x[:rows]
     r = np.arange(rows)
     x[r, width - 1 - r % 10] = dtype.type(np.iinfo(dtype).max)   # exceptions 0..9 words before each row's end
     x[r, r % 7] = dtype.type(np.iinfo(dtype).max - 1)
-    model = ibp.analyze(np.full((8, width), 5, dtype), word_bits=word_bits)
     for unit_rows in (1, 3, None):
         ct = ibp.compress(x, model=model, unit_rows=unit_rows)
         assert set(np.unique(ct.unit_kinds())) == {2}
