@@ -292,7 +292,8 @@ def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, strea
                 word |= ONE << U64(exc[e] - j0)
                 e += 1
             acc, nb, widx = put_bits(buf, acc, nb, widx, word, U64(n))
-    if p == 1:   # the word width spelled out, so each lane loop compiles for its own constants
+    if p == 1 and sbits:   # (no bits at all for a level with no free bits: a sparse table's zeros)
+        # the word width spelled out, so each lane loop compiles for its own constants
         y64, k64 = ys.view(np.uint64), keep.view(np.uint64)
         if W == 8:
             acc, nb, widx = pack_lanes(y64, k64, (U + 7) // 8, 8, 8, t0, buf, acc, nb, widx)
@@ -302,7 +303,7 @@ def encode_unit(src, off, t0, t1, W, p, U, fbits, ptot, exc, flag, flag64, strea
             acc, nb, widx = pack_lanes(y64, k64, (U + 1) // 2, 2, 32, t0, buf, acc, nb, widx)
         else:
             acc, nb, widx = pack_lanes(y64, k64, U, 1, 64, t0, buf, acc, nb, widx)
-    else:
+    elif p > 1:
         acc, nb, widx = append_stream(stream, sbits, buf, acc, nb, widx)
     if fbits:
         acc, nb, widx = pack_flags(flag, k, buf, acc, nb, widx)
