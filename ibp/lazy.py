@@ -64,7 +64,7 @@ class LazyFile:
             raise
         self._plans = {fields["name"]: (fields, geom, spans) for fields, geom, spans in plans}
         self._tensors = {}
-        self._models = {}   # the models read so far, shared by the tensors that have the same
+        self._models = {}   # model sections' bytes -> the Model every tensor that has them shares
 
     def keys(self) -> list[str | None]:
         """The tensors' names in file order (``[None]`` for a file holding
@@ -116,8 +116,7 @@ class LazyFile:
         """Let go of the file.  The map itself goes when the last tensor from
         ``get_compressed`` that views it does."""
         m, self._map = self._map, None
-        self._tensors = {}
-        self._models = {}   # the models read so far, shared by the tensors that have the same
+        self._tensors, self._models = {}, {}
         if isinstance(m, mmap.mmap):
             try:
                 m.close()

@@ -152,7 +152,7 @@ class Reader:
             self.metadata, entries, self.start, self.version = container._header(head + self._file.read(hlen))
             self.entries = {}
             self._plans = {}   # name -> its checked entry (container.plan_entry)
-            self._models = {}  # the models read so far, shared by the tensors that have the same
+            self._models = {}  # model sections' bytes -> the Model every tensor that has them shares
             for entry in entries:
                 name = entry.get("name") if isinstance(entry, dict) else None
                 if not isinstance(name, (str, type(None))):
