@@ -674,22 +674,17 @@ def decode_group_run(words, pos, G, j0, j1, room, out, o, mask, low, sh1, sh2, b
     nlow = ~low
     if FAST_PEXT and G > 1:  # G words from one read: spread to their lanes, base added lane-wise
         W, free, H, L, B, BL = lane_constants(G, mask, low, sh1, sh2, base)
-        if j1 + G <= room:
-            while j < j1:
-                d = pdep(read_bits(words, pos, ~ZERO), free)
-                x = ((d & L) + BL) ^ ((d ^ B) & H)
-                for g in range(G):
-                    out[U64(o + j + g)] = x >> (W * U64(g))
-                pos += step
-                j += G
-            return pos - width * U64(j - j1)
-        while j + G <= j1:
+        spill = j1 + G <= room
+        stop = j1 if spill else j1 - (G - 1)   # whole groups, the last past j1 only where there is room
+        while j < stop:
             d = pdep(read_bits(words, pos, ~ZERO), free)
             x = ((d & L) + BL) ^ ((d ^ B) & H)
             for g in range(G):
                 out[U64(o + j + g)] = x >> (W * U64(g))
             pos += step
             j += G
+        if spill:
+            return pos - width * U64(j - j1)
         if j < j1:  # the last few from one read too (what follows them is read and dropped)
             d = pdep(read_bits(words, pos, ~ZERO), free)
             x = ((d & L) + BL) ^ ((d ^ B) & H)
