@@ -108,10 +108,11 @@ def _layout(kinds, sizes):
     return packed, starts, pos, uniform
 
 
-# Raw bytes each thread encodes per wave (codec.encode_waves): waves cost a
-# thread wake-up each (~0.1 ms on a VM), and a wave's output should stay in
-# cache until it is copied out; 4, 8, 16 and 32 MB measured 1.28x, 1.44x,
-# 1.53x and 1.40x one thread on a 69 MB tensor (2-vCPU VM).
+# Raw bytes each thread encodes per wave at most (codec.encode_waves): waves
+# cost a thread wake-up each (~0.1 ms on a VM), and a wave's output should
+# stay in cache until it is copied out; 4, 8, 16 and 32 MB measured 1.28x,
+# 1.44x, 1.53x and 1.40x one thread on a 69 MB tensor (2-vCPU VM).  The
+# units are split evenly over the waves' runs (``_run_units``).
 WAVE_RUN_BYTES = 16 << 20
 
 
@@ -135,7 +136,7 @@ def encode_packed(data, geom, model):
         packed, total, uniform, block, rel_bits, block_base, rel = _encode_serial(
             words, U, geom.total_words, t0, t1, W, model.period, fbits, ptot, buf)
     else:
-        run_units = max(1, min(WAVE_RUN_BYTES // (raw_words * 8), -(-n // threads)))
+        run_units = _run_units(n, raw_words * 8, threads)
         kinds = np.empty(n, np.uint8)
         sizes = np.empty(n, np.int64)
         buf = np.empty(n * raw_words + 1, np.uint64)   # every word up to the last bit is written
@@ -150,6 +151,15 @@ def encode_packed(data, geom, model):
         (block, rel_bits, frozen(block_base), frozen(rel.astype(np.uint16) if rel_bits == 16 else rel))
     packed.flags.writeable = buf.flags.writeable = False   # a packed tensor is never written: read as it is
     return packed, buf, total, index
+
+
+def _run_units(n, unit_bytes, threads):
+    """Units per run of ``encode_waves``: as many waves as runs of at most
+    WAVE_RUN_BYTES need, and every run of them the same length, so no
+    thread idles through a short last wave (80 MB in 16 MB runs on two
+    threads was two full waves and one run alone: 1.67x one thread at best)."""
+    waves = -(-n * unit_bytes // (threads * WAVE_RUN_BYTES))
+    return max(1, -(-n // (waves * threads)))
 
 
 @njit(cache=True)

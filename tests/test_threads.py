@@ -42,3 +42,20 @@ def test_parallel_kernels_match_serial(layout, wave_run_bytes, monkeypatch):
         assert parallel[0] == serial[0]
         assert np.array_equal(parallel[1], x) and np.array_equal(serial[1], x)
         assert np.array_equal(parallel[2], serial[2])
+
+
+@pytest.mark.parametrize("n, unit_bytes", [(400_000, 200), (50_000, 1536), (3, 1 << 25), (1000, 1 << 20), (7, 8)])
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_encode_waves_share_units_evenly(n, unit_bytes, threads):
+    """Every thread encodes about n / threads units, in runs of at most
+    WAVE_RUN_BYTES (or one unit), however the units fall into waves."""
+    run = encode._run_units(n, unit_bytes, threads)
+    assert run * unit_bytes <= max(encode.WAVE_RUN_BYTES, unit_bytes)
+    per_thread = [0] * threads
+    for w0 in range(0, n, threads * run):   # as codec.encode_waves walks them
+        for r in range(threads):
+            a = min(w0 + r * run, n)
+            per_thread[r] += min(a + run, n) - a
+    waves = -(-n // (threads * run))
+    assert sum(per_thread) == n
+    assert max(per_thread) - min(per_thread) <= waves * threads
