@@ -158,7 +158,7 @@ def _run_units(n, unit_bytes, threads):
     WAVE_RUN_BYTES need, and every run of them the same length, so no
     thread idles through a short last wave (80 MB in 16 MB runs on two
     threads was two full waves and one run alone: 1.67x one thread at best)."""
-    waves = -(-n * unit_bytes // (threads * WAVE_RUN_BYTES))
+    waves = max(1, -(-n * unit_bytes // (threads * WAVE_RUN_BYTES)))
     return max(1, -(-n // (waves * threads)))
 
 

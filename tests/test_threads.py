@@ -44,7 +44,7 @@ def test_parallel_kernels_match_serial(layout, wave_run_bytes, monkeypatch):
         assert np.array_equal(parallel[2], serial[2])
 
 
-@pytest.mark.parametrize("n, unit_bytes", [(400_000, 200), (50_000, 1536), (3, 1 << 25), (1000, 1 << 20), (7, 8)])
+@pytest.mark.parametrize("n, unit_bytes", [(0, 64), (400_000, 200), (50_000, 1536), (3, 1 << 25), (1000, 1 << 20), (7, 8)])
 @pytest.mark.parametrize("threads", [2, 3, 8])
 def test_encode_waves_share_units_evenly(n, unit_bytes, threads):
     """Every thread encodes about n / threads units, in runs of at most
