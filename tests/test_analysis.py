@@ -1,0 +1,47 @@
+"""The analysis's compiled statistics equal their plain numpy definitions."""
+import numpy as np
+import pytest
+
+from ibp import _bits, analysis
+
+
+def _agreement_by_definition(words, starts, piece, p):
+    """``analysis._agreement`` spelled out on a (rows, p) table of the pieces."""
+    W = words.itemsize * 8
+    full, flip = (1 << W) - 1, 1 << (W - 1)
+    rows = np.concatenate([words[s:s + piece].reshape(-1, p) for s in starts]).astype(object)
+    n = rows.shape[0]
+    r = np.arange(n)[:, None]
+    diagonal = rows[r, (np.arange(p) + r) % p]   # word c of row r lands in column (c - r) mod p
+    stride = max(1, p // n)
+    spread = rows[r, (np.arange(p) + r * stride) % p]
+
+    def agree(t):
+        a, o = np.bitwise_and.reduce(t, axis=0), np.bitwise_or.reduce(t, axis=0)
+        return np.mean([bin(~(x ^ y) & full).count("1") for x, y in zip(a, o)])
+
+    def span(t):
+        views = (t, t ^ flip, t & (full ^ flip))
+        return np.median([min(int(v[:, c].max() - v[:, c].min()).bit_length() for v in views) for c in range(p)])
+
+    return agree(rows), agree(diagonal), span(rows), span(spread)
+
+
+@pytest.mark.parametrize("word_bits", [8, 16, 32, 64])
+def test_agreement_is_its_definition(word_bits):
+    rng = np.random.default_rng(word_bits)
+    dtype = _bits.WORD_DTYPES[word_bits]
+    for trial in range(40):
+        p = int(rng.integers(1, 40))
+        piece = p * int(rng.integers(1, 5))
+        pieces = int(rng.integers(1, 6))
+        n = pieces * piece + int(rng.integers(0, 9))
+        top = 1 << min(word_bits, 63)
+        words = (rng.integers(0, top, n, dtype=np.uint64), rng.integers(0, 5, n),     # noise, small values
+                 rng.integers(0, 4, n).astype(np.uint64) << np.uint64(word_bits - 2),  # the top bits only
+                 np.repeat(rng.integers(0, top, p, dtype=np.uint64)[None], -(-n // p), 0).ravel()[:n]  # per column
+                 + rng.integers(0, 3, n).astype(np.uint64))[trial % 4]
+        words = _bits.frozen(words.astype(dtype))
+        starts = _bits.frozen(np.sort(rng.choice((n - piece) // p + 1, pieces, replace=False)) * p)
+        got = analysis._agreement(words, starts, piece, p)
+        assert got == pytest.approx(_agreement_by_definition(words, starts, piece, p), abs=1e-12), (trial, p, piece)
