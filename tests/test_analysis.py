@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import ibp
 from ibp import _bits, analysis
 
 
@@ -45,3 +46,27 @@ def test_agreement_is_its_definition(word_bits):
         starts = _bits.frozen(np.sort(rng.choice((n - piece) // p + 1, pieces, replace=False)) * p)
         got = analysis._agreement(words, starts, piece, p)
         assert got == pytest.approx(_agreement_by_definition(words, starts, piece, p), abs=1e-12), (trial, p, piece)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16", "float16", "int32", "uint8"])
+def test_unit_size_is_what_the_encoder_writes(dtype):
+    """Analysis scores models by ``codec.unit_size``: each unit's counted
+    size equals the size of its encoding, one column or several, every
+    kind of unit (raw noise, all matching, few and many exceptions)."""
+    from ibp import codec, dtypes, encode
+    from ibp.decode import unit_bits
+    rng = np.random.default_rng(3)
+    tables = (rng.standard_normal((300, 64)) * np.geomspace(1e-3, 1e3, 64),        # per-column scales
+              np.where(rng.random((300, 64)) < 0.03, rng.standard_normal((300, 64)) * 1e4,
+                       rng.standard_normal((300, 64))),                            # outliers: exceptions
+              rng.integers(0, 255, (300, 64)).astype(np.float64))
+    for x in tables:
+        x = x.astype(dtypes.numpy_dtype(dtype))
+        for word_bits in sorted({8 * x.itemsize, 8}):
+            ct = ibp.compress(x, word_bits=word_bits)
+            g, (t0, t1, fbits, ptot) = ct.geometry, ct.model.tables
+            words = encode._words(dtypes.as_bytes(x)[0], ct.model)   # rotated or gathered as the model asks
+            full = g.total_words // g.unit_words
+            counted = [codec.unit_size(words, u * g.unit_words, t0, t1, g.word_bits, ct.model.period, g.unit_words,
+                                       fbits, ptot)[1] for u in range(full)]
+            assert counted == list(unit_bits(ct)[:full]), (word_bits, ct.model.period)
