@@ -14,7 +14,11 @@ exceptions, or where the sample holds too few of them, is a wider window
 around the primary's.
 
 Word width, period and ``E`` are chosen by encoding held-out sampled units
-with each candidate and keeping the smallest.  The sample, and the words a
+with each candidate and keeping the smallest; between the models of one
+width and period, an exception must also save EXCEPTION_TAX bits, as the
+codec spends about ten matched words' time on each (a model of three fixed
+bits and 16% exceptions tied in size with one of two bits and 1.6%, and
+encoded and decoded 3.5x slower).  The sample, and the words a
 column is learned from, grow with the tensor up to a bound (learning costs
 about 20 ns a word, encoding about 1), so analysis stays a small share of
 compressing a small tensor and a bounded cost for a large one.
@@ -47,6 +51,7 @@ STRANDED_AGREEMENT = 0.7      # a bit this share of sampled words agree on could
 STRANDED_MIN = 2.0            # ... and this many such bits per word outside the fixed run ask for narrower words
 EXCEPTION_PRICES = (3.0, 8.0)  # bits an exception costs: measured best on real data
 PRICES = np.array(EXCEPTION_PRICES)
+EXCEPTION_TAX = 0.5           # bits an exception must save to be kept: each costs the codec ~10x a matched word's time
 PLATEAU = 4                   # stop lengthening a fixed run after this many steps without gain
 MODE_SHARE = 8                # a word at least this share (1/8) of a column's is also tried as its whole primary level
 FEW_VALUES = 6                # a column of at most this many distinct sampled words gets both levels searched exactly
@@ -410,7 +415,8 @@ def _fit(words, train, test, piece_words, step, W, prices, p):
     measured on those at ``test`` (as units of ``piece_words``).  Per
     column a model has the primary level and the secondary level learned
     on the primary's exceptions.  Returns the lo/hi/base ``[2, p]`` of the
-    model whose test pieces encode smallest and their bits, the most
+    model whose test pieces encode smallest (EXCEPTION_TAX bits added a
+    miss) and their bits, the most
     *stranded* bits per column any model
     leaves (bits outside the primary run that at least STRANDED_AGREEMENT
     of the words agree on: a narrower word, with more columns, could also
@@ -485,21 +491,26 @@ def _fit(words, train, test, piece_words, step, W, prices, p):
                     k += 1
             per_column[e, c] = k
     bits = np.full(ne + 1, -1, np.int64)
+    score = np.zeros(ne + 1)   # bits, and EXCEPTION_TAX a sampled exception
     best = 0
     tables = level_tables(lo[0], hi[0], base[0], W)   # the best model's, for Model.tables
     for e in range(ne + 1):
         for f in range(e):
             if _same_model(lo, hi, base, e, f):
-                bits[e] = bits[f]
+                bits[e], score[e] = bits[f], score[f]
                 break
         if bits[e] < 0:
             t0, t1, fbits, ptot = level_tables(lo[e], hi[e], base[e], W)
             bits[e] = 0
+            misses = 0
             for t in range(test.shape[0]):
-                bits[e] += codec.unit_size(words, test[t], t0, t1, W, p, piece_words, fbits, ptot)[1]
-            if bits[e] < bits[best]:
+                _, b, k = codec.unit_size(words, test[t], t0, t1, W, p, piece_words, fbits, ptot)
+                bits[e] += b
+                misses += k
+            score[e] = bits[e] + EXCEPTION_TAX * misses
+            if score[e] < score[best]:
                 tables = (t0, t1, fbits, ptot)
-        if bits[e] < bits[best]:
+        if score[e] < score[best]:
             best = e
     stranded = 0.0
     for e in range(ne + 1):
