@@ -97,6 +97,61 @@ pext = _bmi2("pext")  # pext(x, m): the bits of x under m, packed to the bottom
 pdep = _bmi2("pdep")  # pdep(x, m): the low bits of x spread to the set bits of m
 
 
+def _fast_expand():
+    """Whether this CPU expands a vector's words into the lanes of a mask
+    in one instruction: AVX-512 VBMI2's vpexpandb/w and AVX-512F's
+    vpexpandd (Intel since Ice Lake, AMD since Zen 4).  Off with
+    IBP_NO_PEXT, with the rest of the fast path."""
+    if not FAST_PEXT:
+        return False
+    try:
+        import llvmlite.binding as ll
+        features = ll.get_host_cpu_features()
+        return all(features.get(f) for f in ("avx512f", "avx512bw", "avx512vbmi2"))
+    except Exception:
+        return False
+
+
+FAST_EXPAND = _fast_expand()
+
+
+@intrinsic
+def expand_lanes(typingctx, src, at, mask, dst, to):
+    """``llvm.masked.expandload`` of 512 bits: ``dst[to:to + L]`` (L =
+    512 // the bits of ``src``'s words) gets the next popcount(mask) words
+    of ``src`` from ``at``, in order, in the lanes whose ``mask`` bit is
+    set, zero in the others (widened or cut to ``dst``'s words); reads no
+    word of ``src`` past them.  Only reached where FAST_EXPAND (elsewhere
+    LLVM would emulate it a lane at a time)."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
+            and isinstance(src.dtype, types.Integer) and isinstance(dst.dtype, types.Integer)
+            and src.dtype.bitwidth in (8, 16, 32)):
+        return None
+    bits = src.dtype.bitwidth
+    lanes = 512 // bits
+    out_vector = ir.VectorType(ir.IntType(dst.dtype.bitwidth), lanes)
+
+    def codegen(context, builder, signature, args):
+        words, start, m, out, first = args
+        vector = ir.VectorType(ir.IntType(bits), lanes)
+        lane_mask = ir.VectorType(ir.IntType(1), lanes)
+        source = builder.gep(context.make_array(signature.args[0])(context, builder, value=words).data, [start])
+        target = builder.gep(context.make_array(signature.args[3])(context, builder, value=out).data, [first])
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [source.type, lane_mask, vector]),
+                                            f"llvm.masked.expandload.v{lanes}i{bits}")
+        v = builder.call(fn, [source, builder.bitcast(builder.trunc(m, ir.IntType(lanes)), lane_mask),
+                              ir.Constant(vector, None)])
+        if dst.dtype.bitwidth > bits:   # a wider output (compiled for every width; taken for its own)
+            v = builder.zext(v, out_vector)
+        elif dst.dtype.bitwidth < bits:
+            v = builder.trunc(v, out_vector)
+        store = builder.store(v, builder.bitcast(target, out_vector.as_pointer()))
+        store.align = dst.dtype.bitwidth // 8
+        return context.get_dummy_value()
+
+    return types.void(src, types.intp, types.uint64, dst, types.intp), codegen
+
+
 @njit(inline="always")
 def ctz(x):
     """Index of the lowest set bit of a non-zero uint64."""

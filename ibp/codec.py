@@ -18,8 +18,8 @@ from numba import njit, prange
 
 from numba.cpython.unsafe.numbers import leading_zeros
 
-from ._bits import (FAST_PEXT, ONE, U64, ZERO, Kernel, ctz, flush_bits, low_mask, pdep, pext, popcount,
-                    put_bits, read_bits, read_only)
+from ._bits import (FAST_EXPAND, FAST_PEXT, ONE, U64, ZERO, Kernel, ctz, expand_lanes, flush_bits, low_mask, pdep,
+                    pext, popcount, put_bits, read_bits, read_only)
 
 RAW, ALL, SPARSE, BITMAP = 0, 1, 2, 3
 # Fields of a level table row.
@@ -29,7 +29,8 @@ BASE, FIX, LOW, HIGH, SH1, SH2, WIDTH, WMASK = range(8)
 # codec's memory stays a small multiple of its output.
 SCRATCH_WORDS = 1 << 16
 # A one-column unit with at least one exception per this many words is decoded in two
-# passes (matched words, then put in place) rather than run by run.
+# passes (matched words, then put in place) rather than run by run; where FAST_EXPAND
+# puts 512 bits in place at a time, every unit with an exception is.
 DENSE_EXCEPTIONS = 16
 
 # Status codes of decode_jobs, turned into FormatError messages by the caller.
@@ -643,13 +644,35 @@ def lane_constants(G, mask, low, sh1, sh2, base):
 
 
 @njit(inline="always")
-def expand(out, o, U, k, exc, vals, xmap):
+def expand(out, o, U, k, exc, vals, xmap, tmp):
     """``vals`` (the matched words in order) to the positions of
     ``out[o:o+U]`` that are not among the k in ``exc``; exception positions
-    get any value, to be written afterwards.  Branch-free, with a byte per
-    word (``xmap``) saying whether it is an exception, so no iteration
-    waits on the one before: for units with many exceptions, cheaper than
-    a run between each two."""
+    get any value, to be written afterwards.  Where FAST_EXPAND, 512 bits
+    at a time (``expand_lanes``, a mask of the block's exceptions each),
+    the unit's last part-block a word at a time; else branch-free, with a
+    byte per word (``xmap``) saying whether it is an exception, so no
+    iteration waits on the one before."""
+    if FAST_EXPAND:
+        L = 512 // (8 * vals.itemsize)
+        blocks = U // L
+        misses = tmp[tmp.shape[0] - blocks:]   # each block's exceptions, past the matched words in tmp
+        misses[:] = 0
+        e = 0
+        while e < k and exc[e] < blocks * L:
+            misses[U64(exc[e]) // U64(L)] |= ONE << (U64(exc[e]) % U64(L))
+            e += 1
+        c = 0
+        for b in range(blocks):
+            keep = ~misses[b] & low_mask(L)
+            expand_lanes(vals, c, keep, out, o + b * L)
+            c += popcount(keep)
+        for j in range(blocks * L, U):
+            if e < k and exc[e] == j:
+                e += 1
+            else:
+                out[U64(o + j)] = vals[c]
+                c += 1
+        return
     xmap[:U] = 0
     for e in range(k):
         xmap[exc[e]] = 1
@@ -672,11 +695,11 @@ def decode_dense_exceptions(words, pos, G, U, k, exc, out, o, t0, tmp, xmap):
         d = pdep(read_bits(words, pos + step * U64(g), ~ZERO), free)
         tmp[U64(g)] = ((d & L) + BL) ^ ((d ^ B) & H)
     if G == 8:
-        expand(out, o, U, k, exc, tmp.view(np.uint8), xmap)
+        expand(out, o, U, k, exc, tmp.view(np.uint8), xmap, tmp)
     elif G == 4:
-        expand(out, o, U, k, exc, tmp.view(np.uint16), xmap)
+        expand(out, o, U, k, exc, tmp.view(np.uint16), xmap, tmp)
     else:
-        expand(out, o, U, k, exc, tmp.view(np.uint32), xmap)
+        expand(out, o, U, k, exc, tmp.view(np.uint32), xmap, tmp)
     return pos + width * U64(n)
 
 
@@ -753,7 +776,7 @@ def decode_matched_one_column(words, pos, W, U, k, exc, out, o, t0, tmp, xmap):
     ``out[o:o+U]``; returns the bit after them.  Exception positions get
     any value, to be written afterwards.  The output's type drops the bits
     above W."""
-    if FAST_PEXT and W < 64 and DENSE_EXCEPTIONS * k >= U:
+    if FAST_PEXT and W < 64 and (DENSE_EXCEPTIONS * k >= U or (FAST_EXPAND and k > 0)):
         return decode_dense_exceptions(words, pos, 64 // W, U, k, exc, out, o, t0, tmp, xmap)
     mask, low, sh1, sh2, base, width = t0[0, WMASK], t0[0, LOW], t0[0, SH1], t0[0, SH2], t0[0, BASE], t0[0, WIDTH]
     j = 0
