@@ -776,9 +776,13 @@ def decode_matched_one_column(words, pos, W, U, k, exc, out, o, t0, tmp, xmap):
     ``out[o:o+U]``; returns the bit after them.  Exception positions get
     any value, to be written afterwards.  The output's type drops the bits
     above W."""
+    mask, low, sh1, sh2, base, width = t0[0, WMASK], t0[0, LOW], t0[0, SH1], t0[0, SH2], t0[0, BASE], t0[0, WIDTH]
+    if width == ZERO:   # every bit invariant (zeros of a sparse table): the base repeated, a vectorized fill
+        for j in range(U):
+            out[U64(o + j)] = base
+        return pos
     if FAST_PEXT and W < 64 and (DENSE_EXCEPTIONS * k >= U or (FAST_EXPAND and k > 0)):
         return decode_dense_exceptions(words, pos, 64 // W, U, k, exc, out, o, t0, tmp, xmap)
-    mask, low, sh1, sh2, base, width = t0[0, WMASK], t0[0, LOW], t0[0, SH1], t0[0, SH2], t0[0, BASE], t0[0, WIDTH]
     j = 0
     if W == 8:
         for e in range(k + 1):
