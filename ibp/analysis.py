@@ -542,7 +542,7 @@ def learn(sample, word_bits, period, per_column, prices=None):
     return lo, hi, base, bits, stranded, halves, int(rotate), int(gather), tables
 
 
-def _samples(data, geom, least=0, spread=False):
+def _samples(data, geom, least=0, one_column=False):
     """(words, train starts, test starts, words per piece): the tensor's
     bytes as W-bit words and the word offsets of the sampled pieces (at
     least ``least`` bytes of them where the tensor has them, up to
@@ -551,40 +551,51 @@ def _samples(data, geom, least=0, spread=False):
     piece is a unit, or a chunk of one when units are longer than the most
     a sample takes (rows that do not split): chunks are a multiple of every
     period that can be learned, aligned to it inside their unit, so
-    analysis costs the same whatever the unit size.  A ``spread`` sample
-    (for models of at most one column per element, where ``_spreads``)
-    takes SPREAD_PIECES smaller pieces, as whole units would come from
-    fewer than SPREAD_UNITS places: a few long rows of their own values
-    (one series per row) would teach a model that every other row misses.
-    A tensor shorter than one unit is its padded copy."""
-    wb = geom.word_bits // 8
-    U = geom.unit_words
-    full = data.size // (U * wb)
-    if full == 0:
-        padded = np.zeros(U * wb, np.uint8)
+    analysis costs the same whatever the unit size.  A ``one_column``
+    sample (for models of at most one column per element) is spread over
+    SPREAD_PIECES smaller pieces where whole units would come from fewer
+    than SPREAD_UNITS places (``_spreads``): a few long rows of their own
+    values (one series per row) would teach a model that every other row
+    misses.  A tensor shorter than one unit is its padded copy."""
+    plan = _sample_plan(geom.shape, geom.itemsize, geom.word_bits, geom.unit_words, data.size, least, one_column)
+    dtype = WORD_DTYPES[geom.word_bits]
+    if plan is None:
+        padded = np.zeros(geom.unit_words * dtype().itemsize, np.uint8)
         padded[:data.size] = data
-        return frozen(padded.view(WORD_DTYPES[geom.word_bits])), ORIGIN, ORIGIN, U
-    budget = _budget(data.size, least)
+        return frozen(padded.view(dtype)), ORIGIN, ORIGIN, geom.unit_words
+    return (frozen(data.view(dtype)), *plan)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sample_plan(shape, itemsize, W, U, nbytes, least, one_column):
+    """``_samples``' (train starts, test starts, words per piece), or None
+    for a tensor shorter than one unit: cached, as a checkpoint's tensors
+    share a few shapes and a small tensor cannot afford the arithmetic."""
+    wb = W // 8
+    full = nbytes // (U * wb)
+    if full == 0:
+        return None
+    budget = _budget(nbytes, least)
     if U * wb > SAMPLE_BYTES[1]:
-        piece = _chunk_bytes(geom.shape, geom.itemsize) // wb
-    elif spread:
-        part = max(1, geom.itemsize // wb)   # words per element
+        piece = _chunk_bytes(shape, itemsize) // wb
+    elif one_column and _spreads(U * wb, nbytes):
+        part = max(1, itemsize // wb)   # words per element
         piece = max(part, budget // (SPREAD_PIECES * wb) // part * part)
     else:
         piece = U
     count = full * (U // piece)
-    return (frozen(data.view(WORD_DTYPES[geom.word_bits])), *_piece_starts(count, max(1, min(count, budget // (piece * wb))), U, piece), piece)
+    return (*_piece_starts(count, max(1, min(count, budget // (piece * wb))), U, piece), piece)
 
 
 def _budget(nbytes, least=0):
     return min(max(nbytes // SAMPLE_SHARE, SAMPLE_BYTES[0], least), SAMPLE_BYTES[1])
 
 
-def _spreads(geom, nbytes):
-    """Whether a spread sample takes smaller pieces than units (see ``_samples``)."""
-    unit = geom.unit_words * geom.word_bits // 8
+def _spreads(unit_bytes, nbytes):
+    """Whether a one-column sample takes smaller pieces than units (see ``_samples``)."""
     budget = _budget(nbytes)
-    return unit <= SAMPLE_BYTES[1] and SPREAD_UNITS * unit > budget and nbytes // unit * unit > budget
+    return unit_bytes <= SAMPLE_BYTES[1] and SPREAD_UNITS * unit_bytes > budget and \
+        nbytes // unit_bytes * unit_bytes > budget
 
 
 ORIGIN = np.zeros(1, np.int64)
@@ -687,17 +698,15 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
     if data.size == 0:
         return Model.empty(cands[0][0])
     best = None   # (cost, Model._learned's arguments, stranded bits per column)
-    samples = {}
     tried_half = bool(word_bits)
     tried_narrower = False
     half, narrower = [], []
     while cands:
         W, p = cands.pop(0)
+        if best is not None and _model_bits(p, W) >= best[0]:
+            continue   # its model alone takes more than the best tensor
         geom = _geometry(shape, itemsize, W)
-        spread = p <= max(1, itemsize * 8 // W) and _spreads(geom, data.size)
-        if (W, spread) not in samples:
-            samples[W, spread] = _samples(data, geom, spread=spread)
-        sample = samples[W, spread]
+        sample = _samples(data, geom, one_column=p <= max(1, itemsize * 8 // W))
         _, train, test, piece_words = sample
         if piece_words % p:
             continue
@@ -784,7 +793,7 @@ def _fit_on(data, shape, itemsize, model):
     geom = _geometry(shape, itemsize, W)
     if geom.unit_words % p:
         return None
-    words, train, test, piece = _samples(data, geom, spread=_spreads(geom, data.size))
+    words, train, test, piece = _samples(data, geom, one_column=True)
     if piece % p:
         return None
     t0, t1, fbits, ptot = model.tables

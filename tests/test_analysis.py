@@ -88,3 +88,21 @@ def test_models_of_equal_size_keep_the_fewer_exceptions():
         misses = sum(codec.unit_size(words, u * g.unit_words, t0, t1, g.word_bits, ct.model.period, g.unit_words,
                                      fbits, ptot)[2] for u in range(g.total_words // g.unit_words))
         assert misses < 0.03 * g.total_words, name
+
+
+def test_a_period_whose_model_alone_outweighs_the_best_is_not_learned(monkeypatch):
+    """Two rows of 512 position ids: a 512-column model takes 32 kbit
+    before any payload, more than the one-column model's whole tensor, so
+    it is not learned (it was, at 1.2 ms a tensor of 2 KB)."""
+    x = np.tile(np.arange(512, dtype=np.int16), (2, 1))
+    data, _, shape, _ = ibp.dtypes.as_bytes(x)
+    periods = []
+    learn = analysis.learn
+    monkeypatch.setattr(analysis, "learn", lambda sample, W, p, *a: periods.append(p) or learn(sample, W, p, *a))
+    model = analysis.analyze_bytes(data, shape, 2)
+    assert 512 not in periods
+    assert model.period == 1
+    monkeypatch.setattr(analysis, "_model_bits", lambda p, W: 0)   # no model too heavy: the wide period is tried
+    periods.clear()
+    analysis.analyze_bytes(data, shape, 2)
+    assert 512 in periods
