@@ -377,14 +377,11 @@ def _header(buf):
     return meta, entries, _align(PREAMBLE.size + hlen), version
 
 
-def _span(buflen, start, spec, want_len, label, key):
-    """(offset, length, crc32) of section ``key`` of tensor ``label``,
-    checked against the data's bounds without reading any of its bytes."""
-    if type(spec) is list and len(spec) == 3:   # the common case first: three small ints that fit
-        off, length, crc = spec
-        if type(off) is int and type(length) is int and type(crc) is int and 0 <= off and not off % ALIGN \
-                and length == want_len and start + off + length <= buflen and 0 <= crc <= 0xFFFFFFFF:
-            return off, length, crc
+def _bad_span(buflen, start, spec, want_len, label, key):
+    """FormatError saying what is wrong with section ``key`` of tensor
+    ``label``: ``spec`` is not [offset, length, crc32] of small ints, or
+    not aligned, not ``want_len`` long or past the end of the data
+    (``_plan_entry`` checks the common case inline)."""
     name = f"{label}/{key}"
     if not (isinstance(spec, list) and len(spec) == 3):
         raise FormatError(f"section {name} must be [offset, length, crc32]")
@@ -405,6 +402,8 @@ def _array(buf, start, span, dtype, verify, label, key, own):
     row index) once validated, so they must not be left where someone else
     can rewrite them (a bytearray, a file mapped from disk)."""
     off, length, crc = span
+    if not length and not crc:   # an empty section (the row index of equal units): nothing to read
+        return _EMPTY[dtype]
     view = memoryview(buf)[start + off:start + off + length]
     if verify and crc32(view) != crc:
         raise FormatError(f"section {label}/{key} checksum mismatch")
@@ -415,6 +414,19 @@ def _array(buf, start, span, dtype, verify, label, key, own):
         arr = arr.copy()
     arr.flags.writeable = False
     return arr
+
+
+_EMPTY = {dtype: frozen(np.zeros(0, dtype)) for dtype in (np.uint8, "<u8", "<u2", "<u4")}
+
+
+def _section_bytes(buf, start, span, verify, label, key):
+    """A small section's bytes, CRC-checked when ``verify``: a copy, and
+    the key its model is shared by (see ``_build_entry``)."""
+    off, length, crc = span
+    data = bytes(memoryview(buf)[start + off:start + off + length])
+    if verify and crc32(data) != crc:
+        raise FormatError(f"section {label}/{key} checksum mismatch")
+    return data
 
 
 @njit(cache=True)
@@ -491,7 +503,16 @@ def _plan_entry(buflen, start, entry, version):
         want.update(index_base=0 if rel_bits == 0 else -(-n // block) * 8, index_rel=n * rel_bits // 8,
                     payload=(-(-bits // 64) + 1) * 8)
         fields.update(payload_bits=bits, index_block=block, index_rel_bits=rel_bits)
-    spans = {key: _span(buflen, start, secs[key], want[key], label, key) for key in order}
+    spans = {}   # name -> (offset, length, crc32), each checked against the data's bounds
+    for key in order:
+        spec = secs[key]
+        if type(spec) is list and len(spec) == 3:
+            off, length, crc = spec
+            if type(off) is int and type(length) is int and type(crc) is int and 0 <= off and not off % ALIGN \
+                    and length == want[key] and start + off + length <= buflen and 0 <= crc <= 0xFFFFFFFF:
+                spans[key] = (off, length, crc)
+                continue
+        _bad_span(buflen, start, spec, want[key], label, key)
     return fields, geom, spans
 
 
@@ -517,13 +538,13 @@ def _build_entry(buf, start, fields, geom, spans, verify, own, models=None):
     bytes to a model already checked: a checkpoint's layers mostly share
     their roles' models, whose checks and tables then are made once."""
     label, p, W, n = fields["label"], fields["period"], geom.word_bits, geom.nunits
-    lo, hi, base = (_array(buf, start, spans[key], np.uint8, verify, label, key, own) for key in ("lo", "hi", "base"))
-    key = (W, fields["rotate"], fields["gather"], lo.tobytes(), hi.tobytes(), base.tobytes())
+    lo, hi, base = (_section_bytes(buf, start, spans[key], verify, label, key) for key in ("lo", "hi", "base"))
+    key = (W, fields["rotate"], fields["gather"], lo, hi, base)
     model = None if models is None else models.get(key)
     if model is None:
         try:
-            model = Model._checked(W, lo.reshape(2, p), hi.reshape(2, p),
-                                   base.view(f"<u{W // 8}").reshape(2, p).astype(np.uint64), fields["rotate"],
+            model = Model._checked(W, np.frombuffer(lo, np.uint8).reshape(2, p), np.frombuffer(hi, np.uint8).reshape(2, p),
+                                   np.frombuffer(base, f"<u{W // 8}").reshape(2, p).astype(np.uint64), fields["rotate"],
                                    fields["gather"])
         except FormatError as e:
             raise FormatError(f"{label}: {e}") from None
@@ -661,9 +682,16 @@ def plan_entry(entry, version):
     its sections from data_start, the gaps between them from the first
     byte), made once per tensor however often it is read."""
     fields, geom, spans = _plan_entry(UNBOUNDED, 0, entry, version)
-    origin = min(off for off, _, _ in spans.values())
-    gaps, end = _gaps([(off, off + length, fields["label"], key) for key, (off, length, _) in spans.items()], origin)
-    return fields, geom, spans, (origin, end), [(a - origin, b - origin) for a, b in gaps if b > a]
+    taken = sorted((off, off + length, key) for key, (off, length, _) in spans.items())
+    origin = end = taken[0][0]
+    gaps = []
+    for off, stop, key in taken:   # as _gaps
+        if off < end:
+            raise FormatError(f"section {fields['label']}/{key} overlaps the one before it")
+        if off > end:
+            gaps.append((end - origin, off - origin))
+        end = max(end, stop)
+    return fields, geom, spans, (origin, end), gaps
 
 
 def plan_extent(plan):
