@@ -945,9 +945,13 @@ def _median_span(lo, hi, W):
 
 def _transformed_sample(sample, rotate, gather):
     """``sample`` (see ``_samples``) with its pieces copied side by side,
-    train then test, and rotated right by ``rotate`` bits or gathered by
-    ``gather``."""
+    train then test (once where they are the same), and rotated right by
+    ``rotate`` bits or gathered by ``gather``."""
     words, train, test, piece = sample
+    if test is train:   # a sample scored on itself (a small tensor): its pieces copied once
+        starts = frozen(np.arange(train.size, dtype=np.int64) * piece)
+        return rotation.transformed(words[train[:, None] + np.arange(piece)].reshape(-1), rotate, gather), \
+            starts, starts, piece
     pieces = np.concatenate([train, test])[:, None] + np.arange(piece)
     starts = np.arange(train.size + test.size, dtype=np.int64) * piece
     return rotation.transformed(words[pieces].reshape(-1), rotate, gather), frozen(starts[:train.size]), \
