@@ -543,9 +543,10 @@ def _build_entry(buf, start, fields, geom, spans, verify, own, models=None):
     model = None if models is None else models.get(key)
     if model is None:
         try:
-            model = Model._checked(W, np.frombuffer(lo, np.uint8).reshape(2, p), np.frombuffer(hi, np.uint8).reshape(2, p),
-                                   np.frombuffer(base, f"<u{W // 8}").reshape(2, p).astype(np.uint64), fields["rotate"],
-                                   fields["gather"])
+            model = Model._checked(W, np.frombuffer(lo, np.uint8).reshape(2, p),
+                                   np.frombuffer(hi, np.uint8).reshape(2, p),
+                                   np.frombuffer(base, f"<u{W // 8}").reshape(2, p).astype(np.uint64),
+                                   fields["rotate"], fields["gather"])
         except FormatError as e:
             raise FormatError(f"{label}: {e}") from None
         if models is not None:
@@ -640,15 +641,16 @@ def loads(buf, *, verify=True):
 
 
 def _gaps(taken, pos=0):
-    """(the byte ranges between sections ``taken``, (offset, end, label,
-    key) from data_start, after ``pos``, and where the last one ends),
-    after checking that no two sections overlap."""
+    """(the non-empty byte ranges between sections ``taken``, (offset, end,
+    label, key) from data_start, after ``pos``, and where the last one
+    ends), after checking that no two sections overlap."""
     taken.sort()
     gaps = []
     for off, end, label, key in taken:
         if off < pos:
             raise FormatError(f"section {label}/{key} overlaps the one before it")
-        gaps.append((pos, off))
+        if off > pos:
+            gaps.append((pos, off))
         pos = max(pos, end)
     return gaps, pos
 
@@ -682,16 +684,11 @@ def plan_entry(entry, version):
     its sections from data_start, the gaps between them from the first
     byte), made once per tensor however often it is read."""
     fields, geom, spans = _plan_entry(UNBOUNDED, 0, entry, version)
-    taken = sorted((off, off + length, key) for key, (off, length, _) in spans.items())
-    origin = end = taken[0][0]
-    gaps = []
-    for off, stop, key in taken:   # as _gaps
-        if off < end:
-            raise FormatError(f"section {fields['label']}/{key} overlaps the one before it")
-        if off > end:
-            gaps.append((end - origin, off - origin))
-        end = max(end, stop)
-    return fields, geom, spans, (origin, end), gaps
+    label = fields["label"]
+    taken = [(off, off + length, label, key) for key, (off, length, _) in spans.items()]
+    origin = min(taken)[0]
+    gaps, end = _gaps(taken, origin)
+    return fields, geom, spans, (origin, end), [(a - origin, b - origin) for a, b in gaps]
 
 
 def plan_extent(plan):
