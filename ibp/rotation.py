@@ -73,7 +73,7 @@ def _move(src, dst, froms, masks, tos, chunk):
     ``froms[k]``) moved to bit ``tos[k]``: a run at a time over ``chunk``
     words (a loop that vectorizes), through a scratch chunk so ``dst`` may
     be ``src``."""
-    word = dst.dtype.type   # arithmetic kept in the words' width (numba widens it to 64 bits): 4x the lanes
+    word = dst.dtype.type   # arithmetic kept in the words' width: numba widens it to 64 bits, fewer lanes
     n = src.shape[0]
     tmp = np.empty(min(n, chunk), dst.dtype)
     for first in range(0, n, chunk):
@@ -94,8 +94,8 @@ def transformed(words, rotate, gather):
     if not (rotate or gather):
         return words
     w = _uint(words)
-    out = np.empty_like(w)
-    _move(frozen(w), out, *_steps(rotate, gather, 8 * w.itemsize, False), CHUNK_WORDS)
+    out = np.empty(w.shape, w.dtype)
+    _move(frozen(w.reshape(-1)), out.reshape(-1), *_steps(rotate, gather, 8 * w.itemsize, False), CHUNK_WORDS)
     return frozen(out)
 
 
@@ -104,4 +104,8 @@ def transform_back(words, rotate, gather):
     a rotated or gathered model's words leaves them as."""
     if (rotate or gather) and words.size:
         w = _uint(words)
-        _move(frozen(w), w, *_steps(rotate, gather, 8 * w.itemsize, True), CHUNK_WORDS)
+        contiguous = w.flags.c_contiguous
+        flat = w.reshape(-1) if contiguous else w.flatten()   # a view, else a copy written back
+        _move(frozen(flat), flat, *_steps(rotate, gather, 8 * w.itemsize, True), CHUNK_WORDS)
+        if not contiguous:
+            w[...] = flat.reshape(w.shape)

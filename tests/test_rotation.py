@@ -45,3 +45,14 @@ def test_gathers_match_the_bit_definition_and_undo(W, monkeypatch):
         back = y.copy()
         rotation.transform_back(back, 0, g)
         assert np.array_equal(back, x)
+
+
+def test_words_of_any_shape_and_layout_move_alike():
+    """A 2-d block, and a strided view undone in place, as the flat words."""
+    x = np.random.default_rng(5).integers(0, 2**16, (6, 10), dtype=np.uint16)
+    y = rotation.transformed(x, 0, 0b0100_1000_0001_0010)
+    assert y.shape == x.shape and np.array_equal(y.reshape(-1), rotation.transformed(x.reshape(-1), 0, 0b0100_1000_0001_0010))
+    back = np.zeros((6, 20), np.uint16)
+    back[:, ::2] = y
+    rotation.transform_back(back[:, ::2], 0, 0b0100_1000_0001_0010)
+    assert np.array_equal(back[:, ::2], x) and not back[:, 1::2].any()
