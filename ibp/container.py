@@ -403,7 +403,7 @@ def _array(buf, start, span, dtype, verify, label, key, own):
     can rewrite them (a bytearray, a file mapped from disk)."""
     off, length, crc = span
     if not length and not crc:   # an empty section (the row index of equal units): nothing to read
-        return _EMPTY[dtype]
+        return np.frombuffer(b"", dtype)   # its own: read-only for good, as a shared one would not be
     view = memoryview(buf)[start + off:start + off + length]
     if verify and crc32(view) != crc:
         raise FormatError(f"section {label}/{key} checksum mismatch")
@@ -414,9 +414,6 @@ def _array(buf, start, span, dtype, verify, label, key, own):
         arr = arr.copy()
     arr.flags.writeable = False
     return arr
-
-
-_EMPTY = {dtype: frozen(np.zeros(0, dtype)) for dtype in (np.uint8, "<u8", "<u2", "<u4")}
 
 
 def _section_bytes(buf, start, span, verify, label, key):

@@ -104,6 +104,8 @@ def transform_back(words, rotate, gather):
     a rotated or gathered model's words leaves them as."""
     if (rotate or gather) and words.size:
         w = _uint(words)
+        if not w.flags.writeable:
+            raise ValueError("transform_back undoes the transform in place: the words must be writeable")
         contiguous = w.flags.c_contiguous
         flat = w.reshape(-1) if contiguous else w.flatten()   # a view, else a copy written back
         _move(frozen(flat), flat, *_steps(rotate, gather, 8 * w.itemsize, True), CHUNK_WORDS)

@@ -57,6 +57,19 @@ def test_loaded_arrays_are_read_only_and_buffer_untouched():
     assert np.array_equal(ibp.decompress(back, index=[0])[0], x[1] + 1)
 
 
+def test_empty_sections_read_as_arrays_no_one_can_write():
+    """The row index of equal units is two empty sections: each load gets
+    arrays of its own that cannot be made writeable (a shared one could,
+    and reshaped, broke every later load's decode)."""
+    blob = ibp.compress(np.arange(256, dtype=np.uint32).reshape(16, 16)).to_bytes()
+    a, b = (ibp.CompressedTensor.from_bytes(blob) for _ in range(2))
+    assert a.index[1] == 0 and a.index[2].size == a.index[3].size == 0
+    for arr in (a.index[2], a.index[3]):
+        assert arr is not b.index[2] and arr is not b.index[3]
+        with pytest.raises(ValueError):
+            arr.flags.writeable = True
+
+
 def test_every_truncation_is_a_format_error():
     _, ct = sample_tensor()
     blob = ct.to_bytes()

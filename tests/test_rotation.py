@@ -56,3 +56,9 @@ def test_words_of_any_shape_and_layout_move_alike():
     back[:, ::2] = y
     rotation.transform_back(back[:, ::2], 0, 0b0100_1000_0001_0010)
     assert np.array_equal(back[:, ::2], x) and not back[:, 1::2].any()
+
+
+def test_undoing_into_read_only_words_is_refused():
+    y = rotation.transformed(np.arange(10, dtype=np.uint16), 3, 0)
+    with pytest.raises(ValueError, match="writeable"):
+        rotation.transform_back(y, 3, 0)
