@@ -681,11 +681,18 @@ def plan_entry(entry, version):
     its sections from data_start, the gaps between them from the first
     byte), made once per tensor however often it is read."""
     fields, geom, spans = _plan_entry(UNBOUNDED, 0, entry, version)
+    return fields, geom, spans, *section_gaps(fields, spans)
+
+
+def section_gaps(fields, spans):
+    """((first byte, end) of a planned entry's sections from data_start,
+    the byte ranges between them from the first byte), after checking that
+    no two overlap: what reading the tensor alone reads and must find zero."""
     label = fields["label"]
     taken = [(off, off + length, label, key) for key, (off, length, _) in spans.items()]
     origin = min(taken)[0]
     gaps, end = _gaps(taken, origin)
-    return fields, geom, spans, (origin, end), [(a - origin, b - origin) for a, b in gaps]
+    return (origin, end), [(a - origin, b - origin) for a, b in gaps]
 
 
 def plan_extent(plan):

@@ -7,7 +7,9 @@ sections overlapping, the file's length).  A tensor's sections are read,
 CRC-checked and validated by the container's own code the first time that
 tensor is touched, so the other tensors' bytes are never read, and a
 corrupted tensor raises FormatError when it is used, not before.  The zero
-padding between sections belongs to no tensor and is not read.
+padding between a tensor's sections is checked with them (as
+``stream.Reader`` checks it); the padding between tensors belongs to
+neither and is not read.
 """
 from __future__ import annotations
 
@@ -92,6 +94,8 @@ class LazyFile:
         ct = self._tensors.get(name)
         if ct is None:
             fields, geom, spans = self._plan(name)
+            (first, end), gaps = container.section_gaps(fields, spans)
+            container._check_zeros(memoryview(self._map)[self._start + first:self._start + end], gaps)
             ct = container._build_entry(self._map, self._start, fields, geom, spans, self._verify, True, self._models)
             self._tensors[name] = ct
         return ct

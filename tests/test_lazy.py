@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ibp
-from ibp import container, datasets
+from ibp import container, datasets, stream
 
 
 def header(path):
@@ -86,6 +86,25 @@ def test_a_corrupted_tensor_fails_only_when_touched(real, tmp_path):
             with pytest.raises(ibp.FormatError, match="cora/payload checksum"):
                 f.get_rows("cora", [0])
         assert f.info("cora").shape == tensors["cora"].shape
+
+
+def test_padding_between_a_tensors_sections_is_checked_with_them(real, tmp_path):
+    """A byte set after a tensor's model (the zeros up to its next section),
+    as ibp.load and stream.Reader find it; the other tensors still read."""
+    path, tensors = real
+    bad = tmp_path / "bad.ibp"
+    bad.write_bytes(path.read_bytes())
+    entries, start = header(bad)
+    lo = entries["cora"]["sections"]["lo"]
+    poke(bad, start + lo[0] + lo[1], 1)                   # the byte after the model's low bounds
+    with pytest.raises(ibp.FormatError, match="padding"):
+        ibp.load(bad)
+    with stream.Reader(bad) as r, pytest.raises(ibp.FormatError, match="padding"):
+        r.tensor("cora")
+    with ibp.open(bad) as f:
+        with pytest.raises(ibp.FormatError, match="padding"):
+            f.get_tensor("cora")
+        same(f.get_tensor(list(tensors)[-1]), tensors[list(tensors)[-1]])
 
 
 def test_contents_are_validated_beyond_checksums(real, tmp_path):
