@@ -93,15 +93,17 @@ def _k_fit(z2, m, mb, k, width):
     them twice over) lie in a window of ``width``: branch-free minima over
     the runs that do not wrap around and over those that do, so both loops
     vectorize."""
+    word = z2.dtype.type   # in the words' own width: numba widens narrow arithmetic to 64 bits, fewer lanes
     off = U64(k - 1)
     split = m - off   # runs from i >= split wrap around
-    narrow = mb
+    nmb, w, one = word(mb), word(width), word(1)
+    narrow = nmb
     for i in range(split):
-        narrow = min(narrow, (z2[i + off] - z2[i]) & mb)
-    wrapped = mb   # their spans less one
+        narrow = min(narrow, word(word(z2[i + off] - z2[i]) & nmb))
+    wrapped = nmb   # their spans less one
     for i in range(split, m):
-        wrapped = min(wrapped, (z2[i + off] - z2[i] - ONE) & mb)
-    return narrow < width or wrapped < width - ONE
+        wrapped = min(wrapped, word(word(z2[i + off] - z2[i] - one) & nmb))
+    return narrow < w or wrapped < word(w - one)
 
 
 @njit(inline="always")
@@ -111,15 +113,17 @@ def _first_fit(z2, m, mb, k, width):
     1] - z2[i] + 2**b``, compared less one: ``2**b`` overflows 64 bits),
     m where none do: branch-free minima as in ``_k_fit``, which vectorize
     (a scan that stops at the first fit does not)."""
+    word = z2.dtype.type
     off = U64(k - 1)
     split = m - off
+    nmb, w, one = word(mb), word(width), word(1)
     first = m
     for i in range(split):
-        first = min(first, i if ((z2[i + off] - z2[i]) & mb) < width else m)
+        first = min(first, i if word(word(z2[i + off] - z2[i]) & nmb) < w else m)
     if first < m:
         return np.int64(first)
     for i in range(split, m):
-        first = min(first, i if ((z2[i + off] - z2[i] - ONE) & mb) < width - ONE else m)
+        first = min(first, i if word(word(z2[i + off] - z2[i] - one) & nmb) < word(w - one) else m)
     return np.int64(first)
 
 
@@ -150,7 +154,7 @@ def _without_top_bit(full, W):
     split = 0
     while split < m and full[split] < top:
         split += 1
-    z = np.empty(m, np.uint64)
+    z = np.empty(m, full.dtype)
     i, j = 0, split
     for o in range(m):
         if j == m or (i < split and full[i] <= full[j] - top):
@@ -173,10 +177,10 @@ def _search_windows(z, b, prices, best, lo, hi, base, cap, counts):
     ne = prices.shape[0]
     mb = low_mask(b)
     first = 0      # the shortest cyclic window that holds every word starts after the widest gap
-    span = z[m - 1] - z[0]
+    span = U64(z[m - 1]) - U64(z[0])
     for i in range(m - 1):
-        if z[i + 1] != z[i] and ((z[i] - z[i + 1]) & mb) < span:
-            span = (z[i] - z[i + 1]) & mb
+        if z[i + 1] != z[i] and ((U64(z[i]) - U64(z[i + 1])) & mb) < span:
+            span = (U64(z[i]) - U64(z[i + 1])) & mb
             first = i + 1
     top = min(bit_length(span), b)    # windows of 2**top words and wider hold them all
     if top < b:
@@ -187,7 +191,7 @@ def _search_windows(z, b, prices, best, lo, hi, base, cap, counts):
                 lo[e] = top
                 hi[e] = b
                 base[e] = z[first]
-    z2 = np.empty(2 * m, np.uint64)
+    z2 = np.empty(2 * m, z.dtype)
     z2[:m] = z
     z2[m:] = z
     stale = 0
@@ -246,7 +250,7 @@ def _best_levels(v, W, prices):
     if m == 0:
         return lo, hi, base, ones, ZERO, 0, few[:0], counts[:0]
     full = _radix_sort(v, W)
-    mode, most, run = full[0], 1, 1   # the most frequent word
+    mode, most, run = U64(full[0]), 1, 1   # the most frequent word
     distinct = 1
     few[0] = full[0]
     counts[0] = 1
@@ -254,7 +258,7 @@ def _best_levels(v, W, prices):
         new = full[i] != full[i - 1]
         run = 1 if new else run + 1
         if run > most:
-            mode, most = full[i], run
+            mode, most = U64(full[i]), run
         distinct += new
         if distinct <= FEW_VALUES:
             few[distinct - 1] = full[i]
@@ -441,7 +445,7 @@ def _fit(words, train, test, piece_words, step, W, prices, p):
     free = np.zeros(1)
     per_column = np.zeros((ne + 1, p), np.int64)
     for c in prange(p):
-        v = np.empty(m, np.uint64)
+        v = np.empty(m, words.dtype)   # in the words' width: _best_levels' scans take more lanes
         for i in range(m):
             r = i * step
             v[i] = words[train[r // rows] + (r % rows) * p + c]

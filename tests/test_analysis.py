@@ -106,3 +106,21 @@ def test_a_period_whose_model_alone_outweighs_the_best_is_not_learned(monkeypatc
     periods.clear()
     analysis.analyze_bytes(data, shape, 2)
     assert 512 in periods
+
+
+@pytest.mark.parametrize("word_bits", [8, 16, 32])
+def test_levels_in_the_words_own_width_are_those_of_64_bit_arithmetic(word_bits):
+    """_best_levels scans narrow words in their own width (wrapping there);
+    the same words as uint64 take the 64-bit path: both find the same
+    levels, counts and values, on data whose windows wrap around the top."""
+    rng = np.random.default_rng(word_bits)
+    top = 1 << word_bits
+    cases = [rng.integers(0, top, 500), (rng.integers(-9, 9, 500) % top),            # signed small ints
+             (top // 2 + rng.integers(-40, 40, 300)) % top, rng.choice([3, top - 2, 77], 200),
+             (rng.normal(0, 1, 700) * 2 ** (word_bits - 6)).astype(np.int64) % top]
+    dtype = f"u{word_bits // 8}"
+    for words in cases:
+        narrow = analysis._best_levels(words.astype(dtype), word_bits, analysis.PRICES)
+        wide = analysis._best_levels(words.astype(np.uint64), word_bits, analysis.PRICES)
+        for a, b in zip(narrow, wide):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
