@@ -18,10 +18,11 @@ with each candidate and keeping the smallest; between the models of one
 width and period, an exception must also save EXCEPTION_TAX bits, as the
 codec spends about ten matched words' time on each (on MiniLM's fp16 MLP
 weights a model of three fixed bits and 15% exceptions tied in size with
-one of two bits and 1.4%, and encoded 3.7x and decoded 2.6x slower).  The sample, and the words a
-column is learned from, grow with the tensor up to a bound (learning costs
-about 20 ns a word, encoding about 1), so analysis stays a small share of
-compressing a small tensor and a bounded cost for a large one.
+one of two bits and 1.4%, and encoded 3.7x and decoded 2.6x slower).
+The sample, and the words a column is learned from, grow with the tensor
+up to a bound (learning costs about 20 ns a word, encoding about 1), so
+analysis stays a small share of compressing a small tensor and a bounded
+cost for a large one.
 """
 import functools
 import math
@@ -420,8 +421,7 @@ def _fit(words, train, test, piece_words, step, W, prices, p):
     column a model has the primary level and the secondary level learned
     on the primary's exceptions.  Returns the lo/hi/base ``[2, p]`` of the
     model whose test pieces encode smallest (EXCEPTION_TAX bits added a
-    miss) and their bits, the most
-    *stranded* bits per column any model
+    miss) and their bits, the most *stranded* bits per column any model
     leaves (bits outside the primary run that at least STRANDED_AGREEMENT
     of the words agree on: a narrower word, with more columns, could also
     fix them), how many columns' primary run under the first price
@@ -952,14 +952,11 @@ def _transformed_sample(sample, rotate, gather):
     train then test (once where they are the same), and rotated right by
     ``rotate`` bits or gathered by ``gather``."""
     words, train, test, piece = sample
-    if test is train:   # a sample scored on itself (a small tensor): its pieces copied once
-        starts = frozen(np.arange(train.size, dtype=np.int64) * piece)
-        return rotation.transformed(words[train[:, None] + np.arange(piece)].reshape(-1), rotate, gather), \
-            starts, starts, piece
-    pieces = np.concatenate([train, test])[:, None] + np.arange(piece)
-    starts = np.arange(train.size + test.size, dtype=np.int64) * piece
-    return rotation.transformed(words[pieces].reshape(-1), rotate, gather), frozen(starts[:train.size]), \
-        frozen(starts[train.size:]), piece
+    same = test is train   # a sample scored on itself (a small tensor): its pieces copied once
+    firsts = train if same else np.concatenate([train, test])
+    starts = frozen(np.arange(firsts.size, dtype=np.int64) * piece)
+    return rotation.transformed(words[firsts[:, None] + np.arange(piece)].reshape(-1), rotate, gather), \
+        starts[:train.size], starts if same else starts[train.size:], piece
 
 
 def _cost(payload_bits, period, word_bits):

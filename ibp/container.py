@@ -404,11 +404,11 @@ def _array(buf, start, span, dtype, verify, label, key, own):
     off, length, crc = span
     if not length and not crc:   # an empty section (the row index of equal units): nothing to read
         return np.frombuffer(b"", dtype)   # its own: read-only for good, as a shared one would not be
+    if own:   # a bytes copy: its array is read-only and aligned
+        return np.frombuffer(_section_bytes(buf, start, span, verify, label, key), dtype=dtype)
     view = memoryview(buf)[start + off:start + off + length]
     if verify and crc32(view) != crc:
         raise FormatError(f"section {label}/{key} checksum mismatch")
-    if own:   # a bytes copy: its array is read-only and aligned
-        return np.frombuffer(view.tobytes(), dtype=dtype)
     arr = np.frombuffer(view, dtype=dtype)
     if not arr.flags.aligned:
         arr = arr.copy()
@@ -417,8 +417,10 @@ def _array(buf, start, span, dtype, verify, label, key, own):
 
 
 def _section_bytes(buf, start, span, verify, label, key):
-    """A small section's bytes, CRC-checked when ``verify``: a copy, and
-    the key its model is shared by (see ``_build_entry``)."""
+    """A section's bytes, copied, then CRC-checked when ``verify`` (the
+    copy is what is checked: a buffer someone else can write may change
+    under the check); the model's are also the key it is shared by (see
+    ``_build_entry``)."""
     off, length, crc = span
     data = bytes(memoryview(buf)[start + off:start + off + length])
     if verify and crc32(data) != crc:

@@ -108,19 +108,40 @@ def test_a_period_whose_model_alone_outweighs_the_best_is_not_learned(monkeypatc
     assert 512 in periods
 
 
+def _best_top_run_score(words, W, price):
+    """Brute force: the best score, ``fixed bits * matches - price *
+    misses``, of a level fixing bits [lo, W) or [lo, W - 1) of ``x - base``
+    (mod 2**W), over every lo and every base among the words (a densest
+    window can always start at one of them)."""
+    v = words.astype(np.uint64)[None, :]
+    best = -np.inf
+    for hi, bases in ((W, v.T), (W - 1, v.T & np.uint64((1 << (W - 1)) - 1))):
+        d = (v - bases) & np.uint64((1 << W) - 1)   # [base, word]
+        for lo in range(hi):
+            fixed = np.uint64(((1 << hi) - 1) & ~((1 << lo) - 1))
+            matches = ((d & fixed) == 0).sum(axis=1)
+            best = max(best, float(((hi - lo) * matches - price * (words.size - matches)).max()))
+    return best
+
+
 @pytest.mark.parametrize("word_bits", [8, 16, 32])
-def test_levels_in_the_words_own_width_are_those_of_64_bit_arithmetic(word_bits):
-    """_best_levels scans narrow words in their own width (wrapping there);
-    the same words as uint64 take the 64-bit path: both find the same
-    levels, counts and values, on data whose windows wrap around the top."""
+def test_levels_of_narrow_words_are_the_best_top_runs(word_bits):
+    """_best_levels, scanning words in their own width, finds a level at
+    least as good as every run ending at the top bit or just below it
+    with any base, by brute force, for each price: windows that wrap
+    around zero (small signed values), around the middle and plain."""
     rng = np.random.default_rng(word_bits)
     top = 1 << word_bits
-    cases = [rng.integers(0, top, 500), (rng.integers(-9, 9, 500) % top),            # signed small ints
-             (top // 2 + rng.integers(-40, 40, 300)) % top, rng.choice([3, top - 2, 77], 200),
-             (rng.normal(0, 1, 700) * 2 ** (word_bits - 6)).astype(np.int64) % top]
-    dtype = f"u{word_bits // 8}"
+    cases = [np.where(rng.random(400) < 0.95, rng.integers(-3, 4, 400) % top, rng.integers(0, top, 400)),
+             (top // 2 + rng.integers(-40, 40, 300)) % top,
+             np.where(rng.random(300) < 0.9, rng.integers(0, 1 << (word_bits // 2), 300), rng.integers(0, top, 300)),
+             rng.integers(-9, 9, 300) % top]
     for words in cases:
-        narrow = analysis._best_levels(words.astype(dtype), word_bits, analysis.PRICES)
-        wide = analysis._best_levels(words.astype(np.uint64), word_bits, analysis.PRICES)
-        for a, b in zip(narrow, wide):
-            assert np.array_equal(np.asarray(a), np.asarray(b))
+        words = words.astype(f"u{word_bits // 8}")   # as _fit hands them over
+        lo, hi, base = analysis._best_levels(words, word_bits, analysis.PRICES)[:3]
+        for e, price in enumerate(analysis.PRICES):
+            d = (words.astype(np.uint64) - np.uint64(base[e])) & np.uint64(top - 1)
+            fixed = np.uint64(((1 << int(hi[e])) - 1) & ~((1 << int(lo[e])) - 1))
+            matches = int(((d & fixed) == 0).sum())
+            found = (int(hi[e]) - int(lo[e])) * matches - price * (words.size - matches)
+            assert found >= _best_top_run_score(words, word_bits, price)
