@@ -49,7 +49,8 @@ LEARN_SHARE = 64              # ... and otherwise one per this many of the tenso
 MIN_LEARN = 128               # ... but at least this many (learning costs ~20 ns a word; encoding 1)
 NARROW_PER_COLUMN = 512       # ... for a width narrower than the element (a cheap second opinion)
 STRANDED_AGREEMENT = 0.7      # a bit this share of sampled words agree on could be fixed (the reference's lowest threshold) ...
-STRANDED_MIN = 2.0            # ... and this many such bits per word outside the fixed run ask for narrower words
+STRANDED_MIN = 2.5            # ... and this many such bits per word outside the fixed run ask for narrower words
+                              # (two, as on 16-bit bias vectors, asked for a 25 us model that never won there)
 EXCEPTION_PRICES = (3.0, 8.0)  # bits an exception costs: measured best on real data
 PRICES = np.array(EXCEPTION_PRICES)
 EXCEPTION_TAX = 0.5           # bits an exception must save to be kept: each costs the codec ~10x a matched word's time
@@ -415,8 +416,8 @@ def _fit(words, train, test, piece_words, step, W, prices, p):
     where one run over all three leaves three), else where one word is
     frequent, that word as the whole primary level (values that share bits
     on both sides of those where they differ: a one-run level cannot fix
-    them all, two exact levels can); learned from every ``step``-th
-    period of the sampled pieces of ``words`` that start at ``train``, and
+    them all, two exact levels can); learned from one period in every
+    ``step`` (at a different offset in each) of the sampled pieces of ``words`` that start at ``train``, and
     measured on those at ``test`` (as units of ``piece_words``).  Per
     column a model has the primary level and the secondary level learned
     on the primary's exceptions.  Returns the lo/hi/base ``[2, p]`` of the
@@ -441,13 +442,14 @@ def _fit(words, train, test, piece_words, step, W, prices, p):
     hints = np.zeros(p, np.int64)
     gathers = np.zeros(p, np.uint64)
     rows = piece_words // p   # periods per piece
-    m = (train.shape[0] * rows + step - 1) // step
+    n = train.shape[0] * rows   # sampled periods
+    m = (n + step - 1) // step
     free = np.zeros(1)
     per_column = np.zeros((ne + 1, p), np.int64)
     for c in prange(p):
         v = np.empty(m, words.dtype)   # in the words' width: _best_levels' scans take more lanes
-        for i in range(m):
-            r = i * step
+        for i in range(m):   # each from its own offset in its stride: a power-of-two stride aliases with
+            r = min(i * step + i % step, n - 1)   # the data's (an arange's low bits look fixed, rows of one parity)
             v[i] = words[train[r // rows] + (r % rows) * p + c]
         a, b, bs, ones, mode, most, few, counts = _best_levels(v, W, prices)
         low = 0
