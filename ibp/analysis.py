@@ -417,8 +417,8 @@ def _fit(words, train, test, piece_words, step, W, prices, p):
     where one run over all three leaves three), else where one word is
     frequent, that word as the whole primary level (values that share bits
     on both sides of those where they differ: a one-run level cannot fix
-    them all, two exact levels can); learned from one period in every
-    ``step`` (at a different offset in each) of the sampled pieces of ``words`` that start at ``train``, and
+    them all, two exact levels can); learned from every ``step``-th
+    period of the sampled pieces of ``words`` that start at ``train``, and
     measured on those at ``test`` (as units of ``piece_words``).  Per
     column a model has the primary level and the secondary level learned
     on the primary's exceptions.  Returns the lo/hi/base ``[2, p]`` of the
@@ -443,14 +443,13 @@ def _fit(words, train, test, piece_words, step, W, prices, p):
     hints = np.zeros(p, np.int64)
     gathers = np.zeros(p, np.uint64)
     rows = piece_words // p   # periods per piece
-    n = train.shape[0] * rows   # sampled periods
-    m = (n + step - 1) // step
+    m = (train.shape[0] * rows + step - 1) // step
     free = np.zeros(1)
     per_column = np.zeros((ne + 1, p), np.int64)
     for c in prange(p):
         v = np.empty(m, words.dtype)   # in the words' width: _best_levels' scans take more lanes
-        for i in range(m):   # each from its own offset in its stride: a power-of-two stride aliases with
-            r = min(i * step + i % step, n - 1)   # the data's (an arange's low bits look fixed, rows of one parity)
+        for i in range(m):
+            r = i * step
             v[i] = words[train[r // rows] + (r % rows) * p + c]
         a, b, bs, ones, mode, most, few, counts = _best_levels(v, W, prices)
         low = 0

@@ -108,29 +108,6 @@ def test_a_period_whose_model_alone_outweighs_the_best_is_not_learned(monkeypatc
     assert 512 in periods
 
 
-def test_thinned_samples_do_not_alias_with_power_of_two_strides(monkeypatch):
-    """A column is learned from every step-th sampled word, each from its
-    own offset in its stride: position ids 0..511 thinned to 128 words by
-    a plain stride of 4 all end in two zero bits, which looked fixed and
-    asked for every narrower word width (seven models, 0.5 ms for 4 KB)."""
-    x = np.arange(512, dtype=np.int64)[None, :]
-    data, _, shape, _ = ibp.dtypes.as_bytes(x)
-    seen = []
-    learn = analysis.learn
-
-    def spy(sample, W, p, per_column, *args):
-        learned = learn(sample, W, p, per_column, *args)
-        seen.append((W, per_column, learned[4]))
-        return learned
-
-    monkeypatch.setattr(analysis, "learn", spy)
-    analysis.analyze_bytes(data, shape, 8)
-    W, per_column, stranded = seen[0]
-    assert (W, per_column) == (64, 128)   # thinned: one word in four
-    assert stranded == 0
-    assert {W for W, _, _ in seen} == {64, 32}   # 32-bit words only because the reference tries them
-
-
 def _best_top_run_score(words, W, price):
     """Brute force: the best score, ``fixed bits * matches - price *
     misses``, of a level fixing bits [lo, W) or [lo, W - 1) of ``x - base``
