@@ -46,7 +46,7 @@ TEST_WORDS = 1 << 14          # candidates are scored on at most about this many
 MIN_PER_COLUMN = 32           # sampled words a column needs to be learned
 MAX_PER_COLUMN = 4096         # sampled words a column is learned from at most ...
 LEARN_SHARE = 128             # ... and otherwise one per this many of the tensor's words in the column
-                              # (64 made MiniLM's small 16-bit tensors 0.13-0.19% smaller and 7% slower to compress),
+                              # (64 made MiniLM's small 16-bit tensors 0.1-0.2% smaller and about 7% slower to compress),
 MIN_LEARN = 128               # ... but at least this many (learning costs ~20 ns a word; encoding 1)
 NARROW_PER_COLUMN = 512       # ... for a width narrower than the element (a cheap second opinion)
 STRANDED_AGREEMENT = 0.7      # a bit this share of sampled words agree on could be fixed (the reference's lowest threshold) ...
