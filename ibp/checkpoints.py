@@ -293,8 +293,7 @@ def decompress_to_safetensors(reader, stream, *, progress=None):
     # multiple of 8 bytes, or the buffer is written first: the decoder
     # takes its words aligned.
     buf, fill = np.zeros(0, np.uint8), 0
-    for name in order:
-        ct = reader.tensor(name, reuse=True)
+    for name, ct in reader.tensors(order):
         for first, last, nbytes in spans(ct, _decode_chunk_bytes()):
             if fill and (fill % 8 or fill + nbytes > buf.size):
                 container.write_all(stream, buf[:fill])

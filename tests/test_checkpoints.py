@@ -305,18 +305,28 @@ def test_a_writer_refuses_a_header_longer_than_its_room(tmp_path):
             writer.finish(f)
 
 
-def test_a_reader_reuses_one_buffer_and_checks_the_gaps_between_sections(tmp_path):
+def test_a_reader_reads_tensors_together_and_checks_the_gaps_between_sections(tmp_path, monkeypatch):
     w = datasets.minilm_weights()
     names = [n for n in w if np.asarray(w[n]).ndim == 2][:3]
     tensors = {n: ibp.compress(np.asarray(w[n])) for n in names}
     ibp.save(tensors, tmp_path / "a.ibp")
+    reads = []
     with stream.Reader(tmp_path / "a.ibp") as r:
-        first = r.tensor(names[0], reuse=True)
-        assert np.array_equal(ibp.decompress(first), np.asarray(w[names[0]]))
-        second = r.tensor(names[1], reuse=True)
-        assert np.array_equal(ibp.decompress(second), np.asarray(w[names[1]]))
-        assert np.shares_memory(first.payload, second.payload)   # one buffer, sized for the largest at once
-        assert not np.shares_memory(r.tensor(names[2]).payload, r.tensor(names[2], reuse=True).payload)
+        read_at = r._read_at
+        monkeypatch.setattr(r, "_read_at", lambda lo, view, name: reads.append(len(view)) or read_at(lo, view, name))
+        got = dict(r.tensors())
+        assert list(got) == names and len(reads) == 1   # one read for all three
+        first = got[names[0]]
+        for n in names:
+            assert np.array_equal(ibp.decompress(got[n]), np.asarray(w[n]))
+        kept = np.frombuffer(r._reused, np.uint8)   # the one buffer the reader keeps
+        assert all(np.shares_memory(kept, got[n].payload) for n in names)
+        again = dict(r.tensors([names[1], names[0]]))   # out of file order: a read each, into the same buffer
+        assert len(reads) == 3 and np.shares_memory(first.payload, again[names[0]].payload)
+        assert np.array_equal(ibp.decompress(again[names[0]]), np.asarray(w[names[0]]))
+        assert not np.shares_memory(r.tensor(names[2]).payload, first.payload)
+        monkeypatch.setattr(stream, "READ_AHEAD_BYTES", 1)   # a read per tensor, however small
+        assert [n for n, _ in r.tensors()] == names and len(reads) == 4 + 3   # 4: one more by tensor()
         lo = r.entries[names[1]]["sections"]["lo"]
         at = r.start + lo[0] + lo[1]   # the first zero byte after the tensor's lo section
     data = bytearray((tmp_path / "a.ibp").read_bytes())
@@ -325,6 +335,8 @@ def test_a_reader_reuses_one_buffer_and_checks_the_gaps_between_sections(tmp_pat
     with stream.Reader(tmp_path / "b.ibp") as r:
         with pytest.raises(ibp.FormatError, match="padding"):
             r.tensor(names[1])
+        with pytest.raises(ibp.FormatError, match="padding"):
+            dict(r.tensors())
         assert np.array_equal(ibp.decompress(r.tensor(names[0])), np.asarray(w[names[0]]))
 
 
@@ -343,7 +355,7 @@ def test_a_reader_sizes_nothing_by_malformed_sections(tmp_path):
     with stream.Reader(tmp_path / "b.ibp") as r:
         assert r.expected_size() == 24 + len(text)
         with pytest.raises(ibp.FormatError, match="sections"):
-            r.tensor("a", reuse=True)
+            next(r.tensors())
 
 
 def _safetensors_bytes(header, data):
