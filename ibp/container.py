@@ -396,7 +396,7 @@ def _bad_span(buflen, start, spec, want_len, label, key):
 
 
 def _array(buf, start, span, dtype, verify, label, key, own):
-    """A read-only array of a section, CRC-checked when ``verify``.
+    """A read-only array of a section of the memoryview ``buf``, CRC-checked when ``verify``.
 
     ``own`` copies it: the decoder trusts the small sections (model, kinds,
     row index) once validated, so they must not be left where someone else
@@ -406,7 +406,7 @@ def _array(buf, start, span, dtype, verify, label, key, own):
         return np.frombuffer(b"", dtype)   # its own: read-only for good, as a shared one would not be
     if own:   # a bytes copy: its array is read-only and aligned
         return np.frombuffer(_section_bytes(buf, start, span, verify, label, key), dtype=dtype)
-    view = memoryview(buf)[start + off:start + off + length]
+    view = buf[start + off:start + off + length]
     if verify and crc32(view) != crc:
         raise FormatError(f"section {label}/{key} checksum mismatch")
     arr = np.frombuffer(view, dtype=dtype)
@@ -417,12 +417,12 @@ def _array(buf, start, span, dtype, verify, label, key, own):
 
 
 def _section_bytes(buf, start, span, verify, label, key):
-    """A section's bytes, copied, then CRC-checked when ``verify`` (the
+    """A section's bytes, copied from the memoryview ``buf``, then CRC-checked when ``verify`` (the
     copy is what is checked: a buffer someone else can write may change
     under the check); the model's are also the key it is shared by (see
     ``_build_entry``)."""
     off, length, crc = span
-    data = bytes(memoryview(buf)[start + off:start + off + length])
+    data = bytes(buf[start + off:start + off + length])
     if verify and crc32(data) != crc:
         raise FormatError(f"section {label}/{key} checksum mismatch")
     return data
@@ -471,7 +471,9 @@ def _plan_entry(buflen, start, entry, version):
     shape = entry["shape"]
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
         raise FormatError("shape must be a list of at most 64 dimensions")
-    shape = tuple(_int(s, "dimension") for s in shape)
+    shape = tuple(shape)
+    for s in shape:
+        _int(s, "dimension")
     if entry["framework"] not in ("numpy", "torch"):
         raise FormatError("framework must be 'numpy' or 'torch'")
     W = _int(entry["word_bits"], "word_bits", 8, 64)
@@ -507,8 +509,8 @@ def _plan_entry(buflen, start, entry, version):
         spec = secs[key]
         if type(spec) is list and len(spec) == 3:
             off, length, crc = spec
-            if type(off) is int and type(length) is int and type(crc) is int and 0 <= off and not off % ALIGN \
-                    and length == want[key] and start + off + length <= buflen and 0 <= crc <= 0xFFFFFFFF:
+            if type(off) is int is type(length) is type(crc) and 0 <= off and not off % ALIGN and length == want[key] \
+                    and start + off + length <= buflen and 0 <= crc <= 0xFFFFFFFF:
                 spans[key] = (off, length, crc)
                 continue
         _bad_span(buflen, start, spec, want[key], label, key)
@@ -537,7 +539,10 @@ def _build_entry(buf, start, fields, geom, spans, verify, own, models=None):
     bytes to a model already checked: a checkpoint's layers mostly share
     their roles' models, whose checks and tables then are made once."""
     label, p, W, n = fields["label"], fields["period"], geom.word_bits, geom.nunits
-    lo, hi, base = (_section_bytes(buf, start, spans[key], verify, label, key) for key in ("lo", "hi", "base"))
+    buf = memoryview(buf)
+    lo = _section_bytes(buf, start, spans["lo"], verify, label, "lo")
+    hi = _section_bytes(buf, start, spans["hi"], verify, label, "hi")
+    base = _section_bytes(buf, start, spans["base"], verify, label, "base")
     key = (W, fields["rotate"], fields["gather"], lo, hi, base)
     model = None if models is None else models.get(key)
     if model is None:
@@ -650,14 +655,15 @@ def _gaps(taken, pos=0):
             raise FormatError(f"section {label}/{key} overlaps the one before it")
         if off > pos:
             gaps.append((pos, off))
-        pos = max(pos, end)
+        pos = end   # sections have no negative lengths
     return gaps, pos
 
 
 def _check_zeros(view, ranges):
     """FormatError unless the bytes of ``view`` in every (start, end) range are zero."""
-    if any(b > a and int.from_bytes(view[a:b], "little") for a, b in ranges):
-        raise FormatError("padding bytes are not zero")
+    for a, b in ranges:
+        if b > a and int.from_bytes(view[a:b], "little"):
+            raise FormatError("padding bytes are not zero")
 
 
 def _padding(buf, start, taken):
@@ -692,8 +698,8 @@ def section_gaps(fields, spans):
     no two overlap: what reading the tensor alone reads and must find zero."""
     label = fields["label"]
     taken = [(off, off + length, label, key) for key, (off, length, _) in spans.items()]
-    origin = min(taken)[0]
-    gaps, end = _gaps(taken, origin)
+    gaps, end = _gaps(taken, min(taken)[0])
+    origin = taken[0][0]
     return (origin, end), [(a - origin, b - origin) for a, b in gaps]
 
 
