@@ -145,3 +145,42 @@ def test_levels_of_narrow_words_are_the_best_top_runs(word_bits):
             matches = int(((d & fixed) == 0).sum())
             found = (int(hi[e]) - int(lo[e])) * matches - price * (words.size - matches)
             assert found >= _best_top_run_score(words, word_bits, price)
+
+
+def _small_tensors():
+    """Tensors of 65 B to 8 KiB of every class a checkpoint holds small: bias
+    and norm vectors, small integers, constants, sparse, few values."""
+    rng = np.random.default_rng(7)
+    for n in (33, 100, 128, 384, 1000, 1024, 2048):
+        normal = rng.standard_normal(n)
+        for dtype in ("float64", "float32", "float16", "int64", "int32", "int16", "uint8"):
+            for values in (normal * 0.02, 1 + normal * 0.01, rng.integers(0, 17, n), np.zeros(n),
+                           np.where(rng.random(n) < 0.9, 0, normal), rng.choice([0.0, 1.0, 4.0], n),
+                           np.arange(n)):
+                x = np.asarray(values).astype(dtype)
+                if 64 < x.nbytes <= 8192:
+                    yield x
+    torch = pytest.importorskip("torch")
+    for n in (128, 384, 1536):
+        for t in (torch.randn(n) * 0.05, torch.ones(n) + torch.randn(n) * 1e-3):
+            yield t.to(torch.bfloat16)
+
+
+def test_a_small_tensor_learned_whole_gets_the_model_the_search_gives(monkeypatch):
+    """``_whole_model`` (one candidate learned straight from the kernel) gives
+    the very model of the general search, or leaves the tensor to it."""
+    from ibp import dtypes
+    cases = [dtypes.as_bytes(x) for x in _small_tensors()]
+    shortcut = [analysis.analyze_bytes(data, shape, dtypes.ITEMSIZE[name]) for data, name, shape, _ in cases]
+    taken = sum(analysis._whole_plan(shape, dtypes.ITEMSIZE[name], data.size) is not None
+                and analysis._whole_model(data, *analysis._whole_plan(shape, dtypes.ITEMSIZE[name], data.size))
+                is not None for data, name, shape, _ in cases)
+    monkeypatch.setattr(analysis, "_whole_plan", lambda *args: None)
+    for (data, name, shape, _), fast in zip(cases, shortcut):
+        slow = analysis.analyze_bytes(data, shape, dtypes.ITEMSIZE[name])
+        assert (fast.word_bits, fast.period, fast.rotate, fast.gather) == \
+            (slow.word_bits, slow.period, slow.rotate, slow.gather), (name, shape)
+        for a, b in zip((fast.lo, fast.hi, fast.base) + fast.tables[:2], (slow.lo, slow.hi, slow.base) + slow.tables[:2]):
+            assert np.array_equal(a, b), (name, shape)
+        assert fast.tables[2:] == slow.tables[2:]
+    assert 0.1 * len(cases) < taken < len(cases)   # the shortcut is taken, and left where the search tries more
