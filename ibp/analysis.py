@@ -542,10 +542,20 @@ def learn(sample, word_bits, period, per_column, prices=None):
     worth trying (see ``_fit``), and the best model's ``Model.tables``."""
     words, train, test, piece_words = sample
     prices = PRICES if prices is None else np.asarray(prices, np.float64)
-    step = -(-train.size * piece_words // period // per_column)
+    step = _step(train.size * piece_words, period, per_column)
     lo, hi, base, bits, stranded, halves, rotate, gather, tables = _fit(
         train.size * piece_words // step, words, train, test, piece_words, step, word_bits, prices, period)
     return lo, hi, base, bits, stranded, halves, int(rotate), int(gather), tables
+
+
+def _per_column(total_words, period, cap=MAX_PER_COLUMN):
+    """Sampled words a column is learned from: see LEARN_SHARE."""
+    return min(cap, max(MIN_LEARN, total_words // (LEARN_SHARE * period)))
+
+
+def _step(sampled_words, period, per_column):
+    """Every how many periods of the sample ``learn`` takes to learn from ``per_column`` words a column."""
+    return -(-sampled_words // period // per_column)
 
 
 def _samples(data, geom, least=0, one_column=False):
@@ -733,8 +743,7 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
             if train.size * piece_words // p < MIN_PER_COLUMN and not whole:
                 continue
         scale = geom.nunits * geom.unit_words / (test.size * piece_words)
-        cap = NARROW_PER_COLUMN if (W, p) in narrower else MAX_PER_COLUMN
-        per_column = min(cap, max(MIN_LEARN, geom.total_words // (LEARN_SHARE * p)))
+        per_column = _per_column(geom.total_words, p, NARROW_PER_COLUMN if (W, p) in narrower else MAX_PER_COLUMN)
         lo, hi, base, bits, stranded, halves, rotate, gather, tables = learn(sample, W, p, per_column)
         cost, learned = _cost(bits * scale, p, W), (W, lo, hi, base, 0, tables, 0)
         for r, g in ((rotate, 0), (0, gather)):   # the words rotated or gathered, where the columns hint at it
@@ -771,8 +780,8 @@ def _whole_plan(shape, itemsize, nbytes):
     if plan is None or plan[0] is not plan[1]:   # shorter than a unit (a padded copy), or part of it sampled
         return None
     starts, _, piece = plan
-    per_column = min(MAX_PER_COLUMN, max(MIN_LEARN, _geometry(shape, itemsize, W).total_words // LEARN_SHARE))
-    return W, starts, piece, -(-starts.size * piece // per_column), itemsize, shape
+    return W, starts, piece, _step(starts.size * piece, 1, _per_column(_geometry(shape, itemsize, W).total_words, 1)), \
+        itemsize, shape
 
 
 def _whole_model(data, W, starts, piece, step, itemsize, shape):
