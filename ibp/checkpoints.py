@@ -304,7 +304,6 @@ def decompress_to_safetensors(reader, stream, *, progress=None):
             fill += nbytes
             if progress is not None:
                 progress(nbytes)
-        del ct
     container.write_all(stream, buf[:fill])
 
 

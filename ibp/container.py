@@ -509,8 +509,8 @@ def _plan_entry(buflen, start, entry, version):
         spec = secs[key]
         if type(spec) is list and len(spec) == 3:
             off, length, crc = spec
-            if type(off) is int is type(length) is type(crc) and 0 <= off and not off % ALIGN and length == want[key] \
-                    and start + off + length <= buflen and 0 <= crc <= 0xFFFFFFFF:
+            if type(off) is int and type(length) is int and type(crc) is int and 0 <= off and not off % ALIGN \
+                    and length == want[key] and start + off + length <= buflen and 0 <= crc <= 0xFFFFFFFF:
                 spans[key] = (off, length, crc)
                 continue
         _bad_span(buflen, start, spec, want[key], label, key)
@@ -698,8 +698,8 @@ def section_gaps(fields, spans):
     no two overlap: what reading the tensor alone reads and must find zero."""
     label = fields["label"]
     taken = [(off, off + length, label, key) for key, (off, length, _) in spans.items()]
-    gaps, end = _gaps(taken, min(taken)[0])
-    origin = taken[0][0]
+    origin = min(taken)[0]
+    gaps, end = _gaps(taken, origin)
     return (origin, end), [(a - origin, b - origin) for a, b in gaps]
 
 

@@ -26,17 +26,18 @@ def scratch(nbytes):
     large buffer from malloc can stay in the process after it is freed (the
     heap does not shrink around live blocks), so memory would creep up by a
     tensor or two per tensor converted; an unmapped map is gone at once.
-    A buffer of a huge page or more starts and ends on huge-page bounds (a
-    few MB more of address space, not of memory): its first and last 2 MiB
-    would otherwise fault in 4 KiB pages, 1.2 ms of a 4.4 MB buffer's
-    first touch here, more than reading it from the page cache."""
+    A buffer of a huge page or more starts on a huge-page bound, and the
+    map runs on to the bound after its end (a few MB more of address space,
+    not of memory): its first and last 2 MiB would otherwise fault in 4 KiB
+    pages, 1.2 ms of a 4.4 MB buffer's first touch here, more than reading
+    it from the page cache."""
     aligned = nbytes >= pages.HUGE_PAGE
     size = -(-nbytes // pages.HUGE_PAGE) * pages.HUGE_PAGE + pages.HUGE_PAGE if aligned else max(nbytes, 1)
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
     buf = mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
-    whole = np.frombuffer(buf, np.uint8)
     if not aligned:
         return buf
+    whole = np.frombuffer(buf, np.uint8)
     start = -whole.ctypes.data % pages.HUGE_PAGE
     pages.advise(whole[start:])
     return memoryview(buf)[start:start + nbytes]
@@ -174,7 +175,6 @@ class Reader:
             if hlen > container.MAX_HEADER:
                 raise FormatError(f"header length {hlen} is over the {container.MAX_HEADER}-byte limit")
             self._header_len = hlen
-            self._reused = b""   # the buffer of tensors()
             self.metadata, entries, self.start, self.version = container._header(head + self._file.read(hlen))
             self.entries = {}
             self._plans = {}   # name -> its checked entry (container.plan_entry)
@@ -220,24 +220,28 @@ class Reader:
         file order, by default), for a caller converting tensor after
         tensor: the sections of tensors that follow each other in the file
         are read together, up to READ_AHEAD_BYTES at once (or one tensor),
-        into one buffer the reader keeps, and all of a read's tensors are
+        into one buffer this call keeps, and all of a read's tensors are
         checked before the first is given.  A read per small tensor, and
         its checks run between decoding others, cost more than decoding
         it.  A tensor's payload lives only until the next one is asked for."""
         names = list(self.entries) if names is None else list(names)
+        kept = b""   # this call's own: another call reading meanwhile cannot overwrite checked tensors
         i = 0
         while i < len(names):
             lo, hi = self._extent(names[i])
             j = i + 1
             while j < len(names):
-                a, b = self._extent(names[j])
+                try:
+                    a, b = self._extent(names[j])
+                except (FormatError, KeyError):   # said when its turn comes, after the tensors before it
+                    break
                 if a < hi or b - lo > READ_AHEAD_BYTES:   # not after the last in the file, or too far on
                     break
                 hi, j = b, j + 1
-            if len(self._reused) < hi - lo:   # sized once: each new buffer is faulted in anew
-                self._reused = scratch(max(hi - lo, min(max(self._largest_extent(), READ_AHEAD_BYTES),
-                                                        self.size - self.start)))
-            view = memoryview(self._reused)[:hi - lo]
+            if len(kept) < hi - lo:   # sized once: each new buffer is faulted in anew
+                kept = scratch(max(hi - lo, min(max(self._largest_extent(), READ_AHEAD_BYTES),
+                                                self.size - self.start)))
+            view = memoryview(kept)[:hi - lo]
             self._read_at(lo, view, names[i])
             group = []
             for name in names[i:j]:

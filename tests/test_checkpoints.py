@@ -305,7 +305,7 @@ def test_a_writer_refuses_a_header_longer_than_its_room(tmp_path):
             writer.finish(f)
 
 
-def test_a_reader_reads_tensors_together_and_checks_the_gaps_between_sections(tmp_path, monkeypatch):
+def test_a_reader_reads_tensors_together_into_a_buffer_of_its_own_and_checks_gaps(tmp_path, monkeypatch):
     w = datasets.minilm_weights()
     names = [n for n in w if np.asarray(w[n]).ndim == 2][:3]
     tensors = {n: ibp.compress(np.asarray(w[n])) for n in names}
@@ -314,17 +314,21 @@ def test_a_reader_reads_tensors_together_and_checks_the_gaps_between_sections(tm
     with stream.Reader(tmp_path / "a.ibp") as r:
         read_at = r._read_at
         monkeypatch.setattr(r, "_read_at", lambda lo, view, name: reads.append(len(view)) or read_at(lo, view, name))
-        got = dict(r.tensors())
-        assert list(got) == names and len(reads) == 1   # one read for all three
-        first = got[names[0]]
-        for n in names:
-            assert np.array_equal(ibp.decompress(got[n]), np.asarray(w[n]))
-        kept = np.frombuffer(r._reused, np.uint8)   # the one buffer the reader keeps
-        assert all(np.shares_memory(kept, got[n].payload) for n in names)
-        again = dict(r.tensors([names[1], names[0]]))   # out of file order: a read each, into the same buffer
-        assert len(reads) == 3 and np.shares_memory(first.payload, again[names[0]].payload)
-        assert np.array_equal(ibp.decompress(again[names[0]]), np.asarray(w[names[0]]))
-        assert not np.shares_memory(r.tensor(names[2]).payload, first.payload)
+        walk = r.tensors()
+        first = next(walk)
+        assert first[0] == names[0] and len(reads) == 1   # one read for all three
+        meanwhile = set()   # another walk, out of file order: a read each, into a buffer of its own
+        for n, ct in r.tensors([names[2], names[0]]):
+            assert np.array_equal(ibp.decompress(ct), np.asarray(w[n]))   # used before the next is asked for
+            meanwhile.add(id(ct.payload.base.obj))
+        assert len(reads) == 3
+        got = dict([first, *walk])
+        assert list(got) == names and len(reads) == 3
+        for n, ct in got.items():   # all from one read: none overwritten by the other walk or each other
+            assert np.array_equal(ibp.decompress(ct), np.asarray(w[n]))
+        buffer = {id(ct.payload.base.obj) for ct in got.values()}
+        assert len(buffer) == 1 and len(meanwhile) == 1 and buffer != meanwhile
+        assert np.array_equal(ibp.decompress(r.tensor(names[2])), np.asarray(w[names[2]]))
         monkeypatch.setattr(stream, "READ_AHEAD_BYTES", 1)   # a read per tensor, however small
         assert [n for n, _ in r.tensors()] == names and len(reads) == 4 + 3   # 4: one more by tensor()
         lo = r.entries[names[1]]["sections"]["lo"]
@@ -338,6 +342,21 @@ def test_a_reader_reads_tensors_together_and_checks_the_gaps_between_sections(tm
         with pytest.raises(ibp.FormatError, match="padding"):
             dict(r.tensors())
         assert np.array_equal(ibp.decompress(r.tensor(names[0])), np.asarray(w[names[0]]))
+
+
+def test_a_reader_gives_the_tensors_before_a_truncated_one(tmp_path):
+    """A tensor whose sections the file lacks is refused when its turn
+    comes: the tensors before it, read together, still come out whole."""
+    xs = {f"t{i}": np.arange(1000 * (i + 1), dtype=np.float32) for i in range(3)}
+    ibp.save({n: ibp.compress(x) for n, x in xs.items()}, tmp_path / "a.ibp")
+    blob = (tmp_path / "a.ibp").read_bytes()
+    (tmp_path / "b.ibp").write_bytes(blob[:-100])
+    seen = []
+    with stream.Reader(tmp_path / "b.ibp") as r, pytest.raises(ibp.FormatError, match="'t2'.*truncated"):
+        for name, ct in r.tensors():
+            assert np.array_equal(ibp.decompress(ct), xs[name])
+            seen.append(name)
+    assert seen == ["t0", "t1"]
 
 
 def test_a_reader_sizes_nothing_by_malformed_sections(tmp_path):

@@ -46,6 +46,8 @@ def test_big_buffers_ask_for_huge_pages(make):
         keep = stream.scratch(nbytes)
         flat = np.frombuffer(keep, np.uint8)
     flat[:] = 1    # the first touch
+    if make == "scratch":
+        assert flat.ctypes.data % pages.HUGE_PAGE == 0   # its first 2 MiB a huge page too
     whole_pages = flat.nbytes - 2 * pages.HUGE_PAGE     # the 2 MiB pages inside the buffer, at least
     assert advised_bytes(flat.ctypes.data, flat.nbytes) >= whole_pages
     assert (flat == 1).all()
