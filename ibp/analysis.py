@@ -712,7 +712,7 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
     shape = tuple(shape)
     plan = None if word_bits else _whole_plan(shape, itemsize, data.size)
     if plan is not None:
-        model = _whole_model(data, *plan)
+        model = _whole_model(data, shape, itemsize, *plan)
         if model is not None:
             return model
     cands = list(candidates(shape, itemsize, word_bits))
@@ -767,7 +767,7 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
 
 @functools.lru_cache(maxsize=4096)
 def _whole_plan(shape, itemsize, nbytes):
-    """(word bits, sample starts, words per piece, learning step, itemsize, shape) where
+    """(word bits, sample starts, words per piece, learning step) where
     ``analyze_bytes`` would learn one candidate, one column, from a sample
     of the whole tensor and score it on itself; else None."""
     if not TINY_BYTES < nbytes <= SAMPLE_BYTES[0]:   # a tiny tensor tries every width
@@ -776,15 +776,15 @@ def _whole_plan(shape, itemsize, nbytes):
     if len(cands) != 1 or cands[0][1] != 1:
         return None
     W = cands[0][0]
-    plan = _sample_plan(shape, itemsize, W, _geometry(shape, itemsize, W).unit_words, nbytes, 0, True)
+    geom = _geometry(shape, itemsize, W)
+    plan = _sample_plan(shape, itemsize, W, geom.unit_words, nbytes, 0, True)
     if plan is None or plan[0] is not plan[1]:   # shorter than a unit (a padded copy), or part of it sampled
         return None
     starts, _, piece = plan
-    return W, starts, piece, _step(starts.size * piece, 1, _per_column(_geometry(shape, itemsize, W).total_words, 1)), \
-        itemsize, shape
+    return W, starts, piece, _step(starts.size * piece, 1, _per_column(geom.total_words, 1))
 
 
-def _whole_model(data, W, starts, piece, step, itemsize, shape):
+def _whole_model(data, shape, itemsize, W, starts, piece, step):
     """``analyze_bytes``' model of a tensor ``_whole_plan`` plans, learned
     straight from the kernel, or None where its result asks for more
     candidates (a transform, half or narrower words): the steps of the

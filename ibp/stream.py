@@ -211,9 +211,9 @@ class Reader:
     def tensor(self, name, *, verify=True):
         """The CompressedTensor ``name``, reading only its own sections."""
         lo, hi = self._extent(name)
-        buf = scratch(hi - lo)
-        self._read_at(lo, memoryview(buf)[:hi - lo], name)
-        return container.load_entry(memoryview(buf)[:hi - lo], self._plans[name], verify=verify, models=self._models)
+        view = memoryview(scratch(hi - lo))[:hi - lo]
+        self._read_at(lo, view, name)
+        return container.load_entry(view, self._plans[name], verify=verify, models=self._models)
 
     def tensors(self, names=None, *, verify=True):
         """(name, CompressedTensor) for each of ``names`` (every tensor, in
@@ -228,7 +228,8 @@ class Reader:
         kept = b""   # this call's own: another call reading meanwhile cannot overwrite checked tensors
         i = 0
         while i < len(names):
-            lo, hi = self._extent(names[i])
+            extents = [self._extent(names[i])]
+            lo, hi = extents[0]
             j = i + 1
             while j < len(names):
                 try:
@@ -237,17 +238,15 @@ class Reader:
                     break
                 if a < hi or b - lo > READ_AHEAD_BYTES:   # not after the last in the file, or too far on
                     break
+                extents.append((a, b))
                 hi, j = b, j + 1
             if len(kept) < hi - lo:   # sized once: each new buffer is faulted in anew
                 kept = scratch(max(hi - lo, min(max(self._largest_extent(), READ_AHEAD_BYTES),
                                                 self.size - self.start)))
             view = memoryview(kept)[:hi - lo]
             self._read_at(lo, view, names[i])
-            group = []
-            for name in names[i:j]:
-                a, b = self._extent(name)
-                group.append((name, container.load_entry(view[a - lo:b - lo], self._plans[name], verify=verify,
-                                                         models=self._models)))
+            group = [(name, container.load_entry(view[a - lo:b - lo], self._plans[name], verify=verify,
+                                                 models=self._models)) for name, (a, b) in zip(names[i:j], extents)]
             yield from group
             i = j
 

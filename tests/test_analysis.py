@@ -177,9 +177,9 @@ def test_a_small_tensor_learned_whole_gets_the_model_the_search_gives(monkeypatc
     from ibp import dtypes
     cases = [dtypes.as_bytes(x) for x in _small_tensors()]
     shortcut = [analysis.analyze_bytes(data, shape, dtypes.ITEMSIZE[name]) for data, name, shape, _ in cases]
-    taken = sum(analysis._whole_plan(shape, dtypes.ITEMSIZE[name], data.size) is not None
-                and analysis._whole_model(data, *analysis._whole_plan(shape, dtypes.ITEMSIZE[name], data.size))
-                is not None for data, name, shape, _ in cases)
+    plans = [analysis._whole_plan(shape, dtypes.ITEMSIZE[name], data.size) for data, name, shape, _ in cases]
+    taken = sum(plan is not None and analysis._whole_model(data, shape, dtypes.ITEMSIZE[name], *plan) is not None
+                for (data, name, shape, _), plan in zip(cases, plans))
     monkeypatch.setattr(analysis, "_whole_plan", lambda *args: None)
     for (data, name, shape, _), fast in zip(cases, shortcut):
         slow = analysis.analyze_bytes(data, shape, dtypes.ITEMSIZE[name])
