@@ -98,24 +98,30 @@ def _entries(tensors, offset=0):
     return entries, chunks
 
 
-JOINED_BYTES = 1 << 12   # sections up to this size are joined into one write with their neighbours
+# Sections up to this size are joined with their neighbours into writes of
+# about this size: writing the 4 MB of minilm-small-bf16's sections took
+# 1.39 ms joined up to 4 KiB (a write per bigger section), 1.00 ms up to 1 MiB.
+JOINED_BYTES = 1 << 20
 
 
 def write_sections(stream, chunks, pos):
     """Write ``chunks`` ([(offset, array)] in order, from ``pos``) with
-    zeros between them; returns where they end.  Small sections and the
-    padding go out joined: a write costs more than copying a few bytes."""
-    joined = []
+    zeros between them; returns where they end.  Sections up to
+    JOINED_BYTES and the padding go out joined: a write costs more than
+    copying a few hundred kilobytes."""
+    joined, size = [], 0
     for off, arr in chunks:
         if off > pos:
             joined.append(bytes(off - pos))
-        if arr.nbytes <= JOINED_BYTES:
-            joined.append(arr)
-        else:
-            if joined:
-                write_all(stream, b"".join(joined))
-                joined = []
+            size += off - pos
+        if joined and size + arr.nbytes > JOINED_BYTES:
+            write_all(stream, b"".join(joined))
+            joined, size = [], 0
+        if arr.nbytes > JOINED_BYTES:
             write_all(stream, arr)
+        else:
+            joined.append(arr)
+            size += arr.nbytes
         pos = off + arr.nbytes
     if joined:
         write_all(stream, b"".join(joined))

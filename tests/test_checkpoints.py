@@ -254,6 +254,7 @@ def test_many_small_tensors_read_written_and_decoded_together(window, tmp_path, 
         checkpoints.compress_safetensors(src, f)
     monkeypatch.setattr(checkpoints, "READ_AHEAD_BYTES", window)
     monkeypatch.setattr(stream, "PENDING_BYTES", window)
+    monkeypatch.setattr(container, "JOINED_BYTES", window)
     monkeypatch.setattr(checkpoints, "DECODE_CHUNK_BYTES", window)
     with open(tmp_path / "m.ibp", "wb") as f:
         checkpoints.compress_safetensors(src, f)
