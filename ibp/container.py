@@ -503,7 +503,8 @@ def _plan_entry(buflen, start, entry, version):
         bits = _int(entry["payload_bits"], "payload_bits", 0, 8 * buflen)
         block = _int(entry["index_block"], "index_block", 1, 1 << 16)
         rel_bits = entry["index_rel_bits"]
-        if block & (block - 1) or type(rel_bits) is not int or rel_bits not in ((0, 16, 32) if version >= 2 else (16, 32)):
+        if block & (block - 1) or type(rel_bits) is not int \
+                or rel_bits not in ((0, 16, 32) if version >= 2 else (16, 32)):
             raise FormatError("index_block must be a power of two and index_rel_bits 16 or 32 (or 0 from version 2)")
         if rel_bits == 0 and (block != 1 or n == 0 or bits % n):
             raise FormatError(f"{label}: a uniform row index needs index_block 1 and units of equal size")

@@ -389,7 +389,8 @@ def _safetensors_bytes(header, data):
     ("overlap", "a gap or an overlap"), ("duplicate", "header repeats the key 'a'")])
 def test_what_safetensors_refuses_is_refused_not_changed(case, why, tmp_path):
     # a file ibp would not give back byte for byte: what lies outside the tensors is lost
-    a, b = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}
+    a = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    b = {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}
     blob = {"trailing": _safetensors_bytes({"a": a, "b": b}, bytes(16) + b"xyz"),
             "gap": _safetensors_bytes({"a": a, "b": dict(b, data_offsets=[16, 24])}, bytes(24)),
             "overlap": _safetensors_bytes({"a": a, "b": dict(b, data_offsets=[0, 8])}, bytes(8)),
