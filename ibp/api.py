@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Literal
@@ -24,6 +25,7 @@ def analyze(x: Tensor, *, word_bits: int | None = None) -> Model:
     """Learn the model (word width, period, per-column invariant bits) of ``x``
     from a sample of its rows.  Reuse it with ``compress(y, model=m)`` for
     tensors from the same distribution."""
+    word_bits = check_word_bits(word_bits)
     data, name, shape, _ = dtypes.as_bytes(x)
     return analysis.analyze_bytes(data, shape, dtypes.ITEMSIZE[name], word_bits)
 
@@ -53,7 +55,7 @@ def compress(x: Tensor, *, model: Model | None = None, word_bits: int | None = N
                pinned host memory) or "device" (it stays in GPU memory).
     """
     if dtypes.is_torch(x) and x.device.type == "cuda":
-        _check_options(word_bits, layout, unit_rows)
+        word_bits = _check_options(word_bits, layout, unit_rows)
         from . import cuda_encode
         return cuda_encode.compress(x, model=model, word_bits=word_bits, layout=layout, unit_rows=unit_rows,
                                     payload="pinned" if payload is None else payload)
@@ -63,13 +65,26 @@ def compress(x: Tensor, *, model: Model | None = None, word_bits: int | None = N
     return compress_bytes(*dtypes.as_bytes(x), model=model, word_bits=word_bits, layout=layout, unit_rows=unit_rows)
 
 
+def check_word_bits(word_bits):
+    """``word_bits`` as a plain int (or None), after checking it is 8, 16, 32
+    or 64: 16.0 equals 16, but would reach the compiled kernels, and the
+    caches keyed by it, as a float."""
+    if word_bits is None:
+        return None
+    if isinstance(word_bits, bool) or not isinstance(word_bits, numbers.Integral):
+        raise TypeError(f"word_bits must be an integer (8, 16, 32 or 64) or None, not {type(word_bits).__name__}")
+    if word_bits not in (8, 16, 32, 64):
+        raise ValueError(f"word_bits must be 8, 16, 32 or 64, got {word_bits!r}")
+    return int(word_bits)
+
+
 def _check_options(word_bits, layout, unit_rows):
+    """The checked ``word_bits`` (see ``check_word_bits``), after checking the other options."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if word_bits is not None and word_bits not in (8, 16, 32, 64):
-        raise ValueError(f"word_bits must be 8, 16, 32 or 64, got {word_bits!r}")
     if unit_rows is not None and (isinstance(unit_rows, bool) or not isinstance(unit_rows, int) or unit_rows < 1):
         raise ValueError(f"unit_rows must be None or a positive integer, got {unit_rows!r}")
+    return check_word_bits(word_bits)
 
 
 def compress_bytes(data, name, shape, framework, *, model=None, word_bits=None, layout="packed", unit_rows=None,
@@ -79,7 +94,7 @@ def compress_bytes(data, name, shape, framework, *, model=None, word_bits=None, 
     checkpoint reader has in hand, with no tensor object built around it.
     ``learn(data, shape, itemsize, word_bits)`` learns the model when none
     is given (a checkpoint's: ``analysis.Reuse.role``)."""
-    _check_options(word_bits, layout, unit_rows)
+    word_bits = _check_options(word_bits, layout, unit_rows)
     itemsize = dtypes.ITEMSIZE.get(name)
     if itemsize is None:
         raise TypeError(f"ibp cannot compress dtype {name!r}: use one of {sorted(dtypes.ITEMSIZE)}")

@@ -25,7 +25,7 @@ from numcodecs.compat import ensure_contiguous_ndarray_like, ensure_ndarray_like
 from numcodecs.registry import register_codec
 
 from . import container, dtypes
-from .api import compress, decompress
+from .api import check_word_bits, compress, decompress
 from .errors import FormatError
 from .tensor import CompressedTensor
 
@@ -41,9 +41,7 @@ class IBP(Codec):
     codec_id = "ibp"
 
     def __init__(self, word_bits=None):
-        if word_bits is not None and word_bits not in (8, 16, 32, 64):
-            raise ValueError(f"word_bits must be None, 8, 16, 32 or 64, got {word_bits!r}")
-        self.word_bits = word_bits
+        self.word_bits = check_word_bits(word_bits)
 
     def encode(self, buf):
         array = buf if isinstance(buf, np.ndarray) else ensure_contiguous_ndarray_like(buf)

@@ -409,3 +409,20 @@ def test_len_ndim_and_no_silent_object_array():
     for convert in (np.asarray, np.array):
         with pytest.raises(TypeError, match="ibp.decompress"):
             convert(ct)
+
+
+@pytest.mark.parametrize("bad, error", [(16.0, TypeError), (np.float64(32), TypeError), (True, TypeError),
+                                        ("16", TypeError), (12, ValueError)])
+def test_a_word_width_that_is_not_an_integer_is_refused_and_leaves_no_trace(bad, error):
+    # 16.0 == 16: it passed the check, reached numba as a float (TypingError) and stayed in the caches
+    # keyed by the width, so that a valid call of the same shape failed from then on
+    from ibp.numcodecs_codec import IBP
+    x = np.arange(24, dtype=np.float32).reshape(4, 6)
+    for call in (lambda: ibp.compress(x, word_bits=bad), lambda: ibp.analyze(x, word_bits=bad),
+                 lambda: IBP(word_bits=bad)):
+        with pytest.raises(error, match="word_bits"):
+            call()
+    for bits in (16, np.int64(16)):
+        assert ibp.compress(x, word_bits=bits).model.word_bits == 16
+        assert np.array_equal(ibp.decompress(ibp.compress(x, word_bits=bits)), x)
+    assert IBP(word_bits=np.int64(16)).get_config()["word_bits"] == 16
