@@ -225,6 +225,9 @@ def source_of(reader):
         source = None
     if not isinstance(source, dict):
         raise FormatError(f"its {SOURCE_KEY} metadata is not a JSON object")
+    metadata = source.get("metadata") if source.get("format") == "safetensors" else None
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise FormatError(f"its {SOURCE_KEY} metadata records safetensors metadata that is not strings by name")
     return source
 
 

@@ -191,6 +191,36 @@ def _flatten(mapping, path, tensors, tree, tensor_type):
                            "plain numbers or strings")
 
 
+def _checked_source(source, names):
+    """``source`` (an ibp file's ``ibp.source`` record), after checking that
+    the layouts and the tree it records are what ``read_tensors`` writes and
+    that the tree places every tensor of the file (``names``) once: a
+    foreign or damaged record is refused, not followed into a traceback or
+    a file that silently lacks tensors."""
+    fmt = source.get("format")
+    arrays = source.get("arrays", {}) if fmt in ("npy", "npz") else {}
+    if not isinstance(arrays, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], bool)
+            for v in arrays.values()):
+        raise FormatError(f"its {SOURCE_KEY} metadata records array layouts that are not [dtype, fortran order]")
+    tree = source.get("tree", []) if fmt == "torch" else []
+    placed, dicts = [], set()
+    for entry in tree if isinstance(tree, list) else [None]:
+        path = entry[0] if isinstance(entry, list) and len(entry) in (2, 3) else None
+        kind = entry[1] if path is not None else None
+        if not (isinstance(path, list) and path and all(isinstance(k, str) and k for k in path)
+                and tuple(path[:-1]) in dicts | {()} and len(entry) == 2 + (kind == "value")
+                and kind in ("tensor", "dict", "value")):
+            raise FormatError(f"its {SOURCE_KEY} metadata records a malformed tree entry {entry!r}")
+        if kind == "dict":
+            dicts.add(tuple(path))
+        elif kind == "tensor":
+            placed.append(".".join(path))
+    if tree and sorted(placed) != sorted(n for n in names if n is not None):
+        raise FormatError(f"its {SOURCE_KEY} metadata records a tree that does not hold its tensors once each")
+    return source
+
+
 def _unflatten(tree, tensors):
     root = {}
     for entry in tree:
@@ -644,7 +674,7 @@ def cmd_decompress(args):
         return _decompress_dir(args)
     with open_ibp(args.input) as reader:
         try:
-            source = checkpoints.source_of(reader)
+            source = _checked_source(checkpoints.source_of(reader), reader.entries)
         except FormatError as e:
             raise CliError(f"{args.input}: {e}") from None
         recorded = source.get("format")

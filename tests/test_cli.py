@@ -549,3 +549,26 @@ def test_bench_mistakes(tmp_path):
     text = tmp_path / "a.txt"
     text.write_text("x")
     assert "unsupported format" in fails("bench", "--data", text, "--out", tmp_path)
+
+
+@pytest.mark.parametrize("named, source", [
+    (False, {"format": "npy", "arrays": [1]}),
+    (False, {"format": "npy", "arrays": {"": ["<f4"]}}),
+    (True, {"format": "npz", "arrays": "x"}),
+    (True, {"format": "torch", "tree": 5}),
+    (True, {"format": "torch", "tree": [[["b"], "tensor"]]}),          # names a tensor the file lacks
+    (True, {"format": "torch", "tree": [[["a", "b"], "tensor"]]}),     # under a dict it never made
+    (True, {"format": "torch", "tree": [[["c"], "value", 1]]}),        # leaves the file's tensor out
+    (True, {"format": "safetensors", "metadata": [1]}),
+    (True, {"format": "safetensors", "metadata": {"k": 1}}),           # safetensors would refuse the file
+])
+def test_a_malformed_source_record_is_one_line_and_no_output(named, source, tmp_path):
+    """A foreign or damaged ibp.source record (valid checksums) is refused
+    in one line: it was followed into tracebacks, a file missing tensors
+    or a .safetensors file safetensors cannot read."""
+    from ibp import container
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    p = tmp_path / "m.ibp"
+    p.write_bytes(container.dumps({"a" if named else None: ibp.compress(x)}, {"ibp.source": json.dumps(source)}))
+    assert "ibp.source metadata" in fails("decompress", p)
+    assert sorted(os.listdir(tmp_path)) == ["m.ibp"]
