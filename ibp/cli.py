@@ -34,7 +34,7 @@ from collections.abc import Mapping
 import numpy as np
 
 import ibp
-from . import checkpoints, datasets, stream
+from . import checkpoints, datasets, dtypes, stream
 from .errors import FormatError
 
 FORMATS = {".npy": "npy", ".npz": "npz", ".safetensors": "safetensors",
@@ -233,24 +233,37 @@ def _unflatten(tree, tensors):
 
 
 def _as_numpy(name, t, fmt):
-    if isinstance(t, np.ndarray):
-        return t
+    """``t`` as a numpy array that a .``fmt`` file holds as what it is: an
+    .npy header has no name for ml_dtypes' bfloat16 and float8 (they would
+    be written as raw void bytes), torch's types have no numpy type at all."""
     try:
-        return t.numpy()
+        arr = t if isinstance(t, np.ndarray) else t.numpy()
+        if fmt in ("npy", "npz") and np.lib.format.descr_to_dtype(np.lib.format.dtype_to_descr(arr.dtype)) != arr.dtype:
+            raise TypeError(arr.dtype)
     except TypeError:
         raise CliError(f"{_label(name)} is {t.dtype}, which .{fmt} cannot hold: "
                        "write .safetensors or .pt instead") from None
+    return arr
 
 
 def _as_torch(name, t):
+    """``t`` as a torch tensor; ml_dtypes' bfloat16 and float8 arrays, which
+    torch cannot take from numpy, as torch's types of the same name, bit
+    for bit."""
     torch = _torch()
-    if isinstance(t, np.ndarray):
-        try:
-            return torch.from_numpy(t)
-        except TypeError:
-            raise CliError(f"{_label(name)} is numpy {t.dtype}, which torch cannot hold: "
-                           "write .npy or .npz instead") from None
-    return t
+    if not isinstance(t, np.ndarray):
+        return t
+    try:
+        return torch.from_numpy(t)
+    except TypeError:
+        pass
+    try:
+        kind = dtypes.torch_dtype(dtypes.name_of_numpy(t.dtype))
+    except TypeError:
+        raise CliError(f"{_label(name)} is numpy {t.dtype}, which torch cannot hold: "
+                       "write .npy or .npz instead") from None
+    bits = (t if t.flags.c_contiguous else t.copy()).view(f"u{t.itemsize}")   # 0-d stays 0-d
+    return torch.from_numpy(bits).view(kind)
 
 
 def _restore_npy_layout(arr, layout):

@@ -1,6 +1,7 @@
 """The ibp command on real files: every subcommand, every tensor format, and
 the ways users get it wrong (one line on stderr, exit status 1)."""
 import json
+import math
 import os
 import stat
 import subprocess
@@ -572,3 +573,24 @@ def test_a_malformed_source_record_is_one_line_and_no_output(named, source, tmp_
     p.write_bytes(container.dumps({"a" if named else None: ibp.compress(x)}, {"ibp.source": json.dumps(source)}))
     assert "ibp.source metadata" in fails("decompress", p)
     assert sorted(os.listdir(tmp_path)) == ["m.ibp"]
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "float8_e4m3fn", "float8_e5m2"])
+@pytest.mark.parametrize("shape", [(3, 4), ()])
+def test_ml_dtypes_arrays_go_to_torch_bit_for_bit_and_never_to_npy_as_raw_bytes(kind, shape, tmp_path):
+    """An .npy header has no name for ml_dtypes' types: they were written as
+    raw void bytes (|V2), which even ibp compress refuses; torch has them."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    torch = pytest.importorskip("torch")
+    x = (np.arange(12, dtype=np.float32)[:math.prod(shape)].reshape(shape) / 3).astype(getattr(ml_dtypes, kind))
+    ibp.save({"a": x}, tmp_path / "m.ibp")
+    ibp.save(ibp.compress(x), tmp_path / "lone.ibp")
+    for ext, stem in (("npz", "m"), ("npy", "lone")):
+        assert f"which .{ext} cannot hold" in fails("decompress", tmp_path / f"{stem}.ibp", tmp_path / f"out.{ext}")
+        assert not (tmp_path / f"out.{ext}").exists()
+    for stem in ("m", "lone"):
+        ok("decompress", tmp_path / f"{stem}.ibp", tmp_path / f"{stem}.pt")
+        back = torch.load(tmp_path / f"{stem}.pt")
+        back = back["a"] if stem == "m" else back
+        assert back.dtype == getattr(torch, kind) and tuple(back.shape) == shape
+        assert back.reshape(-1).view(torch.uint8).numpy().tobytes() == x.tobytes()
