@@ -12,7 +12,7 @@ import numpy as np
 from . import analysis, dtypes
 from ._typing import Device, Index, Path, ReadableFile, Tensor, WritableFile
 from .container import load_file, loads, map_stream, read_metadata, read_stream, save_file, write_stream
-from .decode import decode_into, normalize_index
+from .decode import check_mapped_file, decode_into, normalize_index
 from .encode import encode_packed, encode_slotted
 from .geometry import Geometry
 from .model import Model
@@ -136,6 +136,7 @@ def decompress(ct: CompressedTensor, *, index: Index | None = None, out: Tensor 
     """
     if not isinstance(ct, CompressedTensor):
         raise TypeError(f"decompress takes a CompressedTensor, not {type(ct).__name__}")
+    check_mapped_file(ct.payload)
     if device is not None and str(device).partition(":")[0] != "cpu":
         from . import cuda
         return cuda.decompress(ct, index=index, out=out, device=device, path=path)

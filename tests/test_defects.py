@@ -426,3 +426,28 @@ def test_a_word_width_that_is_not_an_integer_is_refused_and_leaves_no_trace(bad,
         assert ibp.compress(x, word_bits=bits).model.word_bits == 16
         assert np.array_equal(ibp.decompress(ibp.compress(x, word_bits=bits)), x)
     assert IBP(word_bits=np.int64(16)).get_config()["word_bits"] == 16
+
+
+def test_a_mapped_file_rewritten_in_place_is_refused_not_a_crash(tmp_path):
+    # the map's pages past the file's new end raise SIGBUS when read: the process died (run apart here)
+    script = textwrap.dedent(f"""
+        import numpy as np, ibp
+        p = {str(tmp_path / "m.ibp")!r}
+        x = np.random.default_rng(0).standard_normal((4096, 256)).astype(np.float32)
+        for how in ("load", "open"):
+            ibp.save(ibp.compress(x), p)
+            ct = ibp.load(p, mmap=True) if how == "load" else ibp.open(p, verify=False).get_compressed(None)
+            assert np.array_equal(ibp.decompress(ct, index=[-1]), x[[-1]])
+            with open(p, "wb") as f:
+                f.write(b"new")
+            for call in (lambda: ibp.decompress(ct, index=[-1]), lambda: ibp.decompress(ct)):
+                try:
+                    call()
+                except ibp.FormatError as e:
+                    assert "rewritten in place" in str(e)
+                else:
+                    raise AssertionError("decoded a truncated map")
+        print("refused")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "refused", (r.returncode, r.stderr[-2000:])
