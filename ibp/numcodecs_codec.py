@@ -50,11 +50,12 @@ class IBP(Codec):
         layout = {}
         if array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous:
             array, layout["order"] = array.T, "F"     # the transpose's rows are the bytes in memory order
-        array = np.ascontiguousarray(array)
+        if not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)   # (ascontiguousarray would make a 0-d chunk 1-d)
         try:
             dtypes.name_of_numpy(array.dtype)
         except TypeError:   # a dtype ibp has not: its bytes, element by element
-            layout["view"] = {"dtype": array.dtype.str, "shape": list(array.shape)}
+            layout["view"] = {"dtype": np.lib.format.dtype_to_descr(array.dtype), "shape": list(array.shape)}
             array = array.reshape(-1).view(np.uint8).reshape(-1, array.dtype.itemsize)
         if not array.dtype.isnative:
             layout["dtype"] = array.dtype.str
@@ -93,7 +94,7 @@ def _restore_layout(array, text):
                 raise ValueError
             array = array.astype(dtype)
         if "view" in layout:
-            dtype, shape = np.dtype(layout["view"]["dtype"]), tuple(layout["view"]["shape"])
+            dtype, shape = np.lib.format.descr_to_dtype(layout["view"]["dtype"]), tuple(layout["view"]["shape"])
             if dtype.hasobject or array.shape != (math.prod(shape), dtype.itemsize) or array.dtype != np.uint8:
                 raise ValueError
             array = array.reshape(-1).view(dtype).reshape(shape)

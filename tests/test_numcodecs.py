@@ -169,3 +169,15 @@ def test_zarr_v3_chunk_of_another_shape_is_a_format_error(tmp_path, cora):
     (tmp_path / "b" / "c" / "0" / "0").write_bytes((tmp_path / "a" / "c" / "0" / "0").read_bytes())
     with pytest.raises(ibp.FormatError, match="chunks are"):
         zarr.open_array(str(tmp_path / "b"), mode="r")[:]
+
+
+def test_a_chunk_comes_back_with_its_shape_and_dtype_whatever_they_are():
+    # a 0-d chunk came back 1-d, a structured dtype as plain |V12 (bytes right, fields lost)
+    codec = IBP()
+    pair = np.dtype([("a", "<i4"), ("b", "<f8")])
+    nested = np.dtype([("a", "<i4", (2,)), ("b", [("c", "u1")])])
+    for a in (np.array(1.5), np.array(7, np.int64), np.zeros((), pair), np.array([(1, 2.0), (3, -0.0)], pair),
+              np.zeros((3, 2), nested), np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)),
+              np.zeros(5, np.dtype([("a", "<i4"), ("b", "<f8")], align=True))):
+        back = codec.decode(codec.encode(a))
+        assert back.shape == a.shape and back.dtype == a.dtype and back.tobytes() == a.tobytes(), a.dtype
