@@ -137,7 +137,10 @@ def decompress(ct: CompressedTensor, *, index: Index | None = None, out: Tensor 
     if not isinstance(ct, CompressedTensor):
         raise TypeError(f"decompress takes a CompressedTensor, not {type(ct).__name__}")
     check_mapped_file(ct.payload)
-    if device is not None and str(device).partition(":")[0] != "cpu":
+    kind = "cpu" if device is None else str(device).partition(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device must be None, a CPU or a CUDA device, not {device!r}")
+    if kind == "cuda":
         from . import cuda
         return cuda.decompress(ct, index=index, out=out, device=device, path=path)
     if path != "auto":

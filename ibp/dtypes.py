@@ -94,6 +94,9 @@ def as_bytes(x):
     if is_torch(x):
         if x.device.type != "cpu":
             raise ValueError(f"compress takes CPU tensors; this one is on {x.device}")
+        if x.layout is not sys.modules["torch"].strided or x.is_nested:
+            raise TypeError(f"compress takes dense tensors, not {'nested' if x.is_nested else x.layout} ones: "
+                            "call .to_dense() (or .to_padded_tensor()) first")
         name = name_of_torch(x.dtype)
         t = x.detach() if x.requires_grad else x
         if t.is_conj() or t.is_neg():
@@ -108,6 +111,9 @@ def as_bytes(x):
         x = np.asarray(x)
     if not isinstance(x, np.ndarray):
         raise TypeError(f"compress takes a numpy array or a torch tensor, not {type(x).__name__}")
+    if isinstance(x, np.ma.MaskedArray):   # its values would come back, its mask would not
+        raise TypeError("compress takes plain arrays: compress a masked array's .data and "
+                        "np.ma.getmaskarray(x) apart")
     name = name_of_numpy(x.dtype)
     if not x.dtype.isnative:
         x = x.astype(x.dtype.newbyteorder("="))

@@ -451,3 +451,22 @@ def test_a_mapped_file_rewritten_in_place_is_refused_not_a_crash(tmp_path):
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "refused", (r.returncode, r.stderr[-2000:])
+
+
+def test_inputs_compress_cannot_keep_whole_are_refused_with_a_type_error():
+    # sparse, mkldnn and nested tensors failed inside torch (RuntimeError, NotImplementedError); a masked
+    # array compressed its values and silently dropped its mask
+    dense = torch.eye(3)
+    for x in (dense.to_sparse(), dense.to_sparse_csr(), dense.to_mkldnn(),
+              torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)]),
+              np.ma.array([1.0, 2.0, 3.0], mask=[0, 1, 0])):
+        with pytest.raises(TypeError, match="compress takes"):
+            ibp.compress(x)
+    assert torch.equal(ibp.decompress(ibp.compress(dense)), dense)
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "", "xla:0"])
+def test_a_device_that_is_neither_cpu_nor_cuda_is_a_value_error(device):
+    # it went to the CUDA path, which said it needs cupy (ImportError)
+    with pytest.raises(ValueError, match="device must be"):
+        ibp.decompress(ibp.compress(np.zeros(3, np.float32)), device=device)
