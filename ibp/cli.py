@@ -34,7 +34,7 @@ from collections.abc import Mapping
 import numpy as np
 
 import ibp
-from . import checkpoints, datasets, dtypes, stream
+from . import checkpoints, container, datasets, dtypes, stream
 from .errors import FormatError
 
 FORMATS = {".npy": "npy", ".npz": "npz", ".safetensors": "safetensors",
@@ -477,7 +477,8 @@ def _umask():
 def _atomic(output, directory=False):
     """Yield a new temporary file or directory next to ``output``; rename it
     to ``output`` when the block succeeds, remove it when it fails.  It gets
-    the permissions a plain new file or directory gets (the umask's).  The
+    the permissions of the file it replaces, else those a plain new file or
+    directory gets (the umask's).  The
     temporary name never appears in a message: errors name ``output``.  A
     symlink stays one: what it points to is replaced.  A device or a pipe
     is refused (a rename would put a plain file in its place)."""
@@ -506,6 +507,7 @@ def _atomic(output, directory=False):
             else:
                 if os.path.lexists(target) and os.path.isdir(target):
                     raise CliError(f"{output} is a directory: name a file to write")
+                container.keep_mode(target, tmp)
                 os.replace(tmp, target)
         except OSError as e:
             if e.filename is not None and os.path.abspath(str(e.filename)).startswith(os.path.join(parent, prefix)):

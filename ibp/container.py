@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import secrets
+import stat
 import struct
 
 import numpy as np
@@ -190,13 +191,17 @@ def save_file(path, tensors, metadata=None):
     """Write atomically: a crash leaves either the old file or the new one.
 
     The temporary file has a name no other writer (thread or process) can
-    pick, so concurrent saves to one path each replace it with a whole file."""
+    pick, so concurrent saves to one path each replace it with a whole file.
+    As writing the file in place would: a symlink stays one (the file it
+    names is replaced), and a file replaced keeps its permissions."""
     path = os.fsdecode(path)
-    tmp = f"{path}.{secrets.token_hex(8)}.tmp"
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    tmp = f"{target}.{secrets.token_hex(8)}.tmp"
     try:
         with open(tmp, "xb") as f:
             _write(f, tensors, metadata)
-        os.replace(tmp, path)
+        keep_mode(target, tmp)
+        os.replace(tmp, target)
     except OSError as e:  # named by the path asked for: the temporary name means nothing to the caller
         if e.errno is None:
             raise
@@ -204,6 +209,16 @@ def save_file(path, tensors, metadata=None):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def keep_mode(old, new):
+    """Give file ``new`` the permission bits of file ``old``, if ``old`` exists:
+    a private file replaced stays private."""
+    try:
+        mode = os.stat(old).st_mode
+    except FileNotFoundError:
+        return
+    os.chmod(new, stat.S_IMODE(mode))
 
 
 def _binary(stream):

@@ -594,3 +594,24 @@ def test_ml_dtypes_arrays_go_to_torch_bit_for_bit_and_never_to_npy_as_raw_bytes(
         back = back["a"] if stem == "m" else back
         assert back.dtype == getattr(torch, kind) and tuple(back.shape) == shape
         assert back.reshape(-1).view(torch.uint8).numpy().tobytes() == x.tobytes()
+
+
+def test_a_replaced_file_keeps_its_permissions_and_a_symlink_stays_one(files, tmp_path):
+    """As writing in place would: ibp.save and the command line replace a
+    0600 file with a 0600 file (it became 0644, readable by all), and
+    ibp.save through a symlink replaces the file it names (it put a plain
+    file in the link's place, leaving the target stale)."""
+    x = np.arange(6, dtype=np.float32)
+    for name, write in (("saved.ibp", lambda p: ibp.save(ibp.compress(x), p)),
+                        ("cli.ibp", lambda p: ok("compress", "-f", files["npy"], p))):
+        p = tmp_path / name
+        p.write_bytes(b"old")
+        os.chmod(p, 0o600)
+        write(p)
+        assert p.stat().st_mode & 0o777 == 0o600 and p.read_bytes().startswith(b"\x89IBP")
+    (tmp_path / "target.ibp").write_bytes(b"old")
+    os.symlink(tmp_path / "target.ibp", tmp_path / "link.ibp")
+    ibp.save(ibp.compress(x), tmp_path / "link.ibp")
+    assert os.path.islink(tmp_path / "link.ibp")
+    assert np.array_equal(ibp.decompress(ibp.load(tmp_path / "target.ibp")), x)
+    assert sorted(os.listdir(tmp_path)) == ["cli.ibp", "link.ibp", "saved.ibp", "target.ibp"]
