@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import tempfile
+import weakref
 
 import numpy as np
 
@@ -220,12 +221,15 @@ class Reader:
         file order, by default), for a caller converting tensor after
         tensor: the sections of tensors that follow each other in the file
         are read together, up to READ_AHEAD_BYTES at once (or one tensor),
-        into one buffer this call keeps, and all of a read's tensors are
-        checked before the first is given.  A read per small tensor, and
-        its checks run between decoding others, cost more than decoding
-        it.  A tensor's payload lives only until the next one is asked for."""
+        and all of a read's tensors are checked before the first is given.
+        A read per small tensor, and its checks run between decoding others,
+        cost more than decoding it.  A read goes into a buffer of this
+        call's whose earlier tensors are all gone (fresh memory costs more to
+        touch than to decode into; a loop over the tensors takes turns with
+        two), else into a new one: tensors kept (``dict(r.tensors())``) stay
+        whole."""
         names = list(self.entries) if names is None else list(names)
-        kept = b""   # this call's own: another call reading meanwhile cannot overwrite checked tensors
+        buffers = []   # [(buffer, weak references to the tensors read into it)]
         i = 0
         while i < len(names):
             extents = [self._extent(names[i])]
@@ -240,15 +244,24 @@ class Reader:
                     break
                 extents.append((a, b))
                 hi, j = b, j + 1
-            if len(kept) < hi - lo:   # sized once: each new buffer is faulted in anew
-                kept = scratch(max(hi - lo, min(max(self._largest_extent(), READ_AHEAD_BYTES),
-                                                self.size - self.start)))
-            view = memoryview(kept)[:hi - lo]
+            buf = self._free_buffer(buffers, hi - lo)
+            view = memoryview(buf)[:hi - lo]
             self._read_at(lo, view, names[i])
             group = [(name, container.load_entry(view[a - lo:b - lo], self._plans[name], verify=verify,
                                                  models=self._models)) for name, (a, b) in zip(names[i:j], extents)]
+            buffers.append((buf, [weakref.ref(ct) for _, ct in group]))
             yield from group
+            group = None   # (its tensors are the caller's now: the buffer is free once they are gone)
             i = j
+
+    def _free_buffer(self, buffers, nbytes):
+        """A buffer of ``buffers`` of at least ``nbytes`` whose tensors are all
+        gone (taken off the list), else a new one, sized for the reads to come."""
+        for k, (buf, refs) in enumerate(buffers):
+            if len(buf) >= nbytes and all(r() is None for r in refs):
+                del buffers[k]
+                return buf
+        return scratch(max(nbytes, min(max(self._largest_extent(), READ_AHEAD_BYTES), self.size - self.start)))
 
     def _extent(self, name):
         """(first byte, end) of tensor ``name``'s sections from ``start``,
