@@ -12,8 +12,9 @@ import numpy as np
 from . import analysis, dtypes
 from ._typing import Device, Index, Path, ReadableFile, Tensor, WritableFile
 from .container import load_file, loads, map_stream, read_metadata, read_stream, save_file, write_stream
-from .decode import check_mapped_file, decode_into, normalize_index
+from .decode import decode_into, normalize_index
 from .encode import encode_packed, encode_slotted
+from .files import check_mapped_file
 from .geometry import Geometry
 from .model import Model
 from .tensor import CompressedTensor
@@ -136,13 +137,14 @@ def decompress(ct: CompressedTensor, *, index: Index | None = None, out: Tensor 
     """
     if not isinstance(ct, CompressedTensor):
         raise TypeError(f"decompress takes a CompressedTensor, not {type(ct).__name__}")
-    check_mapped_file(ct.payload)
-    kind = "cpu" if device is None else str(device).partition(":")[0]
+    kind = "cuda" if isinstance(device, int) and not isinstance(device, bool) else \
+        "cpu" if device is None else str(device).partition(":")[0]   # an int is a CUDA device, as torch says
     if kind not in ("cpu", "cuda"):
         raise ValueError(f"device must be None, a CPU or a CUDA device, not {device!r}")
     if kind == "cuda":
         from . import cuda
         return cuda.decompress(ct, index=index, out=out, device=device, path=path)
+    check_mapped_file(ct.payload)
     if path != "auto":
         raise ValueError(f"path={path!r} chooses between GPU paths; decoding on the CPU takes path='auto'")
     rows, shape = None, ct.shape

@@ -34,8 +34,9 @@ from collections.abc import Mapping
 import numpy as np
 
 import ibp
-from . import checkpoints, container, datasets, dtypes, stream
+from . import checkpoints, datasets, dtypes, stream
 from .errors import FormatError
+from .files import keep_mode
 
 FORMATS = {".npy": "npy", ".npz": "npz", ".safetensors": "safetensors",
            ".pt": "torch", ".pth": "torch", ".bin": "torch"}
@@ -193,32 +194,57 @@ def _flatten(mapping, path, tensors, tree, tensor_type):
 
 def _checked_source(source, names):
     """``source`` (an ibp file's ``ibp.source`` record), after checking that
-    the layouts and the tree it records are what ``read_tensors`` writes and
-    that the tree places every tensor of the file (``names``) once: a
+    the layouts and the tree it records are what ``read_tensors`` writes,
+    and that the tree places every tensor of the file (``names``) once: a
     foreign or damaged record is refused, not followed into a traceback or
     a file that silently lacks tensors."""
     fmt = source.get("format")
-    arrays = source.get("arrays", {}) if fmt in ("npy", "npz") else {}
-    if not isinstance(arrays, dict) or not all(
-            isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], bool)
-            for v in arrays.values()):
-        raise FormatError(f"its {SOURCE_KEY} metadata records array layouts that are not [dtype, fortran order]")
-    tree = source.get("tree", []) if fmt == "torch" else []
-    placed, dicts = [], set()
-    for entry in tree if isinstance(tree, list) else [None]:
-        path = entry[0] if isinstance(entry, list) and len(entry) in (2, 3) else None
-        kind = entry[1] if path is not None else None
-        if not (isinstance(path, list) and path and all(isinstance(k, str) and k for k in path)
-                and tuple(path[:-1]) in dicts | {()} and len(entry) == 2 + (kind == "value")
-                and kind in ("tensor", "dict", "value")):
-            raise FormatError(f"its {SOURCE_KEY} metadata records a malformed tree entry {entry!r}")
+    if fmt in ("npy", "npz"):
+        arrays = source.get("arrays", {})
+        if not isinstance(arrays, dict) or not all(_is_layout(v) for v in arrays.values()):
+            raise FormatError(f"its {SOURCE_KEY} metadata records array layouts that are not "
+                              "[numpy dtype, fortran order]")
+    if fmt == "torch" and "tree" in source:
+        placed = _tree_tensors(source["tree"])
+        if placed is None:
+            raise FormatError(f"its {SOURCE_KEY} metadata records a malformed tree: entries must be new paths "
+                              "of non-empty keys under dicts made before them")
+        if sorted(placed) != sorted(n for n in names if n is not None):
+            raise FormatError(f"its {SOURCE_KEY} metadata records a tree that does not hold its tensors once each")
+    return source
+
+
+def _is_layout(value):
+    """Whether ``value`` is an ``_npy_layout``: [dtype string, fortran order]."""
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], bool)):
+        return False
+    try:
+        np.dtype(value[0])
+    except TypeError:
+        return False
+    return True
+
+
+def _tree_tensors(tree):
+    """The dotted names of the tensors a ``_flatten`` tree places, or None
+    unless each entry is [path, "tensor"|"dict"] or [path, "value", v] with
+    a path of non-empty string keys, given once, under a dict given before."""
+    if not isinstance(tree, list):
+        return None
+    seen, dicts, placed = set(), {()}, []
+    for entry in tree:
+        if not (isinstance(entry, list) and len(entry) in (2, 3) and isinstance(entry[0], list) and entry[0]):
+            return None
+        path, kind = tuple(entry[0]), entry[1]
+        if not all(isinstance(k, str) and k for k in path) or path in seen or path[:-1] not in dicts \
+                or kind not in ("tensor", "dict", "value") or len(entry) != 2 + (kind == "value"):
+            return None
+        seen.add(path)
         if kind == "dict":
-            dicts.add(tuple(path))
+            dicts.add(path)
         elif kind == "tensor":
             placed.append(".".join(path))
-    if tree and sorted(placed) != sorted(n for n in names if n is not None):
-        raise FormatError(f"its {SOURCE_KEY} metadata records a tree that does not hold its tensors once each")
-    return source
+    return placed
 
 
 def _unflatten(tree, tensors):
@@ -477,11 +503,11 @@ def _umask():
 def _atomic(output, directory=False):
     """Yield a new temporary file or directory next to ``output``; rename it
     to ``output`` when the block succeeds, remove it when it fails.  It gets
-    the permissions of the file it replaces, else those a plain new file or
-    directory gets (the umask's).  The
-    temporary name never appears in a message: errors name ``output``.  A
-    symlink stays one: what it points to is replaced.  A device or a pipe
-    is refused (a rename would put a plain file in its place)."""
+    the permissions of the file or directory it replaces, else those a
+    plain new one gets (the umask's).  The temporary name never appears in
+    a message: errors name ``output``.  A symlink stays one: what it points
+    to is replaced.  A device or a pipe is refused (a rename would put a
+    plain file in its place)."""
     target = os.path.realpath(output) if os.path.islink(output) else output
     if os.path.exists(target) and not (os.path.isfile(target) or os.path.isdir(target)):
         raise CliError(f"{output} is not a regular file (a device, pipe or socket): name a file to write")
@@ -500,6 +526,7 @@ def _atomic(output, directory=False):
         try:
             yield tmp
             if directory and os.path.isdir(target):
+                keep_mode(target, tmp)
                 old = tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".old")
                 os.replace(target, os.path.join(old, "x"))
                 os.replace(tmp, target)
@@ -507,7 +534,7 @@ def _atomic(output, directory=False):
             else:
                 if os.path.lexists(target) and os.path.isdir(target):
                     raise CliError(f"{output} is a directory: name a file to write")
-                container.keep_mode(target, tmp)
+                keep_mode(target, tmp)
                 os.replace(tmp, target)
         except OSError as e:
             if e.filename is not None and os.path.abspath(str(e.filename)).startswith(os.path.join(parent, prefix)):

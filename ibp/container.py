@@ -12,13 +12,13 @@ import json
 import mmap
 import os
 import secrets
-import stat
 import struct
 
 import numpy as np
 from numba import njit
 
 from ._bits import frozen
+from .files import keep_mode
 from .checksum import crc32
 from .dtypes import ITEMSIZE
 from .errors import FormatError
@@ -209,16 +209,6 @@ def save_file(path, tensors, metadata=None):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def keep_mode(old, new):
-    """Give file ``new`` the permission bits of file ``old``, if ``old`` exists:
-    a private file replaced stays private."""
-    try:
-        mode = os.stat(old).st_mode
-    except FileNotFoundError:
-        return
-    os.chmod(new, stat.S_IMODE(mode))
 
 
 def _binary(stream):

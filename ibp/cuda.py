@@ -57,6 +57,7 @@ from . import codec, dtypes
 from .decode import decode_into, normalize_index
 from .encode import blocked_index, unit_start_bits
 from .errors import FormatError
+from .files import check_mapped_file
 from .model import LOW_MASK
 from .tensor import CompressedTensor
 
@@ -579,6 +580,7 @@ def decompress(ct, *, index=None, out=None, device="cuda", path="auto", sync=Fal
     torch, cupy = _imports()
     if not isinstance(ct, CompressedTensor):
         raise TypeError(f"decompress takes a CompressedTensor, not {type(ct).__name__}")
+    check_mapped_file(ct.payload)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     dev = _device(torch, device)
@@ -722,6 +724,7 @@ def to_device(ct, device="cuda"):
     torch, cupy = _imports()
     if not isinstance(ct, CompressedTensor):
         raise TypeError(f"to_device takes a CompressedTensor, not {type(ct).__name__}")
+    check_mapped_file(ct.payload)
     dev = _device(torch, device)
     payload, kinds = ct.payload.view(), ct.kinds.view()
     payload.flags.writeable = False

@@ -1,6 +1,5 @@
 """Decoding on the CPU: turn a request (whole tensor or rows by index) into
 unit jobs and run the numba decoder over them."""
-import mmap
 import time
 
 import numba
@@ -91,26 +90,6 @@ def decode_into(ct, out_bytes, rows=None):
         _run(ct, *jobs(ct, rows), out_bytes)
         return
     decode_span(ct, 0, ct.geometry.nunits, out_bytes)
-
-
-def check_mapped_file(payload):
-    """FormatError where ``payload`` views a memory map (``ibp.load(...,
-    mmap=True)``, ``ibp.open``) whose file has shrunk since: a file rewritten
-    in place.  Reading a page past the file's new end would end the process
-    (SIGBUS).  A file cut while a decode reads it still can: replace files
-    by renaming a new one into place, as ``ibp.save`` does."""
-    base = getattr(payload, "base", None)   # a GPU-resident payload has none
-    while isinstance(base, (np.ndarray, memoryview)):
-        base = base.base if isinstance(base, np.ndarray) else base.obj
-    if not isinstance(base, mmap.mmap):
-        return
-    try:
-        size = base.size()
-    except OSError:   # an anonymous map (a scratch buffer): no file to shrink
-        return
-    if size < len(base):
-        raise FormatError(f"the file this tensor was mapped from has shrunk to {size} of its "
-                          f"{len(base)} bytes since it was loaded (rewritten in place): load it again")
 
 
 def spans(ct, max_bytes):

@@ -24,6 +24,7 @@ import numpy as np
 from . import container
 from ._typing import Device, Index, Path, Tensor
 from .api import decompress
+from .files import check_map
 from .tensor import CompressedTensor, framework_dtype
 
 if TYPE_CHECKING:
@@ -95,6 +96,8 @@ class LazyFile:
         if ct is None:
             fields, geom, spans = self._plan(name)
             (first, end), gaps = container.section_gaps(fields, spans)
+            if isinstance(self._map, mmap.mmap):
+                check_map(self._map, self._start + end)   # the file rewritten since it was opened
             container._check_zeros(memoryview(self._map)[self._start + first:self._start + end], gaps)
             ct = container._build_entry(self._map, self._start, fields, geom, spans, self._verify, True, self._models)
             self._tensors[name] = ct

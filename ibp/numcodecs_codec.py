@@ -94,7 +94,7 @@ def _restore_layout(array, text):
                 raise ValueError
             array = array.astype(dtype)
         if "view" in layout:
-            dtype, shape = np.lib.format.descr_to_dtype(layout["view"]["dtype"]), tuple(layout["view"]["shape"])
+            dtype, shape = np.lib.format.descr_to_dtype(_descr(layout["view"]["dtype"])), tuple(layout["view"]["shape"])
             if dtype.hasobject or array.shape != (math.prod(shape), dtype.itemsize) or array.dtype != np.uint8:
                 raise ValueError
             array = array.reshape(-1).view(dtype).reshape(shape)
@@ -102,6 +102,15 @@ def _restore_layout(array, text):
         raise FormatError(f"the chunk's {LAYOUT_KEY} metadata is not a layout of its {array.dtype} "
                           f"{list(array.shape)} values: {text!r}") from None
     return array.T if "order" in layout else array
+
+
+def _descr(value):
+    """A dtype description (``np.lib.format.dtype_to_descr``) from its JSON
+    form, which spells its tuples (titled names, shapes) as lists."""
+    if isinstance(value, str):
+        return value
+    return [(tuple(name) if isinstance(name, list) else name, _descr(fmt), *map(tuple, shape))
+            for name, fmt, *shape in value]
 
 
 register_codec(IBP)

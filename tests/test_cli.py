@@ -3,6 +3,7 @@ the ways users get it wrong (one line on stderr, exit status 1)."""
 import json
 import math
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -402,6 +403,13 @@ def test_an_input_is_never_overwritten(files, tmp_path, cora_ibp):
 def test_an_output_symlink_stays_one_and_a_pipe_is_refused(files, tmp_path):
     src = tmp_path / "m.safetensors"
     src.write_bytes(files["safetensors"].read_bytes())
+    model = small_model_dir(files, tmp_path / "model")
+    ok("compress", model, tmp_path / "m-ibp")
+    os.chmod(tmp_path / "m-ibp", 0o700)
+    ok("compress", "-f", model, tmp_path / "m-ibp")   # a directory replaced keeps its permissions too
+    assert (tmp_path / "m-ibp").stat().st_mode & 0o777 == 0o700
+    shutil.rmtree(model)
+    shutil.rmtree(tmp_path / "m-ibp")
     (tmp_path / "target.ibp").write_bytes(b"old")
     os.symlink(tmp_path / "target.ibp", tmp_path / "link.ibp")
     ok("compress", src, tmp_path / "link.ibp", "-f")
@@ -560,6 +568,10 @@ def test_bench_mistakes(tmp_path):
     (True, {"format": "torch", "tree": [[["b"], "tensor"]]}),          # names a tensor the file lacks
     (True, {"format": "torch", "tree": [[["a", "b"], "tensor"]]}),     # under a dict it never made
     (True, {"format": "torch", "tree": [[["c"], "value", 1]]}),        # leaves the file's tensor out
+    (True, {"format": "torch", "tree": []}),                           # ... all of them
+    (True, {"format": "torch", "tree": [[["a"], "tensor"], [["a"], "value", 1]]}),   # then overwrites it
+    (True, {"format": "torch", "tree": [[["d"], "dict"], [["a"], "tensor"], [["d"], "dict"]]}),
+    (False, {"format": "npy", "arrays": {"": ["nonsense", False]}}),
     (True, {"format": "safetensors", "metadata": [1]}),
     (True, {"format": "safetensors", "metadata": {"k": 1}}),           # safetensors would refuse the file
 ])
@@ -609,6 +621,13 @@ def test_a_replaced_file_keeps_its_permissions_and_a_symlink_stays_one(files, tm
         os.chmod(p, 0o600)
         write(p)
         assert p.stat().st_mode & 0o777 == 0o600 and p.read_bytes().startswith(b"\x89IBP")
+    model = small_model_dir(files, tmp_path / "model")
+    ok("compress", model, tmp_path / "m-ibp")
+    os.chmod(tmp_path / "m-ibp", 0o700)
+    ok("compress", "-f", model, tmp_path / "m-ibp")   # a directory replaced keeps its permissions too
+    assert (tmp_path / "m-ibp").stat().st_mode & 0o777 == 0o700
+    shutil.rmtree(model)
+    shutil.rmtree(tmp_path / "m-ibp")
     (tmp_path / "target.ibp").write_bytes(b"old")
     os.symlink(tmp_path / "target.ibp", tmp_path / "link.ibp")
     ibp.save(ibp.compress(x), tmp_path / "link.ibp")

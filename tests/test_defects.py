@@ -434,19 +434,33 @@ def test_a_mapped_file_rewritten_in_place_is_refused_not_a_crash(tmp_path):
         import numpy as np, ibp
         p = {str(tmp_path / "m.ibp")!r}
         x = np.random.default_rng(0).standard_normal((4096, 256)).astype(np.float32)
-        for how in ("load", "open"):
+        for how in ("load", "open", "open, first read after the cut"):
             ibp.save(ibp.compress(x), p)
-            ct = ibp.load(p, mmap=True) if how == "load" else ibp.open(p, verify=False).get_compressed(None)
-            assert np.array_equal(ibp.decompress(ct, index=[-1]), x[[-1]])
+            lazy = ibp.open(p, verify=False)
+            if how != "open, first read after the cut":
+                ct = ibp.load(p, mmap=True) if how == "load" else lazy.get_compressed(None)
+                assert np.array_equal(ibp.decompress(ct, index=[-1]), x[[-1]])
+                calls = (lambda: ibp.decompress(ct, index=[-1]), lambda: ibp.decompress(ct))
+            else:
+                calls = (lambda: lazy.get_rows(None, [-1]),)
             with open(p, "wb") as f:
                 f.write(b"new")
-            for call in (lambda: ibp.decompress(ct, index=[-1]), lambda: ibp.decompress(ct)):
+            for call in calls:
                 try:
                     call()
                 except ibp.FormatError as e:
-                    assert "rewritten in place" in str(e)
+                    assert "rewritten in place" in str(e), e
                 else:
-                    raise AssertionError("decoded a truncated map")
+                    raise AssertionError("decoded a truncated map: " + how)
+        with open(p, "wb") as f:   # two files one after the other: cutting the second leaves the first whole
+            ibp.save(ibp.compress(x), f)
+            ibp.save(ibp.compress(x[:5]), f)
+        with open(p, "rb") as f:
+            first = ibp.load(f, mmap=True)
+            end = f.tell()
+        with open(p, "r+b") as f:
+            f.truncate(end)
+        assert np.array_equal(ibp.decompress(first), x)
         print("refused")
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -470,3 +484,10 @@ def test_a_device_that_is_neither_cpu_nor_cuda_is_a_value_error(device):
     # it went to the CUDA path, which said it needs cupy (ImportError)
     with pytest.raises(ValueError, match="device must be"):
         ibp.decompress(ibp.compress(np.zeros(3, np.float32)), device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="decodes there")
+def test_an_integer_device_is_a_cuda_device_as_torch_says():
+    with pytest.raises(Exception) as e:   # no GPU here: the CUDA path says what it lacks
+        ibp.decompress(ibp.compress(np.zeros(3, np.float32)), device=0)
+    assert "device must be" not in str(e.value)

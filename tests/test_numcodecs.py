@@ -178,6 +178,7 @@ def test_a_chunk_comes_back_with_its_shape_and_dtype_whatever_they_are():
     nested = np.dtype([("a", "<i4", (2,)), ("b", [("c", "u1")])])
     for a in (np.array(1.5), np.array(7, np.int64), np.zeros((), pair), np.array([(1, 2.0), (3, -0.0)], pair),
               np.zeros((3, 2), nested), np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)),
-              np.zeros(5, np.dtype([("a", "<i4"), ("b", "<f8")], align=True))):
+              np.zeros(5, np.dtype([("a", "<i4"), ("b", "<f8")], align=True)),
+              np.zeros(2, np.dtype({"names": ["a", "b"], "formats": ["<i4", ("<f8", (2,))], "titles": ["A", None]}))):
         back = codec.decode(codec.encode(a))
         assert back.shape == a.shape and back.dtype == a.dtype and back.tobytes() == a.tobytes(), a.dtype
