@@ -292,3 +292,25 @@ def test_torch_save_of_glove_is_about_its_compressed_size():
     back = restored(data)
     assert back.table.payload.tobytes() == bag.table.payload.tobytes()
     assert "weight" in bag.state_dict() and bag.state_dict()["weight"].equal(weight)   # torch's entry, decoded
+
+
+class BagRows(torch.utils.data.Dataset):
+    """Rows looked up in a worker: the bag goes to it pickled."""
+
+    def __init__(self, bag):
+        self.bag = bag
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return self.bag(torch.tensor([[i, (i * 7) % 50]]))[0]
+
+
+def test_spawned_dataloader_workers_receive_a_working_bag():
+    # the table went pickled as a tensor dropped at once; a spawned worker inherits its shared memory's
+    # file descriptor only when it starts, after that: the workers died ("unable to resize file")
+    bag = CompressedEmbeddingBag.from_pretrained(torch.randn(50, 8), mode="sum")
+    want = torch.stack([BagRows(bag)[i] for i in range(12)])
+    loader = torch.utils.data.DataLoader(BagRows(bag), batch_size=4, num_workers=2, multiprocessing_context="spawn")
+    assert torch.equal(torch.cat(list(loader)), want)
