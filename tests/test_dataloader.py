@@ -149,8 +149,10 @@ def test_device_loader_passes_plain_batches_through():
     assert len(DeviceLoader(DataLoader(ds, batch_size=16))) == 3
 
 
-def test_forked_workers_after_gnu_openmp_are_refused():
+def test_forked_workers_after_gnu_openmp_are_refused(monkeypatch):
     import numba
+    from ibp import _bits
+    monkeypatch.setattr(_bits, "PARALLEL_MIN_WORDS", 1)   # however small, on numba's threads
     CompressingCollate(min_bytes=0).fit(torch.zeros(64, 8))  # runs numba's parallel kernels here
     if numba.threading_layer() != "omp":
         pytest.skip("numba uses a fork-safe threading layer")
