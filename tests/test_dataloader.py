@@ -209,3 +209,25 @@ def test_example_runs():
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "every batch equals the uncompressed one" in done.stdout
+
+
+class ByName(torch.utils.data.Dataset):
+    """A map-style dataset keyed by names, as torch allows: its sampler gives the keys."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(3)
+        self.rows = {f"item{i}": torch.randn(4096, generator=g) for i in range(8)}
+
+    def __getitem__(self, key):
+        return self.rows[key]
+
+    def __len__(self):
+        return len(self.rows)
+
+
+def test_the_first_batch_is_learned_from_the_keys_a_users_sampler_gives():
+    # dataset[0..batch_size-1] was read whatever the sampler: KeyError 0
+    ds = ByName()
+    loader = DataLoader(ds, batch_size=4, sampler=list(ds.rows), collate_fn=CompressingCollate())
+    got = list(DeviceLoader(loader, device="cpu"))
+    assert len(got) == 2 and all(same(a, b) for a, b in zip(got, DataLoader(ds, batch_size=4, sampler=list(ds.rows))))
