@@ -64,11 +64,56 @@ class _Entry:
         self.install(self.placeholders)
 
 
-def _placeholder(tensor, kind, device):
-    """A broadcast zero of ``tensor``'s shape and dtype on ``device``: it owns
-    one element, yet ``model.device`` and ``model.dtype`` still answer right."""
+def _placeholder(tensor, ct, kind, device):
+    """What stands in for ``tensor`` (compressed as ``ct``) between its
+    module's forwards: a broadcast zero of its shape and dtype on
+    ``device``, which owns one element, yet ``model.device`` and
+    ``model.dtype`` still answer right; put to any use beyond such questions
+    (a model that reads a weight without calling its module: DeBERTa's
+    relative embeddings, CLIP's position table when interpolating), it
+    gives the weight, decoded for that use."""
     zero = torch.zeros((), dtype=tensor.dtype, device=device).expand(tensor.shape)
-    return torch.nn.Parameter(zero, requires_grad=False) if kind == "_parameters" else zero
+    cls = _PlaceholderParameter if kind == "_parameters" else _Placeholder
+    placeholder = cls._make_subclass(cls, zero, False)
+    placeholder.ibp_source = (ct, device)
+    return placeholder
+
+
+def _decoded_for_use(cls, func, types, args=(), kwargs=None):
+    """``func`` run on the weights its placeholders stand for (see ``_placeholder``)."""
+    if func in _ASKED:
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+    def value(x):
+        return decode_whole(*x.ibp_source) if isinstance(x, (_Placeholder, _PlaceholderParameter)) else x
+    args, kwargs = torch.utils._pytree.tree_map(value, (args, kwargs or {}))
+    return func(*args, **kwargs)
+
+
+class _Placeholder(torch.Tensor):
+    __torch_function__ = classmethod(_decoded_for_use)
+
+
+class _PlaceholderParameter(torch.nn.Parameter):
+    __torch_function__ = classmethod(_decoded_for_use)
+
+
+def _questions(*names):
+    """The torch functions of ``names`` (an attribute as its getter, as
+    ``__torch_function__`` is handed it)."""
+    found = set()
+    for name in names:
+        attr = getattr(torch.Tensor, name)
+        found.add(attr.__get__ if isinstance(attr, property) or type(attr).__name__ == "getset_descriptor" else attr)
+    return found
+
+
+# What a placeholder answers itself: questions about the weight, not its values.
+_ASKED = _questions("shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "is_meta", "layout", "is_sparse",
+                    "is_quantized", "grad", "size", "dim", "numel", "element_size", "is_floating_point", "is_complex",
+                    "stride", "is_contiguous", "data_ptr", "__hash__", "nelement", "requires_grad_", "__reduce_ex__",
+                    "_is_view", "untyped_storage", "storage_offset", "is_pinned", "nbytes", "itemsize", "is_leaf",
+                    "is_shared", "get_device", "__len__")
 
 
 class WeightOffloader:
@@ -309,10 +354,13 @@ def offload(model: torch.nn.Module, device: str | torch.device, *, min_bytes: in
     model built so are rebuilt as transformers builds them (anything else on
     meta that the state lacks is an error).  The model is
     changed in place and returned, with the controller as
-    ``model.ibp_offloader``; between forwards its offloaded weights read as
-    broadcast zeros, while ``state_dict()`` (and so ``save_pretrained``)
-    gives their values, decoded on the host.  For inference: decoded
-    weights do not require grad.
+    ``model.ibp_offloader``; between forwards placeholders stand in for its
+    offloaded weights: they answer questions about a weight (shape, dtype,
+    device) themselves and give its values, decoded, to any other use (a
+    model that reads a weight without calling its module decodes it there,
+    each time), while ``state_dict()`` (and so ``save_pretrained``) gives
+    the values decoded on the host.  For inference: decoded weights do not
+    require grad.
     """
     device = checked_device(device)
     if not isinstance(model, torch.nn.Module):
@@ -348,7 +396,7 @@ def offload(model: torch.nn.Module, device: str | torch.device, *, min_bytes: in
                 resident = torch.nn.Parameter(resident, requires_grad=tensor.requires_grad)
             for module, kind, attr, _ in slots:
                 getattr(module, kind)[attr] = resident
-    placeholders = {id(ct): _placeholder(t, kind, device)
+    placeholders = {id(ct): _placeholder(t, ct, kind, device)
                     for _, items in per_module.values() for kind, _, ct, t in items}
     entries = [_Entry(number, module, items, placeholders)
                for number, (module, items) in enumerate(per_module.values())]

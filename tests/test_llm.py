@@ -104,6 +104,34 @@ def test_a_module_called_on_its_own_still_gets_its_weights():
     assert len(off.order) == len(off.entries)
 
 
+class ReadsWeightsDirectly(torch.nn.Module):
+    """As DeBERTa reads its relative embeddings and CLIP its position table
+    when it interpolates: weights used without calling their modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.rel = torch.nn.Embedding(256, 32)
+        self.lin = torch.nn.Linear(32, 32)
+        self.register_buffer("scale", torch.rand(32, 32))
+
+    def forward(self, x):
+        return (self.lin(x) @ self.rel.weight.T) @ (self.rel.weight @ self.scale)
+
+
+def test_weights_read_without_calling_their_module_are_their_values():
+    # such weights read as the broadcast zeros that stand in for them between forwards: wrong outputs, silently
+    torch.manual_seed(0)
+    ref, x = ReadsWeightsDirectly(), torch.randn(3, 32)
+    model = ReadsWeightsDirectly()
+    model.load_state_dict(ref.state_dict())
+    offload(model, "cpu", min_bytes=0)
+    assert model.rel.weight.untyped_storage().nbytes() == 4 and model.scale.untyped_storage().nbytes() == 4
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x)) and torch.equal(model(x), ref(x))
+    assert model.rel.weight.untyped_storage().nbytes() == 4   # still only standing in
+    assert torch.equal(model.rel.weight + 0, ref.rel.weight) and model.rel.weight.shape == (256, 32)
+
+
 def test_offloaded_generate_is_identical():
     ref, model, ids = llama(), offload(llama(), "cpu", min_bytes=4096), prompt()
     assert torch.equal(generate(model, ids), generate(ref, ids))
