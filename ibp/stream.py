@@ -224,12 +224,12 @@ class Reader:
         and all of a read's tensors are checked before the first is given.
         A read per small tensor, and its checks run between decoding others,
         cost more than decoding it.  A read goes into a buffer of this
-        call's whose earlier tensors are all gone (fresh memory costs more to
-        touch than to decode into; a loop over the tensors takes turns with
-        two), else into a new one: tensors kept (``dict(r.tensors())``) stay
-        whole."""
+        call's whose earlier payloads are all gone (fresh memory costs more
+        to touch than to decode into; a loop over the tensors takes turns
+        with two), else into a new one: tensors kept (``dict(r.tensors())``),
+        their copies and their payloads stay whole."""
         names = list(self.entries) if names is None else list(names)
-        buffers = []   # [(buffer, weak references to the tensors read into it)]
+        buffers = []   # [(buffer, weak references to the views of it the tensors' payloads are)]
         i = 0
         while i < len(names):
             extents = [self._extent(names[i])]
@@ -249,13 +249,14 @@ class Reader:
             self._read_at(lo, view, names[i])
             group = [(name, container.load_entry(view[a - lo:b - lo], self._plans[name], verify=verify,
                                                  models=self._models)) for name, (a, b) in zip(names[i:j], extents)]
-            buffers.append((buf, [weakref.ref(ct) for _, ct in group]))
+            buffers.append((buf, [weakref.ref(ct.payload.base) for _, ct in group
+                                  if isinstance(ct.payload.base, memoryview)]))   # what any view of it keeps
             yield from group
             group = None   # (its tensors are the caller's now: the buffer is free once they are gone)
             i = j
 
     def _free_buffer(self, buffers, nbytes):
-        """A buffer of ``buffers`` of at least ``nbytes`` whose tensors are all
+        """A buffer of ``buffers`` of at least ``nbytes`` whose payloads are all
         gone (taken off the list), else a new one, sized for the reads to come."""
         for k, (buf, refs) in enumerate(buffers):
             if len(buf) >= nbytes and all(r() is None for r in refs):

@@ -1,6 +1,7 @@
 """Model directories and safetensors files converted one tensor at a time
 (ibp.checkpoints, ibp.stream), on the real all-MiniLM-L6-v2 directory
 re-sharded the way large checkpoints ship."""
+import copy
 import json
 import os
 import shutil
@@ -361,8 +362,14 @@ def test_tensors_kept_from_a_walk_stay_whole_and_a_loop_takes_turns_with_two_buf
         assert len(made) == 2   # each read into the buffer whose tensors are gone
         kept = dict(r.tensors())
         assert len(made) == 2 + len(xs)
+        copies, payloads = {}, {}
+        for name, ct in r.tensors():   # a copy, or the payload alone, keeps the bytes as the tensor does
+            copies[name], payloads[name] = copy.copy(ct), ct.payload
+            payloads[name + "'s bytes"] = ct.payload.tobytes()
     for name, ct in kept.items():
         assert np.array_equal(ibp.decompress(ct), xs[name]), name
+        assert np.array_equal(ibp.decompress(copies[name]), xs[name]), name
+        assert payloads[name].tobytes() == payloads[name + "'s bytes"]
 
 
 def test_a_reader_gives_the_tensors_before_a_truncated_one(tmp_path):
