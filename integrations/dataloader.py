@@ -32,16 +32,12 @@ import itertools
 import multiprocessing
 
 import torch
-from torch.utils.data import (DistributedSampler, IterableDataset, RandomSampler, SequentialSampler,
-                              SubsetRandomSampler, WeightedRandomSampler, default_collate, get_worker_info)
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 import ibp
 
 DEFAULT_MIN_BYTES = 16 * 1024
 FIT_SAMPLES = 64  # samples to learn from when the loader's batch size is unknown
-# torch's samplers, which draw indices of the dataset (the first batch is learned from its first ones)
-INDEX_SAMPLERS = (SequentialSampler, RandomSampler, SubsetRandomSampler, WeightedRandomSampler,
-                  DistributedSampler)
 
 
 class CompressingCollate:
@@ -302,22 +298,23 @@ def _map_leaves(tree, fn, path=()):
 
 
 def _first_batch(loader, collate_fn):
-    """A first batch in dataset order, collated in this process; None if
-    empty.  torch's own samplers, which draw indices of the dataset, are
-    not touched, so shuffling stays as it would have been; a sampler of
-    the user's may yield keys that are not indices (a dataset by name), so
-    its first keys are taken."""
+    """A first batch in dataset order (``dataset[0]``, ``dataset[1]``, ...),
+    collated in this process; None if empty.  No sampler is touched: one
+    may draw from torch's global generator, or be an iterator used once."""
     dataset = loader.dataset
     batched = loader.batch_sampler is not None
     count = (loader.batch_size or FIT_SAMPLES) if batched else 1
     if isinstance(dataset, IterableDataset):
         samples = list(itertools.islice(iter(dataset), count))
-    elif isinstance(getattr(loader, "sampler", None), INDEX_SAMPLERS):
+    else:
         if isinstance(dataset, collections.abc.Sized):
             count = min(count, len(dataset))
-        samples = [dataset[i] for i in range(count)]
-    else:
-        samples = [dataset[key] for key in itertools.islice(iter(loader.sampler), count)]
+        try:
+            samples = [dataset[i] for i in range(count)]
+        except (KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"CompressingCollate learns its models from the dataset's first samples, dataset[0] "
+                             f"on, and this dataset has no such keys ({type(e).__name__}: {e}): call "
+                             "collate.fit(batch) with a batch like the loader's before iterating") from None
     if not samples:
         return None
     return collate_fn(samples if batched else samples[0])

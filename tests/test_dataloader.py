@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_convert
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, default_convert
 
 from ibp.integrations import dataloader
 from ibp.integrations.dataloader import CompressedBatch, CompressingCollate, DeviceLoader
@@ -225,9 +225,16 @@ class ByName(torch.utils.data.Dataset):
         return len(self.rows)
 
 
-def test_the_first_batch_is_learned_from_the_keys_a_users_sampler_gives():
-    # dataset[0..batch_size-1] was read whatever the sampler: KeyError 0
+def test_a_dataset_without_index_keys_asks_for_a_fitted_collate():
+    # dataset[0..batch_size-1] failed with KeyError 0; the sampler is not read for keys (one may draw from
+    # torch's global generator, or be an iterator used once)
     ds = ByName()
-    loader = DataLoader(ds, batch_size=4, sampler=list(ds.rows), collate_fn=CompressingCollate())
-    got = list(DeviceLoader(loader, device="cpu"))
-    assert len(got) == 2 and all(same(a, b) for a, b in zip(got, DataLoader(ds, batch_size=4, sampler=list(ds.rows))))
+    for options in (dict(sampler=list(ds.rows)), dict(batch_sampler=[list(ds.rows)[:4], list(ds.rows)[4:]])):
+        loader = DataLoader(ds, collate_fn=CompressingCollate(), **options, **({} if "batch_sampler" in options
+                                                                              else dict(batch_size=4)))
+        with pytest.raises(ValueError, match=r"collate.fit\(batch\)"):
+            list(DeviceLoader(loader, device="cpu"))
+        loader.collate_fn.fit(default_collate([ds["item0"], ds["item1"]]))
+        got = list(DeviceLoader(loader, device="cpu"))
+        plain = list(DataLoader(ds, **options, **({} if "batch_sampler" in options else dict(batch_size=4))))
+        assert len(got) == 2 and all(same(a, b) for a, b in zip(got, plain))
