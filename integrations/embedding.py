@@ -16,8 +16,6 @@ modules have no parameters and produce no gradients.  Outputs are computed
 on the device of the indices; ``.to()`` moves nothing, since the table
 stays in host memory (pinned when CUDA is available).
 """
-import collections
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -171,11 +169,18 @@ class _CompressedTable(nn.Module):
         """The table as one packed ibp file in a uint8 tensor: about its
         compressed size on disk.  Not the slotted table itself, whose slots
         are raw-sized, nor numpy arrays, whose bytes torch.save's pickle
-        protocol (2) spells as latin-1 text, half again as long."""
+        protocol (2) spells as latin-1 text, half again as long.  The module
+        keeps that tensor until it is pickled again: sent to a spawned
+        process (a DataLoader worker with multiprocessing_context="spawn"),
+        a tensor goes by the file descriptor of its shared memory, which the
+        child inherits only when it starts, after the pickling; dropped at
+        once, it had its descriptor closed by then, and the worker died
+        ("unable to resize file")."""
         state = super().__getstate__()
+        state.pop("_pickled", None)
         packed = ibp.compress(self.decompress(), model=self._table.model)
-        state["_table"] = torch.frombuffer(bytearray(packed.to_bytes()), dtype=torch.uint8)
-        _PICKLED.append(state["_table"])   # alive until a process spawned with it has started: see _PICKLED
+        state["_table"] = self.__dict__["_pickled"] = torch.frombuffer(bytearray(packed.to_bytes()),
+                                                                       dtype=torch.uint8)
         state["_last_gpu_read"] = None
         return state
 
@@ -193,14 +198,6 @@ class _CompressedTable(nn.Module):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
         return s + f", dtype={self._table.dtype_name}"
-
-
-# The tables pickled last.  Sent to a spawned process (a DataLoader worker
-# with multiprocessing_context="spawn"), a tensor goes by the file
-# descriptor of its shared memory, which the child inherits only when it
-# starts, after the pickling: a table pickled and dropped at once had its
-# descriptor closed by then, and the worker died ("unable to resize file").
-_PICKLED = collections.deque(maxlen=2)
 
 
 def _normal_init(weight, padding_idx):

@@ -1,5 +1,6 @@
 """CompressedEmbedding / CompressedEmbeddingBag give bit-identical results to
 torch.nn.Embedding / EmbeddingBag for every argument they accept."""
+import io
 import itertools
 import pathlib
 import subprocess
@@ -307,10 +308,24 @@ class BagRows(torch.utils.data.Dataset):
         return self.bag(torch.tensor([[i, (i * 7) % 50]]))[0]
 
 
-def test_spawned_dataloader_workers_receive_a_working_bag():
-    # the table went pickled as a tensor dropped at once; a spawned worker inherits its shared memory's
-    # file descriptor only when it starts, after that: the workers died ("unable to resize file")
-    bag = CompressedEmbeddingBag.from_pretrained(torch.randn(50, 8), mode="sum")
-    want = torch.stack([BagRows(bag)[i] for i in range(12)])
-    loader = torch.utils.data.DataLoader(BagRows(bag), batch_size=4, num_workers=2, multiprocessing_context="spawn")
+class BagsRows(BagRows):
+    """Rows of three bags, as a recommender looks up several tables."""
+
+    def __init__(self, bags):
+        self.bags = bags
+
+    def __getitem__(self, i):
+        return torch.cat([bag(torch.tensor([[i, (i * 7) % 50]]))[0] for bag in self.bags])
+
+
+def test_spawned_dataloader_workers_receive_working_bags():
+    # the tables went pickled as tensors dropped at once; a spawned worker inherits their shared memory's
+    # file descriptors only when it starts, after that: the workers died ("unable to resize file")
+    bags = [CompressedEmbeddingBag.from_pretrained(torch.randn(50, 8), mode="sum") for _ in range(3)]
+    want = torch.stack([BagsRows(bags)[i] for i in range(12)])
+    loader = torch.utils.data.DataLoader(BagsRows(bags), batch_size=4, num_workers=2, multiprocessing_context="spawn")
     assert torch.equal(torch.cat(list(loader)), want)
+    buf = io.BytesIO()
+    torch.save(bags[0], buf)   # a table kept for a spawn is not saved with the next
+    buf.seek(0)
+    assert "_pickled" not in torch.load(buf, weights_only=False).__dict__
