@@ -73,29 +73,59 @@ def _placeholder(tensor, ct, kind, device):
     relative embeddings, CLIP's position table when interpolating), it
     gives the weight, decoded for that use."""
     zero = torch.zeros((), dtype=tensor.dtype, device=device).expand(tensor.shape)
-    cls = _PlaceholderParameter if kind == "_parameters" else _Placeholder
+    return _standing_in(zero, (ct, device), _PlaceholderParameter if kind == "_parameters" else _Placeholder)
+
+
+def _standing_in(zero, source, cls=None):
+    """``zero`` as a placeholder of class ``cls`` for the weight ``source`` (ct, device) decodes to."""
+    cls = cls or _Placeholder
     placeholder = cls._make_subclass(cls, zero, False)
-    placeholder.ibp_source = (ct, device)
+    placeholder.ibp_source = source
     return placeholder
 
 
 def _decoded_for_use(cls, func, types, args=(), kwargs=None):
     """``func`` run on the weights its placeholders stand for (see ``_placeholder``)."""
-    if func in _ASKED:
+    kwargs = kwargs or {}
+    if func in _ASKED or func is torch.Tensor.detach:
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **(kwargs or {}))
+            result = func(*args, **kwargs)
+        if func is torch.Tensor.detach:   # state_dict detaches every weight, then gives the host values instead
+            return _standing_in(result, args[0].ibp_source)
+        return result
+    if func is torch.Tensor.to and _already(args[0], *args[1:], **kwargs):   # model.to() where the weights are
+        return args[0]
+    if func == _SET_DATA:   # (each access makes a new method-wrapper: equal, not the same)
+        if args[1] is args[0]:   # model.to() where the weights already are
+            return None
+        raise TypeError("an offloaded weight is not converted in place (model.to(), .half(), weight.data = ...): "
+                        "convert the model before offload")
+
     def value(x):
         return decode_whole(*x.ibp_source) if isinstance(x, (_Placeholder, _PlaceholderParameter)) else x
-    args, kwargs = torch.utils._pytree.tree_map(value, (args, kwargs or {}))
+    args, kwargs = torch.utils._pytree.tree_map(value, (args, kwargs))
     return func(*args, **kwargs)
 
 
 class _Placeholder(torch.Tensor):
     __torch_function__ = classmethod(_decoded_for_use)
 
+    def __deepcopy__(self, memo):
+        raise TypeError("an offloaded model is not copied (its hooks would drive the original's weights): "
+                        "copy the model, then offload the copy")
+
 
 class _PlaceholderParameter(torch.nn.Parameter):
     __torch_function__ = classmethod(_decoded_for_use)
+    __deepcopy__ = _Placeholder.__deepcopy__
+
+
+def _already(tensor, *args, copy=False, **kwargs):
+    """Whether ``tensor.to(*args, **kwargs)`` would give ``tensor`` itself."""
+    device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+    device = tensor.device if device is None else torch.device(device)
+    return not copy and memory_format is None and (dtype is None or dtype == tensor.dtype) \
+        and device.type == tensor.device.type and device.index in (None, tensor.device.index)
 
 
 def _questions(*names):
@@ -113,7 +143,8 @@ _ASKED = _questions("shape", "dtype", "device", "ndim", "requires_grad", "is_cud
                     "is_quantized", "grad", "size", "dim", "numel", "element_size", "is_floating_point", "is_complex",
                     "stride", "is_contiguous", "data_ptr", "__hash__", "nelement", "requires_grad_", "__reduce_ex__",
                     "_is_view", "untyped_storage", "storage_offset", "is_pinned", "nbytes", "itemsize", "is_leaf",
-                    "is_shared", "get_device", "__len__")
+                    "is_shared", "get_device", "__len__") | {torch._has_compatible_shallow_copy_type}
+_SET_DATA = torch.Tensor.data.__set__
 
 
 class WeightOffloader:

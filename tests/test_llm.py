@@ -132,6 +132,24 @@ def test_weights_read_without_calling_their_module_are_their_values():
     assert torch.equal(model.rel.weight + 0, ref.rel.weight) and model.rel.weight.shape == (256, 32)
 
 
+def test_placeholders_decode_only_for_values(monkeypatch):
+    # a review found state_dict decoding every weight twice (detach decoded it, then the state hook did), and
+    # .half() or deepcopy silently leaving weights unconverted or copies driving the original's weights
+    import copy
+    from ibp.integrations import llm
+    model = offload(ReadsWeightsDirectly(), "cpu", min_bytes=0)
+    decodes = []
+    monkeypatch.setattr(llm, "decode_whole", lambda ct, device, real=llm.decode_whole: decodes.append(ct) or
+                        real(ct, device))
+    state = model.state_dict()
+    assert len(decodes) == 4 and set(state) == {"rel.weight", "lin.weight", "lin.bias", "scale"}   # once each
+    assert model.to("cpu") is model and model.to(torch.float32) is model and len(decodes) == 4
+    with pytest.raises(TypeError, match="convert the model before offload"):
+        model.half()
+    with pytest.raises(TypeError, match="offload the copy"):
+        copy.deepcopy(model)
+
+
 def test_offloaded_generate_is_identical():
     ref, model, ids = llama(), offload(llama(), "cpu", min_bytes=4096), prompt()
     assert torch.equal(generate(model, ids), generate(ref, ids))
