@@ -18,10 +18,10 @@ import numpy as np
 from numba import njit
 
 from ._bits import frozen
-from .files import keep_mode
 from .checksum import crc32
 from .dtypes import ITEMSIZE
 from .errors import FormatError
+from .files import keep_mode
 from .geometry import Geometry
 from .model import Model
 from .tensor import CompressedTensor

@@ -230,6 +230,7 @@ class Reader:
         their copies and their payloads stay whole."""
         names = list(self.entries) if names is None else list(names)
         buffers = []   # [(buffer, weak references to the views of it the tensors' payloads are)]
+        size = None    # of a new buffer: the reads to come fit, worked out at the first
         i = 0
         while i < len(names):
             extents = [self._extent(names[i])]
@@ -244,7 +245,11 @@ class Reader:
                     break
                 extents.append((a, b))
                 hi, j = b, j + 1
-            buf = self._free_buffer(buffers, hi - lo)
+            buf = _free_buffer(buffers, hi - lo)
+            if buf is None:
+                if size is None:
+                    size = min(max(self._largest_extent(), READ_AHEAD_BYTES), self.size - self.start)
+                buf = scratch(max(hi - lo, size))
             view = memoryview(buf)[:hi - lo]
             self._read_at(lo, view, names[i])
             group = [(name, container.load_entry(view[a - lo:b - lo], self._plans[name], verify=verify,
@@ -254,15 +259,6 @@ class Reader:
             yield from group
             group = None   # (its tensors are the caller's now: the buffer is free once they are gone)
             i = j
-
-    def _free_buffer(self, buffers, nbytes):
-        """A buffer of ``buffers`` of at least ``nbytes`` whose payloads are all
-        gone (taken off the list), else a new one, sized for the reads to come."""
-        for k, (buf, refs) in enumerate(buffers):
-            if len(buf) >= nbytes and all(r() is None for r in refs):
-                del buffers[k]
-                return buf
-        return scratch(max(nbytes, min(max(self._largest_extent(), READ_AHEAD_BYTES), self.size - self.start)))
 
     def _extent(self, name):
         """(first byte, end) of tensor ``name``'s sections from ``start``,
@@ -289,6 +285,16 @@ class Reader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _free_buffer(buffers, nbytes):
+    """A buffer of ``buffers`` (``Reader.tensors``') of at least ``nbytes``
+    whose payloads are all gone, taken off the list; else None."""
+    for k, (buf, refs) in enumerate(buffers):
+        if len(buf) >= nbytes and all(r() is None for r in refs):
+            del buffers[k]
+            return buf
+    return None
 
 
 def _spans(entry):

@@ -76,9 +76,8 @@ def _placeholder(tensor, ct, kind, device):
     return _standing_in(zero, (ct, device), _PlaceholderParameter if kind == "_parameters" else _Placeholder)
 
 
-def _standing_in(zero, source, cls=None):
+def _standing_in(zero, source, cls):
     """``zero`` as a placeholder of class ``cls`` for the weight ``source`` (ct, device) decodes to."""
-    cls = cls or _Placeholder
     placeholder = cls._make_subclass(cls, zero, False)
     placeholder.ibp_source = source
     return placeholder
@@ -91,7 +90,7 @@ def _decoded_for_use(cls, func, types, args=(), kwargs=None):
         with torch._C.DisableTorchFunctionSubclass():
             result = func(*args, **kwargs)
         if func is torch.Tensor.detach:   # state_dict detaches every weight, then gives the host values instead
-            return _standing_in(result, args[0].ibp_source)
+            return _standing_in(result, args[0].ibp_source, _Placeholder)
         return result
     if func is torch.Tensor.to and _already(args[0], *args[1:], **kwargs):   # model.to() where the weights are
         return args[0]
