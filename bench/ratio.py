@@ -48,7 +48,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCALING_MIN_BYTES = 64 << 20     # tensors this big are also timed on two threads ...
 LONG_PASS_S = 10.0                # a pass this long is not repeated
 WARM_UP = 5                      # ... after this many untimed round trips (a VM's idle core wakes slowly)
-SCALING_PASSES = 7               # ... best of this many passes each: two threads on a shared VM vary more than one
+SCALING_PASSES = 15              # ... best of this many passes each: two threads on a shared VM vary more than one
+                                 # (a pass takes tens of ms; with 7 the same decoder ranged 1.3-2.0x between runs)
 
 
 # -- inputs ------------------------------------------------------------------

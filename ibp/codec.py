@@ -120,10 +120,7 @@ def unit_size(src, off, t0, t1, W, p, U, fbits, ptot):
     """(kind, bits, k) of a unit's cheapest encoding, counted in one pass
     without scratch memory."""
     if p == 1:
-        k, second = misses_one_column(src, off, t0, t1, U)
-        excbits = k * W if fbits == 0 else second * np.int64(t1[0, WIDTH]) + (k - second) * W
-        kind, bits = cheapest(U, W, k, np.int64(U * ptot) - k * np.int64(t0[0, WIDTH]), fbits, excbits)
-        return kind, bits, k
+        return one_column_unit_size(src, off, t0, t1, W, U, fbits, ptot)
     k = 0
     matched = np.int64((U // p) * ptot)
     excbits = 0
@@ -138,6 +135,16 @@ def unit_size(src, off, t0, t1, W, p, U, fbits, ptot):
         if c == p:
             c = 0
     kind, bits = cheapest(U, W, k, matched, fbits, excbits)
+    return kind, bits, k
+
+
+@njit(inline="always")
+def one_column_unit_size(src, off, t0, t1, W, U, fbits, ptot):
+    """``unit_size`` of a one-column model, inlined where units are sized
+    one after another (a call per unit cost a third of a short unit's time)."""
+    k, second = misses_one_column(src, off, t0, t1, U)
+    excbits = k * W if fbits == 0 else second * np.int64(t1[0, WIDTH]) + (k - second) * W
+    kind, bits = cheapest(U, W, k, np.int64(U * ptot) - k * np.int64(t0[0, WIDTH]), fbits, excbits)
     return kind, bits, k
 
 
@@ -454,80 +461,68 @@ def unit_source(words, U, total_words):
     return words[:(n - 1) * U if tail.shape[0] else total_words], tail
 
 
-@njit(inline="always")
-def shifted(src, nw, i, sh):
-    """Word i of the bit stream in ``src[:nw]`` moved up by sh (0..63)
-    bits: its own low bits and the previous word's high ones."""
-    w = src[i] << U64(sh) if i < nw else ZERO
-    if sh and 0 < i <= nw:
-        w |= (src[i - 1] >> ONE) >> U64(63 - sh)
-    return w
-
-
-@njit(inline="always")
-def place_bits(src, bits, out, d, inner, part=0, parts=1):
-    """Copy the ``bits`` bits at the start of ``src`` to bit ``d`` of
-    ``out``: part ``part`` of ``parts`` of the words they fill alone when
-    ``inner`` (in parallel with other parts and runs), else the first and
-    last words they touch, which neighbouring runs share (in order: the
-    bits below ``d`` are kept, those after the run are zero until the next
-    run's)."""
-    nw = (bits + 63) >> 6
-    q, last, sh = d >> 6, (d + bits - 1) >> 6, d & 63
-    if inner:   # words 1 .. last - q - 1 of the shifted stream: all inside src, so no checks (they vectorize)
-        m = max(last - q - 1, 0)
-        i0, i1 = 1 + m * part // parts, 1 + m * (part + 1) // parts
-        if sh == 0:
-            for i in range(i0, i1):
-                out[U64(q + i)] = src[U64(i)]
-        else:
-            up, down = U64(sh), U64(64 - sh)
-            for i in range(i0, i1):
-                out[U64(q + i)] = (src[U64(i)] << up) | (src[U64(i - 1)] >> down)
-        return
-    out[q] = (out[q] & mask_of(sh)) | shifted(src, nw, 0, sh)
-    if last > q:
-        out[last] = shifted(src, nw, last - q, sh)
+@Kernel
+def size_units(words, U, total_words, t0, t1, W, p, fbits, ptot, count, kinds, sizes):
+    """Pass one of a threaded encode: the kind and bits of units [0, count),
+    counted (``unit_size``) rather than encoded, so that pass two knows
+    where each run of units starts."""
+    n = kinds.shape[0]
+    x, tail = unit_source(words, U, total_words)
+    whole = min(count, n - 1 if tail.shape[0] else n)
+    nchunks = min(count, 64)
+    for ch in prange(nchunks):
+        for u in range(ch * count // nchunks, min((ch + 1) * count // nchunks, whole)):
+            if p == 1:
+                kinds[u], sizes[u], _ = one_column_unit_size(x, u * U, t0, t1, W, U, fbits, ptot)
+            else:
+                kinds[u], sizes[u], _ = unit_size(x, u * U, t0, t1, W, p, U, fbits, ptot)
+    if whole < count:
+        kinds[n - 1], sizes[n - 1], _ = unit_size(tail, 0, t0, t1, W, p, U, fbits, ptot)
 
 
 @Kernel
-def encode_waves(words, U, total_words, t0, t1, W, p, fbits, ptot, runs, run_units, raw_words, scratch_buf,
-                 kinds, sizes, out):
-    """Every unit encoded into ``out`` back to back, by threads: in waves
-    of ``runs`` runs of ``run_units`` units.  A wave's first run is
-    encoded in place, where the wave starts; each other run into its
-    raw-size region of ``scratch_buf`` (``(runs - 1) * run_units *
-    raw_words`` words, reused by every wave), then its bits copied after
-    those of the runs before it.  Records each unit's kind and size;
-    returns the total bits."""
+def encode_runs(words, U, total_words, t0, t1, W, p, fbits, ptot, runs, out, kinds, sizes):
+    """Pass two of a threaded encode: ``runs`` runs of units, each encoded
+    straight at its final bit in ``out``, where the ``sizes`` of the units
+    before it (pass one; the last run's need not be known) put it, so no
+    run is copied and each thread faults in its own part of the output.
+    The word where a run starts is also where the run before ends: a run
+    encodes its units up to and across that word into a buffer of its
+    own, and the head word is OR-ed in once every run is done.  Records
+    every unit's kind and size; returns the total bits, or -1 where a run
+    came out at other bits than pass one counted (a bug)."""
     n = kinds.shape[0]
     x, tail = unit_source(words, U, total_words)
-    works = [scratch(U, words) for _ in range(runs)]   # each run's encoder scratch, made once, not every wave
-    starts = np.zeros(runs + 1, np.int64)
-    pos = 0
-    for w0 in range(0, n, runs * run_units):
-        for r in prange(runs):
-            a = min(w0 + r * run_units, n)
-            if r == 0:
-                encode_units(x, tail, n, a, min(a + run_units, n), t0, t1, W, p, U, fbits, ptot,
-                             works[r], out, pos, kinds, sizes)
-            else:
-                encode_units(x, tail, n, a, min(a + run_units, n), t0, t1, W, p, U, fbits, ptot,
-                             works[r], scratch_buf, (r - 1) * run_units * raw_words * 64, kinds, sizes)
-        for r in range(runs):
-            a = min(w0 + r * run_units, n)
-            starts[r + 1] = starts[r] + sizes[a:min(a + run_units, n)].sum()
-        for i in prange((runs - 1) * runs):   # each copied run in as many parts as threads: all of them copy
-            r, part = 1 + i // runs, i % runs
-            if starts[r + 1] > starts[r]:
-                place_bits(scratch_buf[(r - 1) * run_units * raw_words:], starts[r + 1] - starts[r], out,
-                           pos + starts[r], True, part, runs)
-        for r in range(1, runs):
-            if starts[r + 1] > starts[r]:
-                place_bits(scratch_buf[(r - 1) * run_units * raw_words:], starts[r + 1] - starts[r], out,
-                           pos + starts[r], False)
-        pos += starts[runs]
-    return pos
+    first = np.array([r * n // runs for r in range(runs + 1)], np.int64)
+    bit = np.zeros(runs + 1, np.int64)
+    for r in range(runs - 1):
+        bit[r + 1] = bit[r] + sizes[first[r]:first[r + 1]].sum()
+    head_word = np.zeros(runs, np.uint64)
+    for r in range(1, runs):
+        out[bit[r] >> 6] = 0   # written whole by no run
+    for r in prange(runs):
+        work = scratch(U, words)
+        u, last, pos = first[r], first[r + 1], bit[r]
+        if r:
+            q, rel, v = pos >> 6, pos & 63, u
+            while v < last and rel < 64:   # the units that end in or cross the shared word
+                src, off = (tail, 0) if v == n - 1 and tail.shape[0] else (x, v * U)
+                rel += unit_size(src, off, t0, t1, W, p, U, fbits, ptot)[1]
+                v += 1
+            head = np.zeros((rel + 63) // 64 + 1, np.uint64)
+            encode_units(x, tail, n, u, v, t0, t1, W, p, U, fbits, ptot, work, head, pos & 63, kinds, sizes)
+            nw = (rel + 63) // 64
+            out[q + 1:q + nw] = head[1:nw]
+            head_word[r] = head[0]
+            u, pos = v, q * 64 + rel
+        if u < last:
+            encode_units(x, tail, n, u, last, t0, t1, W, p, U, fbits, ptot, work, out, pos, kinds, sizes)
+    for r in range(1, runs):
+        out[bit[r] >> 6] |= head_word[r]
+    for r in range(runs - 1):
+        if sizes[first[r]:first[r + 1]].sum() != bit[r + 1] - bit[r]:
+            return -1
+    return bit[runs - 1] + sizes[first[runs - 1]:n].sum()
 
 
 @Kernel

@@ -108,41 +108,40 @@ def _layout(kinds, sizes):
     return packed, starts, pos, uniform
 
 
-# Raw bytes each thread encodes per wave at most (codec.encode_waves): waves
-# cost a thread wake-up each (~0.1 ms on a VM), and a wave's output should
-# stay in cache until it is copied out; 4, 8, 16 and 32 MB measured 1.28x,
-# 1.44x, 1.53x and 1.40x one thread on a 69 MB tensor (2-vCPU VM).  The
-# units are split evenly over the waves' runs (``_run_units``).
-WAVE_RUN_BYTES = 16 << 20
+# Runs of units per thread in a threaded encode (``codec.encode_runs``):
+# one, so that pass one leaves a whole thread's share unsized.  More would
+# not even out threads whose units cost more: numba hands each thread one
+# stretch of the runs.
+RUNS_PER_THREAD = 1
 
 
 def encode_packed(data, geom, model):
     """(packed kinds, payload words, payload bits, index) of the packed layout.
 
     One thread encodes the units back to back in one compiled call.
-    Several encode them in waves, a run each: a wave's first run in place
-    in the payload, the others into a scratch buffer that every wave
-    reuses (faulted in once), copied after it (``codec.encode_waves``).
-    Encoding the whole tensor into a fresh raw-size buffer, then gathering
-    the runs with a copy that did not vectorize, made two threads 1.0-1.2x
-    one."""
+    Several first size the units of every run but the last
+    (``codec.size_units``), then encode each run at its final bits
+    (``codec.encode_runs``): no run is copied.  Encoding runs into scratch
+    and copying them after the runs before made two threads 1.0-1.3x one."""
     n, U, W = geom.nunits, geom.unit_words, geom.word_bits
     t0, t1, fbits, ptot = model.tables
     words = _words(data, model)
-    raw_words = -(-U * W // 64)   # a unit at most, in uint64s
     threads = 1 if geom.total_words < _bits.PARALLEL_MIN_WORDS else numba.get_num_threads()   # as Kernel decides
     if threads == 1:
-        buf = np.empty(n * raw_words + 1, np.uint64)   # every word up to the last bit is written
+        buf = np.empty(n * -(-U * W // 64) + 1, np.uint64)   # every word up to the last bit is written
         packed, total, uniform, block, rel_bits, block_base, rel = _encode_serial(
             words, U, geom.total_words, t0, t1, W, model.period, fbits, ptot, buf)
     else:
-        run_units = _run_units(n, raw_words * 8, threads)
-        kinds = np.empty(n, np.uint8)
-        sizes = np.empty(n, np.int64)
-        buf = np.empty(n * raw_words + 1, np.uint64)   # every word up to the last bit is written
-        codec.encode_waves(geom.total_words, words, U, geom.total_words, t0, t1, W, model.period, fbits, ptot,
-                           threads, run_units, raw_words, np.empty((threads - 1) * run_units * raw_words + 1, np.uint64),
-                           kinds, sizes, buf)
+        runs = threads * RUNS_PER_THREAD
+        sized = (runs - 1) * n // runs   # the units before the last run
+        kinds, sizes = np.empty(n, np.uint8), np.empty(n, np.int64)
+        args = (words, U, geom.total_words, t0, t1, W, model.period, fbits, ptot)
+        codec.size_units(geom.total_words, *args, sized, kinds, sizes)
+        bound = int(sizes[:sized].sum()) + (n - sized) * U * W   # the last run raw at most
+        buf = np.empty(-(-bound // 64) + 1, np.uint64)
+        total = codec.encode_runs(geom.total_words, *args, runs, buf, kinds, sizes)
+        if total < 0:
+            raise RuntimeError("ibp: units encoded to other sizes than counted (a bug: please report it)")
         packed, starts, total, uniform = _layout(kinds, sizes)
         block, rel_bits, block_base, rel = _blocked_index(starts)
     buf.resize(-(-total // 64) + 1, refcheck=False)   # + the spare zero word
@@ -151,15 +150,6 @@ def encode_packed(data, geom, model):
         (block, rel_bits, frozen(block_base), frozen(rel.astype(np.uint16) if rel_bits == 16 else rel))
     packed.flags.writeable = buf.flags.writeable = False   # a packed tensor is never written: read as it is
     return packed, buf, total, index
-
-
-def _run_units(n, unit_bytes, threads):
-    """Units per run of ``encode_waves``: as many waves as runs of at most
-    WAVE_RUN_BYTES need, and every run of them the same length, so no
-    thread idles through a short last wave (80 MB in 16 MB runs on two
-    threads was two full waves and one run alone: 1.67x one thread at best)."""
-    waves = max(1, -(-n * unit_bytes // (threads * WAVE_RUN_BYTES)))
-    return max(1, -(-n // (waves * threads)))
 
 
 @njit(cache=True)

@@ -2,8 +2,8 @@
 
 Kernels go parallel from _bits.PARALLEL_MIN_WORDS of work (megabytes); the
 tests lower it so that small inputs take the parallel paths: encoding in
-waves of runs (also waves of a few units, so that runs and waves meet at
-every kind of word boundary), decoding a whole tensor in chunks, gathers."""
+runs (also in runs of a unit or none, so that runs meet at every kind of
+word boundary), decoding a whole tensor in chunks, gathers."""
 import numba
 import numpy as np
 import pytest
@@ -22,6 +22,10 @@ def _tensors():
     yield rng.integers(0, 5, (2048, 16)).astype(np.int64)      # a few values
     yield np.where(rng.random(70001) < 0.01, 1.0, 0.0)         # 1-d, sparse
     yield rng.integers(0, 256, (513, 40), dtype=np.uint8)      # noise: raw units
+    zeros = np.zeros((4096, 8), np.float32)
+    zeros[::997] = 1.5
+    yield zeros                                                # units of no bits at all between a few
+    yield weights[:, :3].T.reshape(3, -1).repeat(24, axis=1)    # rows longer than the encoder's scratch
 
 
 def _run(x, layout, threshold, monkeypatch):
@@ -32,30 +36,13 @@ def _run(x, layout, threshold, monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["packed", "slotted"])
-@pytest.mark.parametrize("wave_run_bytes", [encode.WAVE_RUN_BYTES, 1000])
-def test_parallel_kernels_match_serial(layout, wave_run_bytes, monkeypatch):
+@pytest.mark.parametrize("runs_per_thread", [1, 2, 3000])
+def test_parallel_kernels_match_serial(layout, runs_per_thread, monkeypatch):
     numba.set_num_threads(2)
-    monkeypatch.setattr(encode, "WAVE_RUN_BYTES", wave_run_bytes)
+    monkeypatch.setattr(encode, "RUNS_PER_THREAD", runs_per_thread)
     for x in _tensors():
         serial = _run(x, layout, 1 << 60, monkeypatch)
         parallel = _run(x, layout, 1 << 10, monkeypatch)
         assert parallel[0] == serial[0]
         assert np.array_equal(parallel[1], x) and np.array_equal(serial[1], x)
         assert np.array_equal(parallel[2], serial[2])
-
-
-@pytest.mark.parametrize("n, unit_bytes", [(0, 64), (400_000, 200), (50_000, 1536), (3, 1 << 25), (1000, 1 << 20), (7, 8)])
-@pytest.mark.parametrize("threads", [2, 3, 8])
-def test_encode_waves_share_units_evenly(n, unit_bytes, threads):
-    """Every thread encodes about n / threads units, in runs of at most
-    WAVE_RUN_BYTES (or one unit), however the units fall into waves."""
-    run = encode._run_units(n, unit_bytes, threads)
-    assert run * unit_bytes <= max(encode.WAVE_RUN_BYTES, unit_bytes)
-    per_thread = [0] * threads
-    for w0 in range(0, n, threads * run):   # as codec.encode_waves walks them
-        for r in range(threads):
-            a = min(w0 + r * run, n)
-            per_thread[r] += min(a + run, n) - a
-    waves = -(-n // (threads * run))
-    assert sum(per_thread) == n
-    assert max(per_thread) - min(per_thread) <= waves * threads
