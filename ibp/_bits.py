@@ -213,7 +213,7 @@ def flush_bits(buf, acc, nbits, widx):
 # Work (words) from which kernels run on all of numba's threads.  Below it a
 # second thread costs more than it saves: on a 2-vCPU VM, two threads were
 # slower than one up to about 8 MB to encode and 4 MB to decode (waking
-# the threads, faulting fresh buffers in, gathering the runs), 1.35x and
+# the threads, faulting fresh buffers in, sizing the units first), 1.35x and
 # 1.8x faster at 23 MB.  Read at each call, so it can be tuned.
 PARALLEL_MIN_WORDS = 1 << 21
 
