@@ -34,6 +34,7 @@ from numba import njit, prange
 from . import codec, rotation
 from ._bits import ONE, U64, WORD_DTYPES, ZERO, Kernel, ctz, frozen, low_mask, popcount
 from .codec import bit_length
+from .encode import _encode_serial, finish_packed
 from .geometry import Geometry, periods, word_widths as fitting_widths
 from .model import Model, level_tables
 
@@ -63,6 +64,10 @@ FEW_MISSES = 8                # a secondary level is learned from at least this 
 REUSE_SLACK = 0.005           # a checkpoint's tensor takes the last model of its role if it scores this close (Reuse) ...
 REUSE_BITS = 64               # ... or this many bits close (a vector of a few hundred values)
 TINY_BYTES = 64               # a tensor this small tries every narrower word width (_try_narrower)
+SAMPLE_GROUP_BYTES = 256      # rows shorter than this are grouped into the units a sample takes, scored as such:
+                              # shorter than the units ibp encodes (geometry.GROUP_BYTES), so a sample comes from
+                              # more places (sampled as 4 KiB units, small tables of a few values per column and
+                              # series came out up to 1.4x the reference)
 
 
 @njit(cache=True)
@@ -665,7 +670,9 @@ def candidates(shape, itemsize, word_bits=None):
 
 @functools.lru_cache(maxsize=4096)
 def _geometry(shape, itemsize, word_bits):
-    return Geometry.choose(shape, itemsize, word_bits)
+    """The units the analysis samples and scores: rows grouped to
+    SAMPLE_GROUP_BYTES only."""
+    return Geometry.choose(shape, itemsize, word_bits, group_bytes=SAMPLE_GROUP_BYTES)
 
 
 def _try_narrower(shape, itemsize, W, stranded, nbytes):
@@ -767,9 +774,10 @@ def analyze_bytes(data, shape, itemsize, word_bits=None):
 
 @functools.lru_cache(maxsize=4096)
 def _whole_plan(shape, itemsize, nbytes):
-    """(word bits, sample starts, words per piece, learning step) where
-    ``analyze_bytes`` would learn one candidate, one column, from a sample
-    of the whole tensor and score it on itself; else None."""
+    """(word bits, sample starts, words per piece, learning step, and
+    whether no narrower widths are tried with few stranded bits, and with
+    many) where ``analyze_bytes`` would learn one candidate, one column,
+    from a sample of the whole tensor and score it on itself; else None."""
     if not TINY_BYTES < nbytes <= SAMPLE_BYTES[0]:   # a tiny tensor tries every width
         return None
     cands = candidates(shape, itemsize)
@@ -781,20 +789,67 @@ def _whole_plan(shape, itemsize, nbytes):
     if plan is None or plan[0] is not plan[1]:   # shorter than a unit (a padded copy), or part of it sampled
         return None
     starts, _, piece = plan
-    return W, starts, piece, _step(starts.size * piece, 1, _per_column(geom.total_words, 1))
+    return W, starts, piece, _step(starts.size * piece, 1, _per_column(geom.total_words, 1)), \
+        not _narrower(shape, itemsize, W, True), not _narrower(shape, itemsize, W, False)
 
 
-def _whole_model(data, shape, itemsize, W, starts, piece, step):
+@njit(cache=True)
+def _whole_stands(W, stranded, halves, transformed, plain_few, plain_many):
+    """Whether ``_fit``'s model of a tensor ``_whole_plan`` plans is the
+    search's, which would try more candidates after it (a transform, half
+    or narrower words: ``_try_half``, ``_try_narrower``) where it does not;
+    ``transformed``: whether it hints at a rotation or a gather."""
+    return not transformed and not (W > 8 and halves > 0) and \
+        (plain_few if stranded < STRANDED_MIN else plain_many)
+
+
+def _whole_model(data, shape, itemsize, W, starts, piece, step, plain_few, plain_many):
     """``analyze_bytes``' model of a tensor ``_whole_plan`` plans, learned
     straight from the kernel, or None where its result asks for more
-    candidates (a transform, half or narrower words): the steps of the
-    general search cost more than learning a bias vector (a (128,) bf16
-    vector: 21.8 against 26.3 us to compress).  Same model, bit for bit."""
+    candidates: the steps of the general search cost more than learning a
+    bias vector (a (128,) bf16 vector: 21.8 against 26.3 us to compress).
+    Same model, bit for bit."""
     lo, hi, base, _, stranded, halves, rotate, gather, tables = _fit(
         starts.size * piece // step, frozen(data.view(WORD_DTYPES[W])), starts, starts, piece, step, W, PRICES, 1)
-    if rotate or gather or _try_half(halves, 1, W, itemsize) or _try_narrower(shape, itemsize, W, stranded, data.size):
+    if not _whole_stands(W, stranded, halves, bool(rotate or gather), plain_few, plain_many):
         return None
     return Model._learned(W, lo, hi, base, 0, tables, 0)
+
+
+def learned_and_encoded(data, shape, itemsize):
+    """(Model, Geometry, ``encode_packed``'s result) of a tensor
+    ``_whole_plan`` plans, learned and encoded in one compiled call, or
+    None where the model does not stand (see ``_whole_model``): most of
+    what compressing a bias vector costs is calls and Python around them
+    (a (128,) bf16 vector: 17.1 against 11.5 us).  Same bytes."""
+    plan = _whole_plan(shape, itemsize, data.size)
+    if plan is None:
+        return None
+    W, starts, piece, step, plain_few, plain_many = plan
+    geom = Geometry.checked(shape, itemsize, W)
+    buf = np.empty(geom.nunits * -(-geom.unit_words * W // 64) + 1, np.uint64)
+    stands, lo, hi, base, tables, encoded = _whole_learn_encode(
+        frozen(data.view(WORD_DTYPES[W])), starts, piece, step, W, PRICES, plain_few, plain_many,
+        geom.unit_words, geom.total_words, buf)
+    if not stands:
+        return None
+    return Model._learned(W, lo, hi, base, 0, tables, 0), geom, finish_packed(buf, *encoded)
+
+
+_fit_serial = _fit.serial
+
+
+@njit(cache=True)
+def _whole_learn_encode(words, starts, piece, step, W, prices, plain_few, plain_many, U, total_words, buf):
+    """``_whole_model``'s kernel then ``encode_packed``'s, in one call:
+    (whether the model stands, its lo, hi, base and tables, the encoding:
+    of no units where the model does not stand)."""
+    lo, hi, base, _, stranded, halves, rotate, gather, tables = _fit_serial(
+        words, starts, starts, piece, step, W, prices, 1)
+    stands = _whole_stands(W, stranded, halves, rotate != 0 or gather != 0, plain_few, plain_many)
+    t0, t1, fbits, ptot = tables
+    return stands, lo, hi, base, tables, _encode_serial(words, U, total_words if stands else 0, t0, t1, W, 1, fbits,
+                                                        ptot, buf)
 
 
 class Reuse:

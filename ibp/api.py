@@ -48,8 +48,8 @@ def compress(x: Tensor, *, model: Model | None = None, word_bits: int | None = N
     layout:    "packed" (rows back to back: smallest) or "slotted" (each
                unit keeps a raw-size slot: rows can be rewritten in place
                with ``CompressedTensor.update_rows``).
-    unit_rows: rows per unit (default: short rows are grouped, which is
-               smallest).  1 makes every row its own unit, so a gather reads
+    unit_rows: rows per unit (default: rows under 4 KiB are grouped,
+               which is smallest and fastest).  1 makes every row its own unit, so a gather reads
                only the rows it asks for: the choice for tables that are
                mostly read by index (embeddings, feature stores).
     payload:   CUDA tensors only: "pinned" (default: the payload lands in
@@ -103,6 +103,13 @@ def compress_bytes(data, name, shape, framework, *, model=None, word_bits=None, 
             and data.size == math.prod(shape) * itemsize):
         raise ValueError(f"data must be the {math.prod(shape) * itemsize} bytes of a {name} tensor of shape "
                          f"{tuple(shape)} as a flat contiguous uint8 array")
+    if model is None and learn is analysis.analyze_bytes and word_bits is None and layout == "packed" \
+            and unit_rows is None:
+        whole = analysis.learned_and_encoded(data, tuple(shape), itemsize)   # a bias vector: one compiled call
+        if whole is not None:
+            model, geom, (kinds, payload, bits, index) = whole
+            return CompressedTensor(dtype=name, shape=shape, framework=framework, geometry=geom, layout=layout,
+                                    model=model, kinds=kinds, payload=payload, payload_bits=bits, index=index)
     if model is None:
         model = learn(data, shape, itemsize, word_bits)
     elif not isinstance(model, Model):

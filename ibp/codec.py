@@ -776,6 +776,8 @@ def decode_matched_one_column(words, pos, W, U, k, exc, out, o, t0, tmp, xmap):
         for j in range(U):
             out[U64(o + j)] = base
         return pos
+    if k == 0:
+        return decode_run_one_column(words, pos, W, 0, U, out, o, t0)
     if FAST_PEXT and W < 64 and (DENSE_EXCEPTIONS * k >= U or (FAST_EXPAND and k > 0)):
         return decode_dense_exceptions(words, pos, 64 // W, U, k, exc, out, o, t0, tmp, xmap)
     j = 0
@@ -813,21 +815,9 @@ def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, ou
             out[U64(o + j)] = read_bits(words, pos, wmask)
             pos += Wu
         return OK
-    if p == 1:
-        decode_matched_one_column(words, pos, W, U, k, exc, out, o, t0, tmp, flag[U:])
-    else:
-        j = 0
-        for e in range(k + 1):
-            c = column(j, p)
-            for i in range(j, exc[e]):
-                out[U64(o + i)] = restore(read_bits(words, pos, t0[c, WMASK]), t0, c, wmask)
-                pos += t0[c, WIDTH]
-                c += 1
-                if c == p:
-                    c = 0
-            j = exc[e] + 1
-    pos = xstart
     if p == 1:   # without branches: exceptions split unpredictably between the two kinds
+        decode_matched_one_column(words, pos, W, U, k, exc, out, o, t0, tmp, flag[U:])
+        pos = xstart
         w1, m1 = t1[0, WIDTH], t1[0, WMASK]
         for e in range(k):
             f = U64(flag[e])
@@ -836,6 +826,17 @@ def decode_unit(words, start, end, exact, kind, t0, t1, W, p, U, fbits, ptot, ou
             out[U64(o + exc[e])] = (restore(v, t1, 0, wmask) & second) | (v & ~second)
             pos += (w1 & second) | (Wu & ~second)
         return OK
+    j = 0
+    for e in range(k + 1):
+        c = column(j, p)
+        for i in range(j, exc[e]):
+            out[U64(o + i)] = restore(read_bits(words, pos, t0[c, WMASK]), t0, c, wmask)
+            pos += t0[c, WIDTH]
+            c += 1
+            if c == p:
+                c = 0
+        j = exc[e] + 1
+    pos = xstart
     for e in range(k):
         if flag[e]:
             c = column(exc[e], p)

@@ -129,21 +129,26 @@ def encode_packed(data, geom, model):
     threads = 1 if geom.total_words < _bits.PARALLEL_MIN_WORDS else numba.get_num_threads()   # as Kernel decides
     if threads == 1:
         buf = np.empty(n * -(-U * W // 64) + 1, np.uint64)   # every word up to the last bit is written
-        packed, total, uniform, block, rel_bits, block_base, rel = _encode_serial(
-            words, U, geom.total_words, t0, t1, W, model.period, fbits, ptot, buf)
-    else:
-        runs = threads * RUNS_PER_THREAD
-        sized = (runs - 1) * n // runs   # the units before the last run
-        kinds, sizes = np.empty(n, np.uint8), np.empty(n, np.int64)
-        args = (words, U, geom.total_words, t0, t1, W, model.period, fbits, ptot)
-        codec.size_units(geom.total_words, *args, sized, kinds, sizes)
-        bound = int(sizes[:sized].sum()) + (n - sized) * U * W   # the last run raw at most
-        buf = np.empty(-(-bound // 64) + 1, np.uint64)
-        total = codec.encode_runs(geom.total_words, *args, runs, buf, kinds, sizes)
-        if total < 0:
-            raise RuntimeError("ibp: units encoded to other sizes than counted (a bug: please report it)")
-        packed, starts, total, uniform = _layout(kinds, sizes)
-        block, rel_bits, block_base, rel = _blocked_index(starts)
+        return finish_packed(buf, *_encode_serial(words, U, geom.total_words, t0, t1, W, model.period, fbits, ptot,
+                                                  buf))
+    runs = threads * RUNS_PER_THREAD
+    sized = (runs - 1) * n // runs   # the units before the last run
+    kinds, sizes = np.empty(n, np.uint8), np.empty(n, np.int64)
+    args = (words, U, geom.total_words, t0, t1, W, model.period, fbits, ptot)
+    codec.size_units(geom.total_words, *args, sized, kinds, sizes)
+    bound = int(sizes[:sized].sum()) + (n - sized) * U * W   # the last run raw at most
+    buf = np.empty(-(-bound // 64) + 1, np.uint64)
+    total = codec.encode_runs(geom.total_words, *args, runs, buf, kinds, sizes)
+    if total < 0:
+        raise RuntimeError("ibp: units encoded to other sizes than counted (a bug: please report it)")
+    packed, starts, total, uniform = _layout(kinds, sizes)
+    block, rel_bits, block_base, rel = _blocked_index(starts)
+    return finish_packed(buf, packed, total, uniform, block, rel_bits, block_base, rel)
+
+
+def finish_packed(buf, packed, total, uniform, block, rel_bits, block_base, rel):
+    """``encode_packed``'s result from ``buf`` encoded up to bit ``total``
+    and the laid out kinds and index (``_encode_serial``'s)."""
     buf.resize(-(-total // 64) + 1, refcheck=False)   # + the spare zero word
     buf[-1] = 0
     index = UNIFORM_INDEX if uniform else \

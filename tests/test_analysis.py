@@ -191,3 +191,20 @@ def test_a_small_tensor_learned_whole_gets_the_model_the_search_gives(monkeypatc
             assert np.array_equal(a, b), (name, shape)
         assert fast.tables[2:] == slow.tables[2:]
     assert 0.1 * len(cases) < taken < len(cases)   # the shortcut is taken, and left where the search tries more
+
+
+def test_a_small_tensor_learned_and_encoded_in_one_call_has_the_general_paths_bytes(monkeypatch):
+    """``compress`` of a small tensor (``analysis.learned_and_encoded``:
+    the model learned and the tensor encoded in one compiled call) gives
+    the bytes that learning the model and encoding it apart give, or
+    leaves the tensor to them where the model asks for more candidates."""
+    import ibp
+    from ibp import dtypes
+    cases = list(_small_tensors())
+    fast = [ibp.compress(x).to_bytes() for x in cases]
+    taken = sum(analysis.learned_and_encoded(data, tuple(shape), dtypes.ITEMSIZE[name]) is not None
+                for data, name, shape, _ in map(dtypes.as_bytes, cases))
+    monkeypatch.setattr(analysis, "learned_and_encoded", lambda *args: None)
+    for x, packed in zip(cases, fast):
+        assert packed == ibp.compress(x).to_bytes(), (x.dtype, x.shape)
+    assert 0.1 * len(cases) < taken < len(cases)

@@ -13,14 +13,14 @@ from ibp import container
 
 
 def sample_tensor(layout="packed"):
-    """A small tensor whose units use every kind."""
+    """A small tensor whose units (of four rows) use every kind."""
     rng = np.random.default_rng(7)
     x = np.full((48, 40), 3, np.uint16)
     x[4:8] = rng.integers(0, 65535, (4, 40), dtype=np.uint16)
     x[8:12, ::20] = 65535
     x[12:16, ::2] = 65000
     model = ibp.analyze(x[16:])
-    return x, ibp.compress(x, model=model, layout=layout)
+    return x, ibp.compress(x, model=model, layout=layout, unit_rows=4)
 
 
 def rebuild(blob, mutate):

@@ -98,7 +98,8 @@ def test_edge_shapes(shape, layout):
 @pytest.mark.parametrize("word_bits", [8, 16, 32, 64])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_unit_kind_decodes(word_bits, layout):
-    """Rows built to need each unit kind: raw, all-match, sparse, bitmap."""
+    """Blocks of eight rows, a unit each, built to need each unit kind:
+    raw, all-match, sparse, bitmap."""
     rng = np.random.default_rng(word_bits)
     dtype = np.dtype(f"u{word_bits // 8}")
     rows, width = 64, 200
@@ -107,7 +108,7 @@ def test_every_unit_kind_decodes(word_bits, layout):
     x[16:24, ::17] = dtype.type(np.iinfo(dtype).max)
     x[24:32, ::2] = dtype.type(np.iinfo(dtype).max - 1)
     model = ibp.analyze(x[32:], word_bits=word_bits)
-    ct = ibp.compress(x, model=model, layout=layout)
+    ct = ibp.compress(x, model=model, layout=layout, unit_rows=8)
     assert set(np.unique(ct.unit_kinds())) == {0, 1, 2, 3}
     assert same_bits(x, ibp.decompress(ct))
     assert same_bits(x[::-3], ibp.decompress(ct, index=np.arange(rows)[::-3]))
