@@ -40,6 +40,10 @@ def warm(word_bits):
                         assert np.array_equal(ibp.decompress(ct, index=[1, 0]), x[[1, 0]])
                     if layout == "slotted":
                         fresh.update_rows([0], x[1:2])
+    # a small tensor learned and encoded in one call (ibp.analysis.learned_and_encoded), per word width
+    small = rng.standard_normal(100).astype({8: np.int8, 16: np.float16, 32: np.float32, 64: np.float64}[word_bits])
+    for x in variants(small):
+        assert np.array_equal(ibp.decompress(ibp.compress(x)), x)
     # the per-column agreement test of analysis (ibp.analysis._agreement), per word width
     words = _bits.frozen(rng.integers(0, 256, 1024, dtype=np.uint8).view(f"<u{word_bits // 8}"))
     analysis._agreement(words, _bits.frozen(np.array([0, 32], np.int64)), 32, 4)
