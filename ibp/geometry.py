@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 GROUP_BYTES = 4096         # rows shorter than this are grouped into one unit (a unit costs the
-                           # codec ~0.1-0.2 us: 768-byte bf16 rows decoded 1.5x zstd-3's speed one
-                           # per unit, 2.0-3.0x grouped into 4 KiB)
+                           # codec ~0.1-0.2 us: 768-byte bf16 rows decoded 1.05-1.25x zstd-3's speed
+                           # one per unit, 1.7-2.2x grouped into 4 KiB, one thread)
 PIECE_BYTES = 256          # a long row is split into pieces of at least this many bytes
 FLAT_UNIT_BYTES = 4096     # 0-d and 1-d tensors are cut into units this long
 SPLIT_BYTES = 1 << 16      # rows longer than this are split when they divide
