@@ -49,9 +49,10 @@ def compress(x: Tensor, *, model: Model | None = None, word_bits: int | None = N
                unit keeps a raw-size slot: rows can be rewritten in place
                with ``CompressedTensor.update_rows``).
     unit_rows: rows per unit (default: rows under 4 KiB are grouped,
-               which is smallest and fastest).  1 makes every row its own unit, so a gather reads
-               only the rows it asks for: the choice for tables that are
-               mostly read by index (embeddings, feature stores).
+               which is smallest and fastest).  1 makes every row its own
+               unit, so a gather reads only the rows it asks for: the
+               choice for tables that are mostly read by index
+               (embeddings, feature stores).
     payload:   CUDA tensors only: "pinned" (default: the payload lands in
                pinned host memory) or "device" (it stays in GPU memory).
     """
