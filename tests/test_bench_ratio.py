@@ -64,9 +64,19 @@ def test_two_thread_scaling_is_measured_on_big_tensors(results):
         pytest.skip("fewer than two cores")
     e = results["threads"]["cora/features"]
     assert e["bytes"] == 2708 * 1433 * 4
-    for k in ("compress", "decompress"):
+    for k in ("compress", "decompress", "fill_fresh"):
         assert e["speedup"][k] == round(e["threads_2"][f"{k}_mb_s"] / e["threads_1"][f"{k}_mb_s"], 3)
     assert e["threads_1"]["exact"] and e["threads_2"]["exact"]
+    assert "| fill fresh memory speedup |" in ratio.format_table(results)
+
+
+def test_the_fresh_memory_ceiling_writes_a_new_array_of_every_byte():
+    src = np.arange(1 << 20, dtype=np.uint32).view(np.uint8)
+    kept = src.copy()
+    out = ratio._fill_fresh(src)
+    assert out is not src and not np.shares_memory(out, src)
+    np.testing.assert_array_equal(out, kept ^ 1)   # every byte written, from its own byte
+    np.testing.assert_array_equal(src, kept)
     cora = ibp.datasets.load("cora")
     assert ratio._scaling_tensors("cora", cora, ratio.SCALING_MIN_BYTES) == []   # 15.5 MB: under the default 64 MB
 
