@@ -278,7 +278,8 @@ def bench_threads(name, x, repeats=3, log=None):
                                  "fill_fresh_mb_s": round(x.nbytes / 1e6 / filled[t][0], 2),
                                  "exact": _same(x, unpacked[t][1])}
     one, two = entry["threads_1"], entry["threads_2"]
-    entry["speedup"] = {k: round(two[f"{k}_mb_s"] / one[f"{k}_mb_s"], 3) for k in ("compress", "decompress", "fill_fresh")}
+    entry["speedup"] = {k: round(two[f"{k}_mb_s"] / one[f"{k}_mb_s"], 3)
+                        for k in ("compress", "decompress", "fill_fresh")}
     if log:
         log(f"  {name}: two threads / one: compress {entry['speedup']['compress']}x, "
             f"decompress {entry['speedup']['decompress']}x (filling fresh memory: {entry['speedup']['fill_fresh']}x)")
