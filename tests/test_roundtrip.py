@@ -163,6 +163,29 @@ def test_non_contiguous_and_non_native_inputs_are_read_not_changed():
     assert same_bits(base, before)
 
 
+def test_big_strided_inputs_are_copied_by_threads_to_the_same_bytes(monkeypatch):
+    """A big non-contiguous or byte-swapped input is copied in row blocks by
+    several threads (dtypes.c_order_copy): each block in its place, the
+    input untouched, for rows that do not split evenly too."""
+    import numba
+    from ibp import dtypes
+    monkeypatch.setattr(dtypes, "PARALLEL_COPY_BYTES", 0)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        base = np.random.default_rng(1).standard_normal((101, 7, 6)).astype(np.float32)
+        before = base.copy()
+        for x in (np.asfortranarray(base), base[::2, :, ::3], base.transpose(1, 0, 2), base.astype(">f4"),
+                  base[:1].transpose(1, 0, 2)):
+            flat, name, shape, _ = dtypes.as_bytes(x)
+            assert flat.tobytes() == np.ascontiguousarray(x, x.dtype.newbyteorder("=")).tobytes()
+            assert (name, shape, flat.flags.writeable) == ("float32", x.shape, False)
+            assert same_bits(np.ascontiguousarray(x, np.float32), ibp.decompress(ibp.compress(x)))
+        assert same_bits(base, before)
+    finally:
+        numba.set_num_threads(threads)
+
+
 def test_out_buffer_is_filled_and_returned():
     x = np.random.default_rng(0).standard_normal((100, 12)).astype(np.float32)
     ct = ibp.compress(x)
