@@ -474,8 +474,8 @@ def _plan_entry(buflen, start, entry, version):
     if entry.keys() != keys:
         raise FormatError(f"tensor entry keys {sorted(entry)} != {sorted(keys)}")
     name = entry["name"]
-    if name is not None and not isinstance(name, str):
-        raise FormatError("tensor name must be a string or null")
+    if name is not None and not (isinstance(name, str) and name):
+        raise FormatError("tensor name must be a non-empty string or null")
     dtype = entry["dtype"]
     if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise FormatError(f"unknown dtype {dtype!r}")

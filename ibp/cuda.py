@@ -541,6 +541,7 @@ def _output(torch, ct, shape, out, dev):
         raise ValueError(f"out is {out.dtype}{list(out.shape)}, need {dtype}{list(shape)}")
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
+    dtypes.claim_torch_output(out)
     if out.data_ptr() % (ct.word_bits // 8):
         return out, torch.empty(shape, dtype=dtype, device=dev)
     return out, out

@@ -174,6 +174,17 @@ def empty(shape, name, framework):
     return a, a.reshape(-1).view(np.uint8)
 
 
+def claim_torch_output(out):
+    """Refuse a torch ``out`` that requires grad, and count the write to come
+    as an in-place op: decompress writes behind autograd's back, so without
+    the version bump a graph that saved ``out``'s old values would give wrong
+    gradients silently, where torch raises for ``out.copy_(...)``."""
+    if out.requires_grad:
+        raise ValueError("out requires grad: autograd cannot see decompress write it (torch refuses in-place "
+                         "copies into such tensors too); pass a tensor that does not require grad")
+    sys.modules["torch"].autograd.graph.increment_version(out)
+
+
 def output_view(out, shape, name):
     """Flat uint8 view of a caller's ``out`` buffer, after checking it fits."""
     if is_torch(out):
@@ -185,15 +196,20 @@ def output_view(out, shape, name):
         if out.is_conj() or out.is_neg():
             raise ValueError("out is a lazy conjugate or negative view, whose bytes are not its values: "
                              "pass a plain tensor (out.resolve_conj().resolve_neg() is a copy)")
+        claim_torch_output(out)
         data = out.reshape(-1).view(_torch().uint8).numpy() if out.numel() else np.zeros(0, np.uint8)
     elif isinstance(out, np.ndarray):
         got_name = out.dtype.name
+        if isinstance(out, np.ma.MaskedArray):   # its values would be written, its mask left as it was
+            raise TypeError("out must be a plain array, not a masked array: pass out.data")
         if not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError("out must be a writeable C-contiguous array")
         if not out.dtype.isnative:
             raise ValueError(f"out has non-native byte order ({out.dtype.str}): decompress writes native-order "
                              f"values; pass an out of dtype {out.dtype.newbyteorder('=').str}")
-        data = out.reshape(-1).view(np.uint8)
+        # a plain ndarray over the same memory: a subclass's reshape can keep two dimensions (np.matrix),
+        # and the kernels index the bytes as one
+        data = np.ndarray((out.nbytes,), np.uint8, out.view(np.ndarray))
     else:
         raise TypeError(f"out must be a numpy array or torch tensor, not {type(out).__name__}")
     if got_name != name or tuple(out.shape) != tuple(shape):

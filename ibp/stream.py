@@ -182,8 +182,8 @@ class Reader:
             self._models = {}  # model sections' bytes -> the Model every tensor that has them shares
             for entry in entries:
                 name = entry.get("name") if isinstance(entry, dict) else None
-                if not isinstance(name, (str, type(None))):
-                    raise FormatError("tensor name must be a string or null")
+                if not (name is None or isinstance(name, str) and name):
+                    raise FormatError("tensor name must be a non-empty string or null")
                 if name in self.entries or (name is None and len(entries) != 1):
                     raise FormatError(f"duplicate or missing tensor name {name!r}")
                 self.entries[name] = entry

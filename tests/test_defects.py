@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import ibp
-from ibp import codec, container, tensor
+from ibp import codec, container, stream, tensor
 from ibp.encode import unpack_kinds
 from ibp.geometry import MAX_UNIT_BYTES, Geometry
 from ibp.model import Model
@@ -491,3 +491,62 @@ def test_an_integer_device_is_a_cuda_device_as_torch_says():
     with pytest.raises(Exception) as e:   # no GPU here: the CUDA path says what it lacks
         ibp.decompress(ibp.compress(np.zeros(3, np.float32)), device=0)
     assert "device must be" not in str(e.value)
+
+
+# out= buffers that are not plain arrays (adversarial testing, 2026-12-08) ---
+def test_matrix_out_is_filled_exactly_not_written_out_of_bounds():
+    """np.matrix keeps two dimensions through reshape(-1): the kernels once
+    indexed that view as one and wrote past it (zeros left, heap corrupted,
+    a segfault on gathers); the bytes are now viewed as a plain array."""
+    for x in (np.random.default_rng(0).standard_normal((10, 6)).astype(np.float32),
+              np.arange(60, dtype=np.float32).reshape(10, 6)):   # (a rotated model: decoded in two passes)
+        ct = ibp.compress(x)
+        out = np.matrix(np.full((10, 6), np.nan, np.float32))
+        assert ibp.decompress(ct, out=out) is out
+        assert np.asarray(out).tobytes() == x.tobytes()
+        rows = np.matrix(np.full((2, 6), np.nan, np.float32))
+        ibp.decompress(ct, index=[1, -2], out=rows)
+        assert np.asarray(rows).tobytes() == x[[1, -2]].tobytes()
+
+
+def test_masked_out_is_refused():
+    ct = ibp.compress(np.arange(6, dtype=np.float32).reshape(2, 3))
+    with pytest.raises(TypeError, match="masked"):
+        ibp.decompress(ct, out=np.ma.zeros((2, 3), np.float32))
+
+
+def test_torch_out_that_requires_grad_is_refused():
+    ct = ibp.compress(torch.full((4, 3), 5.0))
+    out = torch.ones(4, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="requires grad"):
+        ibp.decompress(ct, out=out)
+    assert torch.equal(out.detach(), torch.ones(4, 3))
+
+
+def test_torch_out_written_counts_as_in_place_for_autograd():
+    """A graph that saved out's old values must not give gradients from
+    the new ones silently: torch raises, as after out.copy_(...)."""
+    ct = ibp.compress(torch.full((4, 3), 5.0))
+    a, out = torch.ones(4, 3, requires_grad=True), torch.zeros(4, 3)
+    loss = (a * out).sum()
+    version = out._version
+    ibp.decompress(ct, out=out)
+    assert out._version > version and torch.equal(out, torch.full((4, 3), 5.0))
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+def test_an_empty_tensor_name_is_refused_by_readers_as_by_writers(tmp_path):
+    blob = container.dumps({"a": ibp.compress(np.arange(6, dtype=np.float32)),
+                            "b": ibp.compress(np.ones(4, np.float32))})
+    header, _ = header_of(blob)
+    header["tensors"][1]["name"] = ""
+    bad = with_header(blob, json.dumps(header, separators=(",", ":")).encode())
+    with pytest.raises(ibp.FormatError, match="non-empty"):
+        container.loads(bad)
+    (tmp_path / "bad.ibp").write_bytes(bad)
+    with pytest.raises(ibp.FormatError, match="non-empty"):
+        with stream.Reader(tmp_path / "bad.ibp") as r:
+            dict(r.tensors())
+    with pytest.raises(TypeError, match="non-empty"):
+        ibp.save({"": ibp.compress(np.ones(4, np.float32))}, tmp_path / "new.ibp")
