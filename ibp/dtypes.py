@@ -196,7 +196,6 @@ def output_view(out, shape, name):
         if out.is_conj() or out.is_neg():
             raise ValueError("out is a lazy conjugate or negative view, whose bytes are not its values: "
                              "pass a plain tensor (out.resolve_conj().resolve_neg() is a copy)")
-        claim_torch_output(out)
         data = out.reshape(-1).view(_torch().uint8).numpy() if out.numel() else np.zeros(0, np.uint8)
     elif isinstance(out, np.ndarray):
         got_name = out.dtype.name
@@ -214,4 +213,6 @@ def output_view(out, shape, name):
         raise TypeError(f"out must be a numpy array or torch tensor, not {type(out).__name__}")
     if got_name != name or tuple(out.shape) != tuple(shape):
         raise ValueError(f"out is {got_name}{list(out.shape)}, need {name}{list(shape)}")
+    if is_torch(out):   # once every check passed: an out refused is not counted as written
+        claim_torch_output(out)
     return data

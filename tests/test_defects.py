@@ -534,6 +534,10 @@ def test_torch_out_written_counts_as_in_place_for_autograd():
     assert out._version > version and torch.equal(out, torch.full((4, 3), 5.0))
     with pytest.raises(RuntimeError, match="inplace"):
         loss.backward()
+    refused = torch.zeros(4, 4)   # an out refused (wrong shape) is left as it was, its version too
+    with pytest.raises(ValueError, match="need"):
+        ibp.decompress(ct, out=refused)
+    assert refused._version == 0
 
 
 def test_an_empty_tensor_name_is_refused_by_readers_as_by_writers(tmp_path):
